@@ -1,0 +1,36 @@
+"""Atomic file output: a crash or an error never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CCNNError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file lives in the target's directory so the final ``os.replace`` is atomic.
+    """
+    target = Path(path)
+    if target.exists() and not force:
+        raise CCNNError(f"{target} already exists (use --force to overwrite)")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise CCNNError(f"cannot write {target}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CCNNError(f"cannot write {target}: directory {parent} is not writable")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

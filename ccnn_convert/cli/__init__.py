@@ -1,0 +1,1 @@
+"""Command-line front ends: thin typer apps over the Python API, one module per command."""

@@ -1,0 +1,47 @@
+"""What every command shares: one console, and turning user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import CCNNError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print a one-line error and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn CCNNError (and a few OS-level errors) into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CCNNError as exc:
+            raise fail(str(exc)) from None
+        except FileNotFoundError as exc:
+            raise fail(f"file not found: {exc.filename or exc}") from None
+        except PermissionError as exc:
+            raise fail(f"permission denied: {exc.filename or exc}") from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def run_app(app: typer.Typer) -> None:
+    """Entry point used by the console scripts (pretty tracebacks off: errors are one line)."""
+    app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
