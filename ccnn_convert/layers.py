@@ -200,7 +200,8 @@ def _divide_by_real_counts(summed: Tensor, x: Tensor, table: Tensor, geo: _Windo
     real = _pad(x.new_ones((submaps, 1, x.shape[2], x.shape[3])), padding, after, 0.0)
     counts = F.avg_pool2d(geo.gather(real, table), geo.kernel, geo.op_stride, 0, divisor_override=1)
     per_submap = summed.reshape(n, submaps, -1, *summed.shape[1:])
-    counts = counts.reshape(n, submaps, 1, *counts.shape[1:])
+    # A window lying wholly in the far-edge fill has no real position: it averages to 0.
+    counts = counts.reshape(n, submaps, 1, *counts.shape[1:]).clamp(min=1)
     return (per_submap / counts).reshape(summed.shape)
 
 

@@ -18,7 +18,9 @@ The pass, in data-flow order:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import operator
 import warnings
@@ -175,6 +177,8 @@ def convert(
     else:
         result = DualGraphModule(model, graphs[True], graphs[False], class_name=f"Checkered{type(model).__name__}")
     result.train(was_training)
+    if "meta" not in result.__dict__:
+        result.meta = {}  # DualGraphModule skips GraphModule.__init__, which creates it
     result.meta["ccnn_report"] = report
     return result
 
@@ -220,6 +224,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.ccnn_path: list[tuple[str, nn.Module]] = []
+        self.failed_in: tuple[str, nn.Module] | None = None  # innermost module being traced at a failure
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
@@ -230,6 +235,9 @@ class _Tracer(fx.Tracer):
         self.ccnn_path.append((self.path_of_module(m), m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.ccnn_path[-1]
+            raise
         finally:
             self.ccnn_path.pop()
 
@@ -240,8 +248,8 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type | str]) -> fx.Graph:
         return tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace this"
         where = ""
-        if tracer.ccnn_path:
-            path, module = tracer.ccnn_path[-1]
+        if tracer.failed_in:
+            path, module = tracer.failed_in
             where = (f" in {path or 'the model'} ({type(module).__name__}); make it a leaf module "
                      f"(leaf_modules=[{type(module).__name__!r}], CLI --leaf {type(module).__name__})")
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -257,14 +265,22 @@ def _analysis_input(example_input: torch.Tensor | None) -> torch.Tensor:
 
 
 def _propagate_shapes(graph_module: fx.GraphModule, example: torch.Tensor, model: nn.Module) -> None:
-    """Annotate every node with its output shape, computing nothing: parameters, buffers and
-    input are swapped for meta tensors while the graph runs."""
+    """Annotate every node with its output shape.
+
+    First on meta tensors (parameters swapped for meta copies: nothing is computed); code that
+    needs values (a leaf module branching on its input) gets a real no-grad pass instead.
+    """
     meta_state = {name: torch.empty_like(t, device="meta")
                   for name, t in itertools.chain(graph_module.named_parameters(), graph_module.named_buffers())}
     try:
-        with warnings.catch_warnings(), _reparametrize_module(graph_module, meta_state):
-            warnings.simplefilter("ignore")
-            ShapeProp(graph_module).propagate(example.to("meta"))
+        with _reparametrize_module(graph_module, meta_state):
+            _shape_prop(graph_module, example.to("meta"))
+        return
+    except Exception:
+        pass
+    try:
+        with torch.no_grad():
+            _shape_prop(graph_module, example)
     except Exception as exc:
         node = _failing_node(exc)
         size = "x".join(str(s) for s in example.shape[1:])
@@ -273,6 +289,13 @@ def _propagate_shapes(graph_module: fx.GraphModule, example: torch.Tensor, model
             f"{type(model).__name__} cannot run on a {size} input (too small for its subsampling layers?): "
             f"{node}{message}"
         ) from exc
+
+
+def _shape_prop(graph_module: fx.GraphModule, example: torch.Tensor) -> None:
+    # ShapeProp prints a traceback before re-raising; users get our one-line error instead.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        ShapeProp(graph_module).propagate(example)
 
 
 def _failing_node(exc: Exception) -> str:
