@@ -111,7 +111,12 @@ class _Strided:
 
     @property
     def name(self) -> str:
-        return self.node.target if self.node.op == "call_module" else self.node.name
+        """Module path of the layer (for a functional call: of the module that makes it)."""
+        if self.node.op == "call_module":
+            return self.node.target
+        stack = self.node.meta.get("nn_module_stack")
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        return owner or self.node.name
 
 
 # --------------------------------------------------------------------------- API
@@ -282,12 +287,11 @@ def _propagate_shapes(graph_module: fx.GraphModule, example: torch.Tensor, model
         with torch.no_grad():
             _shape_prop(graph_module, example)
     except Exception as exc:
-        node = _failing_node(exc)
         size = "x".join(str(s) for s in example.shape[1:])
         message = str(exc.__cause__ or exc).strip().splitlines()[0]
         raise ConversionError(
             f"{type(model).__name__} cannot run on a {size} input (too small for its subsampling layers?): "
-            f"{node}{message}"
+            f"{_failing_node(graph_module)}{message}"
         ) from exc
 
 
@@ -298,11 +302,13 @@ def _shape_prop(graph_module: fx.GraphModule, example: torch.Tensor) -> None:
         ShapeProp(graph_module).propagate(example)
 
 
-def _failing_node(exc: Exception) -> str:
-    text = str(exc)
-    marker = "While executing "
-    if marker in text:
-        return text.split(marker, 1)[1].splitlines()[0].strip() + ": "
+def _failing_node(graph_module: fx.GraphModule) -> str:
+    """Describe the first node ShapeProp did not get through (it marks each node it ran)."""
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder" and "type" not in node.meta:
+            if node.op == "call_module":
+                return f"at {node.target} ({type(graph_module.get_submodule(node.target)).__name__}): "
+            return f"at {node.name}: "
     return ""
 
 
@@ -665,7 +671,7 @@ class _Rewriter:
         source = node.args[0] if node.args else None
         submaps_in = submaps.get(source, 1) if isinstance(source, fx.Node) else 1
         out = _meta(node)
-        note = member.unsupported or ("kept (keep_first)" if step <= self.report.keep_first
+        note = member.unsupported or ("(keep_first)" if step <= self.report.keep_first
                                       and self.report.mode != "traditional" else "")
         self.report.layers.append(LayerRecord(
             name=member.name, op=member.op, kernel=member.kernel, stride=member.stride, step=step,

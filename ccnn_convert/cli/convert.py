@@ -1,0 +1,94 @@
+"""``ccnn-convert``: convert a model's subsampling layers and save a reloadable artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from ..flops import count_flops
+from ..models import resolve_model, save_artifact
+from ..rewrite import ConversionReport, conversion_report, convert
+from ._common import console, err_console, run_app, user_errors
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Turn a CNN's strided convolutions and pools into checkered (multisampling) or dilated ones.")
+
+
+@app.command()
+@user_errors
+def main_command(
+    model: str = typer.Argument("efficientnet_lite0", help="torchvision/timm name, efficientnet_lite0..2, "
+                                "file.py:factory, module:factory, checkpoint (with --arch) or ccnn-convert artifact."),
+    mode: str = typer.Option("checkered", help="checkered | dilated | traditional."),
+    sampler: str = typer.Option("lattice", help="Sampler sequence over submaps: naive | lattice | random."),
+    keep_first: int = typer.Option(0, "--keep-first", help="Keep the first N subsampling steps traditional."),
+    density: Optional[int] = typer.Option(None, help="Samples per window (1 = traditional, k*k = dilated)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the random sampler."),
+    weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
+    arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
+    input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
+    leaf: list[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to save the artifact (.pt)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
+    if output is not None and output.exists() and not force:
+        raise typer.BadParameter(f"{output} already exists (use --force to overwrite)", param_hint="-o")
+    resolved = resolve_model(model, weights=weights, arch=arch)
+    if resolved.conversion:
+        err_console.print(f"note: {model} is already a ccnn-convert artifact; converting its original model again")
+    settings = dict(mode=mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed)
+    example = torch.zeros(1, 3, input_size, input_size)
+    converted = convert(resolved.model, example_input=example, leaf_modules=leaf, **settings)
+    report = conversion_report(converted)
+    console.print(layer_table(report, resolved.name))
+    print_summary(report, resolved.model, converted, example)
+    if output is not None:
+        save_artifact(output, resolved, settings)
+        console.print(f"saved [bold]{output}[/] (reload with ccnn-eval/ccnn-export, or ccnn_convert.models.load_artifact)")
+
+
+def layer_table(report: ConversionReport, name: str) -> Table:
+    table = Table(title=f"{name}: {report.mode} ({report.sampler}), keep_first={report.keep_first}")
+    for column in ("step", "layer", "op", "kernel/stride", "submaps in -> out", "output size", "status"):
+        table.add_column(column, justify="right" if column in ("step", "output size") else "left")
+    for record in report.layers:
+        status = "[green]converted[/]" if record.converted else f"[yellow]kept[/] {record.note}".rstrip()
+        table.add_row(str(record.step), record.name, record.op,
+                      f"{_size(record.kernel)}/{_size(record.stride)}",
+                      f"{record.submaps_in} -> {record.submaps_out}", _size(record.output_size), status)
+    return table
+
+
+def print_summary(report: ConversionReport, original: torch.nn.Module, converted: torch.nn.Module,
+                  example: torch.Tensor) -> None:
+    flops_before, flops_after = count_flops(original, example), count_flops(converted, example)
+    same = _same_parameters(original, converted)
+    console.print(
+        f"layers converted: {report.converted_layers}, kept: {report.kept_layers} "
+        f"(in {report.steps} subsampling steps); final submaps: {report.final_submaps}\n"
+        f"FLOPs per image: {flops_before / 1e9:.3f} G original -> {flops_after / 1e9:.3f} G converted "
+        f"({flops_after / max(flops_before, 1):.2f}x)\n"
+        f"parameters: {sum(p.numel() for p in original.parameters()):,} "
+        f"({'unchanged' if same else '[red]CHANGED[/]'})")
+    if report.averaged_at:
+        console.print("submaps averaged at: " + ", ".join(report.averaged_at))
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _same_parameters(original: torch.nn.Module, converted: torch.nn.Module) -> bool:
+    before, after = original.state_dict(), converted.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _size(values) -> str:
+    return "x".join(str(v) for v in values) if values else "-"
+
+
+def main() -> None:
+    run_app(app)
