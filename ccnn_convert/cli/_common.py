@@ -11,8 +11,10 @@ from rich.console import Console
 
 from ..errors import CCNNError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (logs, CI, tests) gets wide tables instead of 80 columns of truncated names.
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(stderr=False, highlight=False, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 F = TypeVar("F", bound=Callable)
 

@@ -9,6 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
+from .._io import check_writable
 from ..flops import count_flops
 from ..models import resolve_model, save_artifact
 from ..rewrite import ConversionReport, conversion_report, convert
@@ -36,8 +37,8 @@ def main_command(
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
-    if output is not None and output.exists() and not force:
-        raise typer.BadParameter(f"{output} already exists (use --force to overwrite)", param_hint="-o")
+    if output is not None:
+        check_writable(output, force=force)  # before any slow work
     resolved = resolve_model(model, weights=weights, arch=arch)
     if resolved.conversion:
         err_console.print(f"note: {model} is already a ccnn-convert artifact; converting its original model again")

@@ -1,0 +1,100 @@
+"""ccnn-convert end to end: table, artifact, and one-line errors with no output left behind."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from ccnn_convert import convert
+from ccnn_convert.cli.convert import app
+from ccnn_convert.models import load_artifact
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_convert_prints_layers_and_saves_a_reloadable_artifact(tmp_path):
+    out = tmp_path / "r18.pt"
+    result = _run("resnet18", "--weights", "none", "--input-size", "64", "--keep-first", "1", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "layer2.0.downsample.0" in result.output
+    assert "final submaps: 16" in result.output  # 4 converted steps of 2 samples
+    assert "unchanged" in result.output
+    assert out.exists() and not [p for p in tmp_path.iterdir() if p.name != "r18.pt"]
+    # weights_only loading: no pickled code is executed.
+    raw = torch.load(out, weights_only=True)
+    assert raw["conversion"]["keep_first"] == 1
+    resolved = load_artifact(out)
+    rebuilt = convert(resolved.model, example_input=torch.zeros(1, 3, 64, 64), **resolved.conversion)
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(raw["state_dict"])
+    expected = convert(reference.eval(), mode="checkered", keep_first=1, example_input=torch.zeros(1, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), expected(x))
+
+
+def _assert_one_line_error(result, text):
+    assert result.exit_code != 0
+    output = result.output
+    assert text in output, output
+    assert "Traceback" not in output
+    assert len([line for line in output.strip().splitlines() if line.strip()]) <= 2, output
+
+
+def test_unknown_model_suggests_names(tmp_path):
+    result = _run("resnt18", "-o", str(tmp_path / "x.pt"))
+    _assert_one_line_error(result, "did you mean")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_mode_sampler_density():
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--mode", "sparse"), "unknown mode")
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--sampler", "sobol"), "unknown sampler")
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--density", "9"), "density 9")
+
+
+def test_too_small_input_names_the_layer(tmp_path):
+    result = _run("alexnet", "--weights", "none", "--input-size", "32", "-o", str(tmp_path / "a.pt"))
+    _assert_one_line_error(result, "too small")
+    assert "features.12" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "x.pt"
+    out.write_bytes(b"keep me")
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(out)), "--force")
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_output_directory(tmp_path):
+    result = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(tmp_path / "no" / "x.pt"))
+    _assert_one_line_error(result, "does not exist")
+
+
+def test_untraceable_factory_suggests_a_leaf(tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text(
+        "import torch\n"
+        "class Gate(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x if x.sum() > 0 else -x\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.gate = Gate()\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(self.gate(x)).mean((2, 3))\n"
+        "def build():\n"
+        "    return Net()\n")
+    result = _run(f"{source}:build", "--input-size", "16")
+    _assert_one_line_error(result, "--leaf Gate")
+    fixed = _run(f"{source}:build", "--input-size", "16", "--leaf", "Gate")
+    assert fixed.exit_code == 0, fixed.output
+    assert "converted" in fixed.output
