@@ -346,6 +346,9 @@ def _find_strided(node: fx.Node, originals: dict[str, nn.Module]) -> _Strided | 
         return _strided_module(node, originals[node.target])
     if node.op == "call_function" and (op := _function_op(node.target)):
         args = _call_args(node, op)
+        if _is_dynamic(args.get("kernel_size")) or _is_dynamic(args["stride"]):
+            # Sizes computed from the input at run time (e.g. pooling over x.size()[2:]).
+            return _Strided(node, op, (0, 0), (0, 0), "kernel or stride computed at run time")
         if op == "conv2d":
             weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             kernel = tuple(_meta(weight).shape[2:4]) if _meta(weight) is not None else (0, 0)
@@ -356,6 +359,12 @@ def _find_strided(node: fx.Node, originals: dict[str, nn.Module]) -> _Strided | 
             return None
         return _Strided(node, op, kernel, stride, _unsupported(op, stride, args))
     return None
+
+
+def _is_dynamic(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_is_dynamic(v) for v in value)
+    return isinstance(value, fx.Node)
 
 
 def _strided_module(node: fx.Node, module: nn.Module) -> _Strided | None:
@@ -442,12 +451,17 @@ def _global_pool_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | Non
 
 
 def _is_whole_map_pool(strided: _Strided) -> bool:
-    """A 'strided' pool whose window is the whole map (old-style global pooling)."""
+    """An old-style global pool: a pool whose window is the whole map (stride = kernel, or
+    sizes computed from the input) and whose output is 1x1."""
     if strided.op == "conv2d":
         return False
     source, out = _meta(strided.node.args[0]), _meta(strided.node)
-    return (source is not None and out is not None and tuple(out.shape[2:]) == (1, 1)
-            and strided.kernel[0] >= source.shape[2] and strided.kernel[1] >= source.shape[3])
+    if source is None or out is None or tuple(out.shape[2:]) != (1, 1):
+        return False
+    if strided.stride == (0, 0):  # computed at run time
+        return True
+    return (strided.stride == strided.kernel and strided.kernel[0] >= source.shape[2]
+            and strided.kernel[1] >= source.shape[3])
 
 
 # --------------------------------------------------------------------------- steps

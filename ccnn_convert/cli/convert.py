@@ -77,7 +77,9 @@ def print_summary(report: ConversionReport, original: torch.nn.Module, converted
         f"parameters: {sum(p.numel() for p in original.parameters()):,} "
         f"({'unchanged' if same else '[red]CHANGED[/]'})")
     if report.averaged_at:
-        console.print("submaps averaged at: " + ", ".join(report.averaged_at))
+        *inner, last = report.averaged_at
+        pools = f" (and {len(inner)} pools inside the network over all submaps)" if inner else ""
+        console.print(f"submaps averaged at: {last}{pools}")
     for warning in report.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
 
