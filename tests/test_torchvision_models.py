@@ -1,0 +1,64 @@
+"""Every torchvision classification model converts and runs in checkered and dilated mode.
+
+Each converted model must keep the original's output shape, give finite outputs, and change
+exactly the layers its report says it changed. Very large models (over 100 M parameters) are
+left to benchmarks/model_coverage.py, which writes docs/models.md; the reason is printed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from ccnn_convert import conversion_report, convert
+
+MAX_PARAMS = 100_000_000
+# The smallest input each family runs at (fixed-size transformers need their training size).
+INPUT_SIZE = {"inception_v3": 75, "alexnet": 64, "googlenet": 64, "vit": 224, "maxvit": 224, "swin": 64}
+HEAVY_DILATED = ("maxvit",)  # dilated at 224 px is minutes on 2 CPU cores; covered by benchmarks
+
+
+def _num_params(name: str) -> int:
+    return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+
+
+def _size(name: str) -> int:
+    return next((size for prefix, size in INPUT_SIZE.items() if name.startswith(prefix)), 32)
+
+
+def _models():
+    for name in torchvision.models.list_models(module=torchvision.models):
+        marks = []
+        if _num_params(name) > MAX_PARAMS:
+            marks.append(pytest.mark.skip(reason=f"{name}: over {MAX_PARAMS // 10**6} M parameters; "
+                                                 "see benchmarks/model_coverage.py and docs/models.md"))
+        yield pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_torchvision_model_converts_and_runs(name):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(1, 3, _size(name), _size(name))
+    with torch.no_grad():
+        expected_shape = model(x).shape
+    modes = ["checkered"] + ([] if name.startswith(HEAVY_DILATED) else ["dilated"])
+    for mode in modes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert(model, mode=mode, example_input=x)
+        report = conversion_report(converted)
+        assert report.converted_layers >= 1, f"{name} {mode}: nothing converted"
+        strides = {r.step: r.stride[0] for r in report.layers if r.converted}
+        expected = 1
+        for stride in strides.values():
+            expected *= stride if mode == "checkered" else stride * stride
+        assert report.final_submaps == expected, (name, mode, strides)
+        with torch.no_grad():
+            out = converted(torch.randn(2, *x.shape[1:]))
+        assert out.shape == (2, *expected_shape[1:]), (name, mode)
+        assert torch.isfinite(out).all(), (name, mode)
