@@ -1,0 +1,192 @@
+"""ccnn-eval: top-1/top-5 of a model and its checkered / dilated conversions on labelled images.
+
+A thin typer front end over :func:`ccnn_convert.evaluate.evaluate_model`; all logic lives there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich import box
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from .._io import check_writable
+from ..evaluate import EvalConfig, EvalReport, evaluate_model, parse_floats, write_json
+from ._common import console, err_console, run_app, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+
+
+class ImagesPerSecondColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:  # batches slower than rich's 30 s window: overall rate
+            speed = task.completed / task.elapsed
+        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _bytes(value: int | None) -> str:
+    if not value:
+        return "-"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def _flops(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1e9:.2f}G" if value >= 1e9 else f"{value / 1e6:.1f}M"
+
+
+def results_table(report: EvalReport) -> Table:
+    """One row per mode; percentages without the % sign so the table fits 80 columns."""
+    consistency = any(r.consistency is not None for r in report.results)
+    table = Table(title=f"{report.model}: {report.images} images", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=0, show_edge=False,
+                  caption="top-1, top-5, agree (same top-1 as original)"
+                          + (", shift (consistency)" if consistency else "")
+                          + " in %; Δ top-1 in points vs original; ms per batch; FLOPs per image",
+                  caption_justify="left")
+    table.add_column("mode", no_wrap=True, min_width=len("traditional"))
+    headers = ["top-1", "top-5", "Δ top-1", "agree"] + (["shift"] if consistency else [])
+    for name in headers + ["img/s", "ms/batch", "memory", "FLOPs"]:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in report.results:
+        row = [r.mode, _pct(r.top1), _pct(r.top5), _pct(report.top1_change(r), signed=True), _pct(r.agreement)]
+        if consistency:
+            row.append(_pct(r.consistency))
+        ms = None if r.seconds_per_batch is None else 1000 * r.seconds_per_batch
+        row += [
+            "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
+            "-" if ms is None else (f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"),
+            _bytes(r.peak_memory_bytes),
+            _flops(r.flops),
+        ]
+        table.add_row(*row)
+    return table
+
+
+def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
+    s = report.settings
+    notes = [f"data: {report.data.get('selection')} ({report.data.get('layout')})"]
+    if report.memory_kind == "process_rss_high_water":
+        largest = ", largest rank" if report.world_size > 1 else ""
+        notes.append(f"peak memory: process RSS high-water mark (per process{largest}; all modes together, not per mode)")
+    else:
+        notes.append("peak memory: CUDA max allocated during each mode's forward pass")
+    notes.append(f"loader wait: {report.loader_wait_s:.2f} s of {report.wall_s:.2f} s waiting for the next batch")
+    notes.append("FLOPs: one forward pass at batch 1 (torch.utils.flop_counter)")
+    protocol = s.get("consistency_protocol")
+    if protocol:
+        notes.append(f"shift consistency: two random {protocol['crop']}px crops of the {protocol['square']}px "
+                     f"centre square per image (offsets {protocol['offsets'].split(' per')[0]}), seed {protocol['seed']}")
+    if report.world_size > 1:
+        notes.append(f"torchrun: {report.world_size} processes, counts summed over ranks (no padding duplicates)")
+    if report.skipped:
+        notes.append(f"skipped {len(report.skipped)} unreadable file(s) (not counted in the images above)")
+    if json_path:
+        notes.append(f"wrote {json_path}")
+    for note in notes:
+        console.print(Text(f"  {note}"), soft_wrap=True)
+
+
+def _preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
+    values = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
+              "std": parse_floats(std, "--std"), "interpolation": interpolation}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+@user_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or an .onnx file."),
+    data: str = typer.Option(..., "--data", help="Images: <wnid>/<image> folders, or a flat folder with --labels."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels for a flat folder: LOC_val_solution.csv or a filename,label CSV (label = index or wnid)."),
+    modes: Optional[str] = typer.Option(None, "--modes", help="Comma list of original|traditional|checkered|dilated (default: original,checkered; for an artifact: original and its own mode)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random (default: lattice, or the artifact's)."),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted (default: 0, or the artifact's)."),
+    density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window (1 = traditional, k*k = dilated)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler and the shift-consistency crops."),
+    weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Override: shorter side resized to this."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Override: centre crop size."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Override: normalisation mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Override: normalisation std, e.g. 0.229,0.224,0.225."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Override: bilinear|bicubic|nearest."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate N images, chosen round-robin over classes (spread over the class list)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
+    workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
+    device: str = typer.Option("auto", "--device", help="cpu|cuda|auto."),
+    amp: bool = typer.Option(False, "--amp", help="float16 autocast (CUDA only)."),
+    consistency: bool = typer.Option(False, "--consistency", help="Also measure shift consistency (Zhang 2019)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to this path (atomically)."),
+) -> None:
+    """Evaluate MODEL in several modes on the same decoded images and print one row per mode."""
+    config = EvalConfig(
+        model=model, data=data, labels=labels, modes=modes, sampler=sampler, keep_first=keep_first,
+        density=density, seed=seed, weights=weights, arch=arch,
+        preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
+        limit=limit, batch_size=batch_size, workers=workers, device=device, amp=amp,
+        consistency=consistency,
+    )
+    if json_path:
+        check_writable(json_path)  # fail now, not after a long evaluation
+    report = run_with_progress(config)
+    if not report.is_main:
+        return  # under torchrun only rank 0 prints and writes
+    if json_path:
+        write_json(report, json_path)
+    console.print(results_table(report))
+    print_notes(report, json_path)
+
+
+def run_with_progress(config: EvalConfig) -> EvalReport:
+    """evaluate_model with one rich progress bar (images/s) and live skip warnings on rank 0."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        ImagesPerSecondColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console)
+    state: dict = {"task": None, "main": True}
+
+    def on_start(info: dict) -> None:
+        state["main"] = info["rank"] == 0
+        if not state["main"]:
+            return
+        progress.start()
+        label = f"evaluating (rank 0 of {info['world_size']})" if info["world_size"] > 1 else "evaluating"
+        state["task"] = progress.add_task(label, total=info["shard_images"])
+
+    def on_batch(files: int) -> None:
+        if state["task"] is not None:
+            progress.advance(state["task"], files)
+
+    def on_skip(item) -> None:
+        if state["main"]:
+            progress.console.print(Text.assemble(("warning:", "yellow"), f" skipped {item.path}: {item.reason}"),
+                                   soft_wrap=True)
+
+    def log(message: str) -> None:
+        if state["main"]:
+            err_console.print(Text(message, style="dim"), soft_wrap=True)
+
+    try:
+        return evaluate_model(config, on_batch=on_batch, on_skip=on_skip, on_start=on_start, log=log)
+    finally:
+        progress.stop()
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

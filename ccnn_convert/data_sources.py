@@ -1,0 +1,333 @@
+"""Evaluation data: the ImageNet class table, the two folder layouts, and decoding that never crashes.
+
+Two layouts are read:
+
+* ImageFolder: ``DATA/<wnid>/<image>``. Folder names are mapped to the *standard* 1000-class
+  index (sorted wnid order), so a folder holding only some classes still gets the right labels.
+* Flat folder + labels file: ``DATA/<image>`` with ``--labels`` pointing at either Kaggle's
+  ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the first token is the wnid) or a plain
+  ``filename,label`` CSV (label = class index or wnid; an optional header row is skipped).
+
+Files that cannot be decoded are not fatal: they come out of the dataset as :class:`Skipped`
+and are counted by the evaluation loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import DataError
+
+KAGGLE_HEADER = ("imageid", "predictionstring")
+
+
+class ImageNetClass(NamedTuple):
+    index: int
+    wnid: str
+    name: str
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[ImageNetClass, ...]:
+    """The shipped 1000-class table (index = position in sorted wnid order)."""
+    text = resources.files("ccnn_convert").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    return tuple(ImageNetClass(int(index), wnid, name) for index, wnid, name in rows)
+
+
+@functools.lru_cache(maxsize=1)
+def wnid_to_index() -> dict[str, int]:
+    return {c.wnid: c.index for c in imagenet_classes()}
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the samples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """(path, target) pairs found under DATA, before any image is decoded."""
+
+    items: list[tuple[str, int]]
+    layout: str  # "imagefolder" | "flat+kaggle" | "flat+csv"
+    root: str
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.items]
+
+    @property
+    def num_classes_present(self) -> int:
+        return len(set(self.targets))
+
+
+class _StandardIndexImageFolder(ImageFolder):
+    """ImageFolder whose class folders map to a given index (the ImageNet table) instead of
+    their rank among the folders present; every non-hidden file is a candidate image, so that
+    non-image files are reported as skipped rather than silently ignored."""
+
+    def __init__(self, root: str, class_to_idx: Callable[[list[str]], dict[str, int]]):
+        self._map_classes = class_to_idx
+        super().__init__(root, is_valid_file=lambda p: not _is_hidden(os.path.basename(p)),
+                         allow_empty=True)
+
+    def find_classes(self, directory):
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_hidden(e.name))
+        mapping = self._map_classes(folders)
+        return sorted(mapping, key=mapping.get), mapping
+
+
+def map_wnid_folders(folders: Sequence[str]) -> dict[str, int]:
+    """Folder name (a wnid) -> standard ImageNet index; unknown names are a DataError."""
+    table = wnid_to_index()
+    unknown = [f for f in folders if f not in table]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise DataError(f"class folders that are not ImageNet wnids: {shown}")
+    return {f: table[f] for f in folders}
+
+
+def map_sorted_folders(folders: Sequence[str]) -> dict[str, int]:
+    """torchvision's default: class index = rank of the folder name (for non-ImageNet models)."""
+    return {f: i for i, f in enumerate(sorted(folders))}
+
+
+def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = None,
+                 imagenet_labels: bool = True) -> Samples:
+    """Scan DATA (and the labels file) into (path, target) pairs; layout errors are DataError."""
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"--data must be a folder of images, got a file: {root}")
+    entries = [e for e in os.scandir(root) if not _is_hidden(e.name)]
+    has_dirs = any(e.is_dir() for e in entries)
+    has_files = any(e.is_file() for e in entries)
+    if not entries:
+        raise DataError(f"data folder is empty: {root}")
+    if labels is not None:
+        if not has_files:
+            raise DataError(f"--labels needs a flat folder of images, but {root} has no files at its top level")
+        return _flat_folder_samples(root, Path(labels))
+    if not has_dirs:
+        raise DataError(f"{root} is a flat folder of files: pass --labels "
+                        "(LOC_val_solution.csv or a filename,label CSV) or use <wnid>/<image> folders")
+    return _image_folder_samples(root, imagenet_labels)
+
+
+def _image_folder_samples(root: Path, imagenet_labels: bool) -> Samples:
+    mapper = map_wnid_folders if imagenet_labels else map_sorted_folders
+    folder = _StandardIndexImageFolder(str(root), mapper)
+    if not folder.samples:
+        raise DataError(f"no files in the class folders under {root}")
+    return Samples(items=list(folder.samples), layout="imagefolder", root=str(root))
+
+
+def _flat_folder_samples(root: Path, labels_path: Path) -> Samples:
+    if not labels_path.is_file():
+        raise DataError(f"labels file not found: {labels_path}")
+    layout, by_name = read_labels_file(labels_path)
+    by_stem = {Path(name).stem: target for name, target in by_name.items()}
+    items, unlabeled = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_file() or _is_hidden(entry.name) or _same_file(entry.path, labels_path):
+            continue
+        target = by_name.get(entry.name, by_stem.get(Path(entry.name).stem))
+        if target is not None:
+            items.append((entry.path, target))
+        elif entry.name.lower().endswith(IMG_EXTENSIONS):
+            unlabeled.append(entry.name)
+        # An unlisted non-image file (a README, ...) is not part of the data set: ignore it.
+    if not items:
+        raise DataError(f"labels file {labels_path.name} does not match the images: "
+                        f"no file in {root} is listed in it")
+    if unlabeled:
+        raise DataError(f"labels file {labels_path.name} does not match the images: "
+                        f"{len(unlabeled)} image(s) in {root} have no label (first: {unlabeled[0]})")
+    return Samples(items=items, layout=layout, root=str(root))
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def read_labels_file(path: str | os.PathLike) -> tuple[str, dict[str, int]]:
+    """Read a labels CSV -> (layout, {filename or image id: standard index}).
+
+    Kaggle's ``LOC_val_solution.csv`` is recognised by its header; anything else is read as
+    ``filename,label`` rows where label is a class index or a wnid.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise DataError(f"labels file {path.name} is not a text CSV file") from None
+    if not rows:
+        raise DataError(f"labels file is empty: {path}")
+    if tuple(cell.strip().lower() for cell in rows[0][:2]) == KAGGLE_HEADER:
+        return "flat+kaggle", _kaggle_labels(path, rows[1:])
+    return "flat+csv", _plain_labels(path, rows)
+
+
+def _kaggle_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
+    table, labels = wnid_to_index(), {}
+    for line, row in enumerate(rows, start=2):
+        tokens = row[1].split() if len(row) >= 2 else []
+        if not tokens:
+            raise DataError(f"{path.name} line {line}: expected ImageId,PredictionString")
+        if tokens[0] not in table:
+            raise DataError(f"{path.name} line {line}: unknown wnid {tokens[0]!r}")
+        labels[row[0].strip()] = table[tokens[0]]
+    return labels
+
+
+def _plain_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
+    labels = {}
+    for line, row in enumerate(rows, start=1):
+        if len(row) != 2:
+            raise DataError(f"{path.name} line {line}: expected 2 columns (filename,label), got {len(row)}")
+        name, raw = row[0].strip(), row[1].strip()
+        target = parse_label(raw)
+        if target is None:
+            if line == 1:
+                continue  # a header row such as "filename,label"
+            raise DataError(f"{path.name} line {line}: label {raw!r} is neither a class index nor a wnid")
+        labels[name] = target
+    return labels
+
+
+def parse_label(text: str) -> int | None:
+    """A class index ("207") or an ImageNet wnid ("n02099601") -> index; None if neither."""
+    if text.isdigit():
+        return int(text)
+    return wnid_to_index().get(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a subset
+# --------------------------------------------------------------------------------------------
+
+
+def stratified_indices(targets: Sequence[int], limit: int | None) -> list[int]:
+    """Pick ``limit`` samples round-robin over classes: one image of every class (classes in
+    index order), then a second of every class, and so on. When a round has more classes than
+    images still wanted, the classes taken are spread evenly over that round's classes, so a
+    small limit still covers the whole class list instead of its first classes."""
+    if limit is None or limit >= len(targets):
+        return list(range(len(targets)))
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, target in enumerate(targets):
+        by_class[target].append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < limit:
+        available = [queue for queue in queues if depth < len(queue)]
+        wanted = limit - len(picked)
+        if len(available) > wanted:  # centre of each of ``wanted`` equal slices of the round
+            available = [available[(2 * i + 1) * len(available) // (2 * wanted)] for i in range(wanted)]
+        picked.extend(queue[depth] for queue in available)
+        depth += 1
+    return sorted(picked)
+
+
+def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share: every world_size-th index. Unlike DistributedSampler nothing is
+    padded or repeated, so summed counts equal a single-process run exactly."""
+    return list(indices[rank::world_size])
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+class Skipped(NamedTuple):
+    path: str
+    reason: str
+
+
+class Item(NamedTuple):
+    index: int
+    image: torch.Tensor
+    uncropped: torch.Tensor | None  # for shift consistency: preprocessed, not yet cropped
+    target: int
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    uncropped: torch.Tensor | None
+    targets: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[Skipped]
+
+    @property
+    def files(self) -> int:
+        return len(self.targets) + len(self.skipped)
+
+
+def decode_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
+
+
+class DecodedImages(Dataset):
+    """Decode each file once and apply one or two transforms; undecodable files -> Skipped."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable,
+                 uncropped_transform: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.uncropped_transform = uncropped_transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item | Skipped:
+        path, target = self.samples[index]
+        try:
+            image = decode_rgb(path)
+        except Exception as exc:  # any decoder failure means "not a usable image"
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return Skipped(path, reason[:200])
+        uncropped = self.uncropped_transform(image) if self.uncropped_transform else None
+        return Item(index, self.transform(image), uncropped, target)
+
+
+def collate_items(batch: list[Item | Skipped]) -> Batch:
+    """Stack the decoded items; pass the skipped ones through so they are counted."""
+    items = [b for b in batch if isinstance(b, Item)]
+    skipped = [b for b in batch if isinstance(b, Skipped)]
+    if not items:
+        empty = torch.empty(0)
+        return Batch(empty, None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+    uncropped = torch.stack([i.uncropped for i in items]) if items[0].uncropped is not None else None
+    return Batch(
+        images=torch.stack([i.image for i in items]),
+        uncropped=uncropped,
+        targets=torch.tensor([i.target for i in items], dtype=torch.long),
+        indices=torch.tensor([i.index for i in items], dtype=torch.long),
+        skipped=skipped,
+    )
