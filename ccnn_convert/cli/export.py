@@ -1,0 +1,150 @@
+"""ccnn-export: write a model (original, checkered or dilated) as a verified ONNX file.
+
+A thin typer front end over :func:`ccnn_convert.export.export`; all logic lives there.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkResult, ExportResult, Verification, VerificationFailed,
+                      export)
+from ._common import console, err_console, run_app, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+
+
+def _floats(text: Optional[str], what: str):
+    if text is None:
+        return None
+    from ..errors import CCNNError
+
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise CCNNError(f"{what} must be 3 comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise CCNNError(f"{what} must be 3 comma-separated numbers, got {text!r}")
+    return values
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+def verification_table(v: Verification) -> Table:
+    agreement_rule = any(c.min_agreement is not None for c in v.checks)
+    table = Table(title=f"verification: ONNX Runtime {v.dtype} vs PyTorch float32",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False,
+                  caption=f"max rel = max|ort - torch| / max|torch| <= {v.tolerance:g}"
+                          + ("; images: top-1 agree >= 90%" if agreement_rule else ""),
+                  caption_justify="left")
+    for name, justify in (("inputs", "left"), ("batch", "right"), ("max abs", "right"), ("max rel", "right"),
+                          ("top-1 agree", "right"), ("", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for c in v.checks:
+        table.add_row(c.inputs, str(c.batch), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.top1_agreement:.1%}",
+                      Text("ok", style="green") if c.passed else Text("FAIL", style="bold red"))
+    return table
+
+
+def benchmark_table(b: BenchmarkResult) -> Table:
+    table = Table(title=f"benchmark: batch {b.batch}, median of {b.repeats} interleaved runs, {b.threads} threads",
+                  title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), show_edge=False,
+                  caption="ratio = PyTorch ms / ONNX Runtime ms (> 1: ONNX Runtime faster)",
+                  caption_justify="left")
+    for name in ("runtime", "device", "ms/batch", "img/s", "ratio"):
+        table.add_column(name, justify="left" if name in ("runtime", "device") else "right", no_wrap=True)
+    table.add_row("PyTorch eager", b.torch_device, f"{b.torch_ms:.1f}", f"{b.torch_images_per_s:.1f}", "1.00")
+    table.add_row("ONNX Runtime", b.provider, f"{b.ort_ms:.1f}", f"{b.ort_images_per_s:.1f}", f"{b.speedup:.2f}")
+    return table
+
+
+def print_result(result: ExportResult) -> None:
+    info, meta = result.info, result.metadata
+    what = result.mode if result.mode in ("original", "traditional") else (
+        f"{result.mode}, sampler {meta.get('sampler')}, keep_first {meta.get('keep_first')}")
+    console.print(Text(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
+    _, height, width = json.loads(meta["input_size"])
+    details = (f"  opset {info.opset}, {info.nodes} nodes, {_mb(info.bytes)}"
+               f"{' (external data)' if info.external_data else ''}, {meta.get('dtype')}, "
+               f"input (batch, 3, {height}, {width}) with a dynamic batch")
+    console.print(Text(details), soft_wrap=True)
+    if result.provider is not None:
+        console.print(Text(f"  provider: {result.provider.ort_name} ({result.provider.reason})"), soft_wrap=True)
+    for note in result.notes:
+        console.print(Text(f"  note: {note}"), soft_wrap=True)
+    if result.verification is not None:
+        console.print(verification_table(result.verification))
+    else:
+        console.print(Text("  not verified (--no-verify)", style="yellow"))
+    if result.benchmark is not None:
+        console.print(benchmark_table(result.benchmark))
+
+
+@app.command()
+@user_errors
+def export_command(
+    model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or file.py:factory."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .onnx path [default: <model>_<mode>.onnx]."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="original|traditional|checkered|dilated [default: checkered, or the artifact's]."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random [default: lattice, or the artifact's]."),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling steps unconverted [default: 0, or the artifact's]."),
+    density: Optional[int] = typer.Option(None, "--density", help="Samples per k x k window (1 = traditional, k*k = dilated)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler."),
+    leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type or name not to trace into (repeatable)."),
+    weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Input height = width [default: the preprocessing crop]."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Override: shorter side resized to this."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Override: centre crop size."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Override: normalisation mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Override: normalisation std, e.g. 0.229,0.224,0.225."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Override: bilinear|bicubic|nearest."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset; fails (naming the op) if the model cannot be written in it."),
+    fp16: bool = typer.Option(False, "--fp16", help="Export a float16 model (for GPU inference); verified with a looser tolerance."),
+    provider: str = typer.Option("auto", "--provider", help=f"ONNX Runtime provider: {'|'.join(PROVIDERS)}."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare ONNX Runtime with PyTorch before writing the file."),
+    data: Optional[str] = typer.Option(None, "--data", help="Also verify on real images: an ImageFolder-style DIR."),
+    data_limit: int = typer.Option(32, "--data-limit", help="Images used from --data."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative difference [default: 1e-4, fp16: 1e-2]."),
+    benchmark: bool = typer.Option(False, "--benchmark", help="Time ONNX Runtime vs PyTorch eager on the same batch."),
+    bench_batch: int = typer.Option(4, "--bench-batch", help="Batch size for --benchmark."),
+    bench_repeats: int = typer.Option(10, "--bench-repeats", help="Timed repeats for --benchmark (interleaved, median)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch and ONNX Runtime [default: torch's]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Export MODEL to ONNX (dynamic batch, metadata), verify it against PyTorch, optionally benchmark."""
+    preprocessing = {"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"),
+                     "std": _floats(std, "--std"), "interpolation": interpolation}
+    preprocessing = {k: v for k, v in preprocessing.items() if v is not None}
+
+    def log(message: str) -> None:
+        err_console.print(Text(message, style="dim"), soft_wrap=True)
+
+    try:
+        result = export(model, output, mode=mode, sampler=sampler, keep_first=keep_first, density=density,
+                        seed=seed, leaf_modules=leaf or None, weights=weights, arch=arch, input_size=input_size,
+                        preprocessing=preprocessing or None, opset=opset, fp16=fp16, provider=provider,
+                        verify_output=verify, data=data, data_limit=data_limit, tolerance=tolerance,
+                        run_benchmark=benchmark, bench_batch=bench_batch, bench_repeats=bench_repeats,
+                        threads=threads, force=force, log=log)
+    except VerificationFailed as exc:
+        err_console.print(verification_table(exc.verification))
+        raise
+    print_result(result)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()
