@@ -1,0 +1,226 @@
+"""ccnn_convert.bench and ccnn-bench against hand-computed figures.
+
+FLOPs, parameters, submaps and peak memory of tiny models are worked out by hand below; the
+ratios of hand-made measurements too. Plots are checked to be real PNGs of the promised size.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from ccnn_convert import bench
+from ccnn_convert.bench import BenchReport, Measurement
+from ccnn_convert.cli.bench import app
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+class Tiny(nn.Module):
+    """conv 2x2 stride 2 (3 -> 2 channels, no bias), global average pool, linear 2 -> 3 (no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, kernel_size=2, stride=2, bias=False)
+        self.fc = nn.Linear(2, 3, bias=False)
+
+    def forward(self, x):
+        x = self.conv(x).mean(dim=(2, 3))
+        return self.fc(x)
+
+
+# By hand, one 3x8x8 image: the conv has 2 x 4 x 4 = 32 outputs of 3*2*2 = 12 multiply-adds
+# (384 MACs = 768 FLOPs); the linear layer 2*3 = 6 MACs = 12 FLOPs.
+CONV_FLOPS, FC_FLOPS = 768, 12
+# Checkered keeps 2 samples per 2x2 window: 2 submaps of 4x4, so the conv runs twice; the pool
+# averages over positions and submaps, so the classifier runs once. Dilated keeps all 4.
+FLOPS_PER_IMAGE = {"original": CONV_FLOPS + FC_FLOPS, "checkered": 2 * CONV_FLOPS + FC_FLOPS,
+                   "dilated": 4 * CONV_FLOPS + FC_FLOPS}
+PARAMS = 3 * 2 * 2 * 2 + 2 * 3  # conv weight + linear weight
+
+
+def test_flops_params_submaps_and_ratios_of_a_tiny_model():
+    rows = bench.bench_model("tiny", Tiny(), modes=["checkered", "dilated"], batch_size=3, image_size=8,
+                             repeats=2, warmup=0, memory=False)
+    by_mode = {m.mode: m for m in rows}
+    assert list(by_mode) == ["original", "checkered", "dilated"]
+    for mode, flops in FLOPS_PER_IMAGE.items():
+        m = by_mode[mode]
+        assert m.flops == 3 * flops
+        assert m.flop_ratio == pytest.approx(flops / FLOPS_PER_IMAGE["original"])
+        assert m.params == PARAMS and m.param_ratio == 1.0  # converted models share the weights
+        assert len(m.times_s) == 2 and len(m.cpu_times_s) == 2 and m.median_s > 0
+        assert m.time_ratio == pytest.approx(m.median_s / by_mode["original"].median_s)
+    assert [by_mode[m].submaps for m in ("original", "checkered", "dilated")] == [1, 2, 4]
+    assert by_mode["checkered"].steps == 1
+    assert by_mode["original"].time_ratio == 1.0
+
+
+def test_count_flops_on_meta_matches_a_real_pass():
+    model = Tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert bench.count_flops(model, x) == 2 * FLOPS_PER_IMAGE["original"]
+    assert all(p.device.type == "cpu" for p in model.parameters())  # parameters put back
+
+
+class TwoTemporaries(nn.Module):
+    """y = x * a; z = y + b: while z is computed y is alive, so two input-sized tensors coexist."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("a", torch.tensor([2.0]))
+        self.register_buffer("b", torch.tensor([1.0]))
+
+    def forward(self, x):
+        y = x * self.a
+        return y + self.b
+
+
+def test_peak_memory_counts_model_input_and_the_forward_peak():
+    x_bytes = 4 * 3 * 10 * 10 * 4  # float32 input (4, 3, 10, 10)
+    assert bench.forward_peak_bytes(TwoTemporaries(), torch.zeros(4, 3, 10, 10), torch.device("cpu")) == 2 * x_bytes
+    rows = bench.bench_model("two", TwoTemporaries(), modes=["original"], batch_size=4, image_size=10,
+                             repeats=1, warmup=0)
+    m = rows[0]
+    assert m.activation_peak_bytes == 2 * x_bytes
+    assert m.peak_memory_bytes == 2 * 4 + x_bytes + 2 * x_bytes  # two 1-float buffers + input + peak
+    assert m.memory_ratio == 1.0
+
+
+def test_parameters_and_tensor_bytes_count_shared_tensors_once():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight  # tied
+    assert bench.count_parameters(model) == 16 + 4 + 4
+    assert bench.tensor_bytes(model) == (16 + 4 + 4) * 4
+
+
+def test_ratios_are_taken_against_the_same_models_original():
+    rows = [
+        Measurement("a", "original", "original", times_s=[0.5, 1.0, 1.5], flops=100, peak_memory_bytes=100, params=7),
+        Measurement("a", "checkered", "checkered", times_s=[1.0, 3.0, 2.0], flops=1200, peak_memory_bytes=300, params=7),
+        Measurement("b", "original", "original", times_s=[4.0], flops=10, peak_memory_bytes=50, params=1),
+        Measurement("b", "checkered", "checkered", skipped="too slow", flops=50, params=1),
+    ]
+    bench.add_ratios(rows)
+    assert rows[1].time_ratio == 2.0  # median 2.0 over median 1.0
+    assert rows[1].flop_ratio == 12.0 and rows[1].memory_ratio == 3.0 and rows[1].param_ratio == 1.0
+    assert rows[3].time_ratio is None and rows[3].flop_ratio == 5.0 and rows[3].memory_ratio is None
+
+
+def test_variants_are_interleaved_and_rotated():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench.time_interleaved(runs, repeats=3, device=torch.device("cpu"))
+    assert calls == list("abc" "bca" "cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_max_seconds_skips_variants_but_still_counts_their_flops():
+    rows = bench.bench_model("tiny", Tiny(), modes=["dilated"], batch_size=1, image_size=8, repeats=1,
+                             warmup=0, memory=False, max_seconds=0.0)
+    dilated = rows[1]
+    assert dilated.skipped and "--max-seconds" in dilated.skipped
+    assert dilated.times_s == [] and dilated.time_ratio is None
+    assert dilated.flops == FLOPS_PER_IMAGE["dilated"]
+
+
+def _is_png(path, size) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size
+
+
+def _report() -> BenchReport:
+    rows = []
+    for model, base in (("m1", 1.0), ("m2", 2.0)):
+        rows.append(Measurement(model, "original", "original", times_s=[base], flops=10, peak_memory_bytes=10, top1=70.0))
+        for kf, (factor, top1) in enumerate([(8.0, 74.0), (4.0, 73.0), (1.5, 71.0)]):
+            label = bench.variant_label("checkered", kf)
+            rows.append(Measurement(model, label, "checkered", keep_first=kf, times_s=[base * factor],
+                                    flops=10 * kf + 10, peak_memory_bytes=20, top1=top1))
+        rows.append(Measurement(model, "dilated", "dilated", times_s=[base * 30], flops=900, peak_memory_bytes=90))
+    bench.add_ratios(rows)
+    return BenchReport(rows, {"device": "cpu", "batch_size": 4, "repeats": 1, "memory_kind": bench.MEMORY_CPU})
+
+
+def test_outputs_are_written_json_markdown_and_valid_pngs(tmp_path):
+    report = _report()
+    paths = bench.write_outputs(report, tmp_path / "out")
+    names = sorted(p.name for p in paths)
+    assert names == ["bench.json", "bench.md", "sweep.png", "time_ratio.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names  # no temporary files left
+    for name in ("time_ratio.png", "sweep.png"):
+        _is_png(tmp_path / "out" / name, bench.PLOT_SIZE_PX)
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    checkered = [m for m in data["measurements"] if m["label"] == "checkered" and m["model"] == "m2"][0]
+    assert checkered["time_ratio"] == 8.0 and checkered["median_s"] == 16.0
+    markdown = (tmp_path / "out" / "bench.md").read_text()
+    assert "| m2 | checkered | 1 | 16.00 s | 8x |" in markdown
+    assert "| top-1 |" in markdown.splitlines()[0]
+
+
+def test_out_must_be_a_folder(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(bench.CCNNError, match="is a file"):
+        bench.write_outputs(_report(), target)
+
+
+def test_parse_modes_puts_the_original_first_and_rejects_unknown_modes():
+    assert bench.parse_modes("dilated, checkered,dilated") == ["original", "dilated", "checkered"]
+    with pytest.raises(bench.CCNNError, match="unknown mode 'checkerd'"):
+        bench.parse_modes("checkerd")
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def _one_error_line(result, needle: str) -> None:
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error:") and needle in errors[0]
+
+
+def test_cli_unknown_model_is_one_line():
+    _one_error_line(runner.invoke(app, ["no_such_model_xyz", "--weights", "none"]), "no_such_model_xyz")
+
+
+def test_cli_bad_mode_is_one_line():
+    _one_error_line(runner.invoke(app, ["resnet18", "--modes", "checkered,zigzag"]), "unknown mode 'zigzag'")
+
+
+def test_cli_bad_device_is_one_line():
+    _one_error_line(runner.invoke(app, ["resnet18", "--weights", "none", "--device", "tpu"]), "--device")
+
+
+def test_cli_measures_a_factory_model_and_writes_files(tmp_path):
+    factory = tmp_path / "tiny.py"
+    factory.write_text(textwrap.dedent("""
+        from torch import nn
+
+        def make():
+            return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    """))
+    out = tmp_path / "bench"
+    result = runner.invoke(app, [f"{factory}:make", "--size", "16", "--batch-size", "2", "--repeats", "2",
+                                 "--modes", "checkered", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "checkered" in result.stdout and "FLOPs x" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "time_ratio.png"]
+    _is_png(out / "time_ratio.png", bench.PLOT_SIZE_PX)
+    data = json.loads((out / "bench.json").read_text())
+    ratios = {m["label"]: m["flop_ratio"] for m in data["measurements"]}
+    # conv: 4*8*8 outputs x 27 MACs; linear: 40 MACs. Checkered runs the conv on 2 submaps.
+    conv, fc = 2 * 4 * 8 * 8 * 27, 2 * 40
+    assert ratios["checkered"] == pytest.approx((2 * conv + fc) / (conv + fc))
