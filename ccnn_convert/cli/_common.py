@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
+from ..cpu_memory import reuse_freed_memory
 from ..errors import CCNNError
 
 # Piped output (logs, CI, tests) gets wide tables instead of 80 columns of truncated names.
@@ -44,6 +45,12 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def run_app(app: typer.Typer) -> None:
-    """Entry point used by the console scripts (pretty tracebacks off: errors are one line)."""
+def run_app(app: typer.Typer, runs_models: bool = False) -> None:
+    """Entry point used by the console scripts (pretty tracebacks off: errors are one line).
+
+    Commands that run models (``runs_models``) keep freed CPU memory for reuse: see
+    :mod:`ccnn_convert.cpu_memory`.
+    """
+    if runs_models:
+        reuse_freed_memory()
     app(prog_name=sys.argv[0].rsplit("/", 1)[-1])

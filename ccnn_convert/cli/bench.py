@@ -95,7 +95,7 @@ def bench_command(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, runs_models=True)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def run_with_progress(config: EvalConfig) -> EvalReport:
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, runs_models=True)
 
 
 if __name__ == "__main__":

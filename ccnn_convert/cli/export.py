@@ -143,7 +143,7 @@ def export_command(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, runs_models=True)
 
 
 if __name__ == "__main__":
