@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import convert, layers, reuse_freed_memory  # noqa: E402
-from ccnn_convert.bench import count_flops, fmt_ratio, fmt_seconds, time_interleaved  # noqa: E402
+from ccnn_convert import convert, count_flops, layers, reuse_freed_memory  # noqa: E402
+from ccnn_convert.bench import fmt_ratio, fmt_seconds, time_interleaved  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
 
 MODELS = ("squeezenet1_1", "resnet50", "resnet152", "densenet169")

@@ -48,11 +48,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import atomic_path
 from .errors import CCNNError
+from .evaluate import resolve_device
+from .flops import count_flops
 
 MODES = ("original", "traditional", "checkered", "dilated")
 CONVERTED_MODES = ("traditional", "checkered", "dilated")
@@ -240,20 +240,6 @@ def describe_settings(settings: Mapping[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- small measurements
 
 
-def resolve_device(choice: str = "auto") -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device (CUDA asked for but absent: one-line error)."""
-    choice = (choice or "auto").strip().lower()
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cpu":
-        return torch.device("cpu")
-    if choice == "cuda" or choice.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise CCNNError("--device cuda was requested but CUDA is not available on this machine")
-        return torch.device(choice)
-    raise CCNNError(f"unknown --device {choice!r} (choose cpu, cuda or auto)")
-
-
 def parse_modes(modes: str | Sequence[str] | None) -> list[str]:
     """'checkered,dilated' -> ['original', 'checkered', 'dilated']: the original always comes first
     (every ratio is taken against it)."""
@@ -287,28 +273,6 @@ def tensor_bytes(model: nn.Module) -> int:
         key = (t.device.type, t.untyped_storage().data_ptr()) if t.device.type != "meta" else (id(t),)
         seen[key] = t.untyped_storage().nbytes()
     return sum(seen.values())
-
-
-def count_flops(model: nn.Module, x: Tensor) -> int:
-    """FLOPs of one forward pass on ``x`` (the whole batch), counted on meta tensors.
-
-    Falls back to a real pass if some op of the model cannot run on meta tensors.
-    """
-    state = {name: torch.empty_like(t, device="meta") for name, t in itertools.chain(
-        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            with _reparametrize_module(model, state):
-                model(x.to("meta"))
-        return int(counter.get_total_flops())
-    except Exception:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
 
 
 def synchronize(device: torch.device) -> None:

@@ -34,7 +34,8 @@ def _count(model: nn.Module, example_input: torch.Tensor) -> int:
 
 def _count_on_meta(model: nn.Module, example_input: torch.Tensor) -> int:
     meta_state = {name: torch.empty_like(t, device="meta")
-                  for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+                  for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                   model.named_buffers(remove_duplicate=False))}
     try:
         with _reparametrize_module(model, meta_state):
             return _count(model, example_input.to("meta"))

@@ -22,10 +22,9 @@ import contextlib
 import copy
 import io
 import itertools
-import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,6 @@ never saw.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
