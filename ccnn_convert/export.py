@@ -1068,7 +1068,7 @@ def export(model: str | nn.Module, output: str | os.PathLike | None = None, *, m
            arch: str | None = None, input_size: int | None = None, preprocessing: dict | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", verify_output: bool = True,
            data: str | os.PathLike | None = None, data_limit: int = 32, tolerance: float | None = None,
-           run_benchmark: bool = False, bench_batch: int = 4, bench_repeats: int = 10,
+           run_benchmark: bool = False, bench_batch: int = 4, bench_repeats: int = 10, bench_warmup: int = 2,
            threads: int | None = None, force: bool = False, log: Log | None = None) -> ExportResult:
     """Resolve, convert, export, verify (and optionally benchmark) MODEL; see the module docstring.
 
@@ -1119,7 +1119,7 @@ def export(model: str | nn.Module, output: str | os.PathLike | None = None, *, m
         if run_benchmark:
             log(f"benchmarking at batch {bench_batch} ({bench_repeats} interleaved repeats)...")
             bench = benchmark(staged, torch_model, size, batch=bench_batch, repeats=bench_repeats,
-                              provider=choice, threads=threads, fp16=fp16, session=session)
+                              warmup=bench_warmup, provider=choice, threads=threads, fp16=fp16, session=session)
         del session
     info.path = path
     return ExportResult(path, resolved.name, mode, info, metadata, choice, verification, bench, notes)
