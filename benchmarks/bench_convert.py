@@ -21,13 +21,14 @@ original's first pass x its FLOP ratio) is larger; its FLOPs are still reported.
 more whenever other processes compete for the cores, while one thread stays steady (and then
 the process CPU time is the compute time).
 
-Like the commands, it first calls ``ccnn_convert.reuse_freed_memory()`` (see
-``ccnn_convert/cpu_memory.py``); ``--default-allocator`` measures without it.
+Like the commands, it first calls ``ccnn_convert.use_huge_pages()`` (see
+``ccnn_convert/cpu_memory.py``); ``--no-huge-pages`` measures without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ccnn_convert.bench import (BenchReport, Measurement, bench_model, fmt_bytes, fmt_ratio, fmt_seconds,  # noqa: E402
                                 load_average, machine_settings, write_outputs)
-from ccnn_convert.cpu_memory import reuse_freed_memory  # noqa: E402
+from ccnn_convert.cpu_memory import SWITCH, use_huge_pages  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
 from ccnn_convert.rewrite import convert  # noqa: E402
 
@@ -112,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"models {','.join(QUICK['models'])}, {QUICK['repeats']} repeats, "
                              f"--max-seconds {QUICK['max_seconds']:g} (explicit flags still win)")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="keep glibc's default (fresh mmap + page faults for every large tensor) "
-                             "instead of ccnn_convert.reuse_freed_memory(), as the commands use")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="4 KiB pages for large tensors (PyTorch's default) instead of "
+                             "ccnn_convert.use_huge_pages(), as the commands use")
     parser.add_argument("--out", help="also write bench.json, bench.md and time_ratio.png to this folder")
     args = parser.parse_args(argv)
     given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats = QUICK["repeats"]
         if "--max-seconds" not in given:
             args.max_seconds = QUICK["max_seconds"]
+    if args.no_huge_pages:
+        os.environ[SWITCH] = "0"
+    allocator = "huge pages" if use_huge_pages() else "4 KiB pages"  # before any tensor is made
     torch.set_num_threads(args.threads)
-    allocator = "glibc default" if args.default_allocator or not reuse_freed_memory() else "freed memory reused"
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     device = torch.device("cpu")
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {command}")
     print(f"# {settings['device_name']}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
           f"batch {args.batch_size}, {args.size}x{args.size}, median of {args.repeats}, "
-          f"load average {load_average()}, allocator: {allocator}", flush=True)
+          f"load average {load_average()}, large tensors: {allocator}", flush=True)
 
     conversion = {}
     if args.convert_model:

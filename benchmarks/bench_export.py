@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import reuse_freed_memory  # noqa: E402
+from ccnn_convert import use_huge_pages  # noqa: E402
 from ccnn_convert.export import export  # noqa: E402
 
 MODELS = ("resnet50", "densenet169", "efficientnet_lite0")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--provider", default="cpu")
     args = parser.parse_args(argv)
-    reuse_freed_memory()
+    use_huge_pages()
     print(f"# python benchmarks/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# batch {args.batch_size}, {args.threads} thread(s) for both, provider {args.provider}, "
           f"torch {torch.__version__}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import convert, count_flops, layers, reuse_freed_memory  # noqa: E402
+from ccnn_convert import convert, count_flops, layers, use_huge_pages  # noqa: E402
 from ccnn_convert.bench import fmt_ratio, fmt_seconds, time_interleaved  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
 
@@ -104,7 +104,9 @@ def measure(name: str, repeats: int, batch: int, size: int) -> dict:
         with reference_style():
             got = ours(x)
             reference_flops = count_flops(ours, x)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # same model, computed two ways
+    # Same model computed two ways; random-weight logits can be ~1e5, so compare to their scale.
+    difference = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert difference <= 1e-4, f"{name}: reference-style logits differ from ours by {difference:.2e} of their scale"
 
     def run_reference():
         with reference_style():
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    reuse_freed_memory()
+    use_huge_pages()
     print(f"# python benchmarks/bench_reference.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# checkered lattice, batch {args.batch_size}, {args.size}x{args.size}, {args.threads} thread(s), "
           f"median of {args.repeats}, torch {torch.__version__}")

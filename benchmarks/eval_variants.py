@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import convert, reuse_freed_memory  # noqa: E402
+from ccnn_convert import convert, use_huge_pages  # noqa: E402
 from ccnn_convert.data_sources import DecodedImages, find_samples  # noqa: E402
 from ccnn_convert.evaluate import count_flops_per_image, evaluate  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reuse_freed_memory()
+    use_huge_pages()
     resolved = resolve_model(args.model)
     pre = resolved.preprocessing
     variants, settings = build_variants(resolved.model.eval(), pre.crop, args.samplers.split(","),

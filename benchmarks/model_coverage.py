@@ -1,7 +1,8 @@
 """Which models does the conversion handle? Writes the coverage table of docs/models.md.
 
-For every torchvision classification model plus efficientnet_lite0..2 (random weights: coverage
-is about architecture, not accuracy) this script
+For every torchvision classification model plus efficientnet_lite0..2 and the PyConv-ResNet-50
+of ``tests/pyconv_resnet.py`` (random weights: coverage is about architecture, not accuracy)
+this script
 
 1. finds the smallest input (of 64, 96, 128, 224, 299 px) the original model accepts,
 2. converts it with ``convert(model, mode=m, example_input=x)`` for m in checkered and dilated,
@@ -54,14 +55,19 @@ class Row:
     seconds: float = 0.0
 
 
+# Architectures from the literature that no package here ships, as factories (MODEL file.py:callable).
+FACTORIES = ("tests/pyconv_resnet.py:pyconv_resnet50",)
+
+
 def all_models() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models)) + [
-        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", *FACTORIES]
 
 
 def build(name: str, device: str) -> torch.nn.Module:
+    name = str(ROOT / name) if name in FACTORIES else name  # factory files are relative to the checkout
     try:
         with torch.device(device):
             return resolve_model(name, weights="none").model.eval()
@@ -208,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore")
     names = args.models or all_models()
-    unknown = sorted(set(names) - set(list_model_names()))
+    unknown = sorted(set(names) - set(list_model_names()) - set(FACTORIES))
     if unknown:
         parser.error(f"unknown models: {', '.join(unknown)}")
     rows = []

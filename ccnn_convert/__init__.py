@@ -8,7 +8,7 @@
 torch.Size([2, 1000])
 """
 
-from .cpu_memory import reuse_freed_memory
+from .cpu_memory import use_huge_pages
 from .errors import CCNNError, ConversionError, DataError, ExportError, ModelResolutionError
 from .flops import count_flops
 from .rewrite import ConversionReport, LayerRecord, conversion_report, convert
@@ -27,5 +27,5 @@ __all__ = [
     "conversion_report",
     "convert",
     "count_flops",
-    "reuse_freed_memory",
+    "use_huge_pages",
 ]

@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
-from ..cpu_memory import reuse_freed_memory
+from ..cpu_memory import use_huge_pages
 from ..errors import CCNNError
 
 # Piped output (logs, CI, tests) gets wide tables instead of 80 columns of truncated names.
@@ -48,9 +48,9 @@ def user_errors(func: F) -> F:
 def run_app(app: typer.Typer, runs_models: bool = False) -> None:
     """Entry point used by the console scripts (pretty tracebacks off: errors are one line).
 
-    Commands that run models (``runs_models``) keep freed CPU memory for reuse: see
-    :mod:`ccnn_convert.cpu_memory`.
+    Commands that run models (``runs_models``) back large CPU tensors with huge pages, before
+    any tensor exists: see :mod:`ccnn_convert.cpu_memory`.
     """
     if runs_models:
-        reuse_freed_memory()
+        use_huge_pages()
     app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
