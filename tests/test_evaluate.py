@@ -374,3 +374,27 @@ def test_distributed_totals_equal_single_process_totals(tmp_path):
     for report in ranks:
         assert report["world_size"] == 2
         assert _totals(report) == _totals(single)
+
+
+class BatchRecorder(RedLevelClassifier):
+    """RedLevelClassifier that remembers the batch size of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_forward_batch_splits_passes_and_changes_no_count(tmp_path):
+    red_folder(tmp_path, [(i % 7, i % 7) for i in range(10)])  # level = label: all correct
+    dataset = DecodedImages(find_samples(tmp_path).items, TRANSFORM)
+    whole, chunked, default = BatchRecorder(), BatchRecorder(), BatchRecorder()
+    a = evaluate({"original": whole}, dataset, batch_size=10, device="cpu", forward_batch=10)
+    b = evaluate({"original": chunked}, dataset, batch_size=10, device="cpu", forward_batch=3)
+    evaluate({"original": default}, dataset, batch_size=10, device="cpu")
+    assert whole.sizes == [10] and chunked.sizes == [3, 3, 3, 1] and default.sizes == [4, 4, 2]  # CPU: 4
+    ra, rb = a.result("original"), b.result("original")
+    assert (ra.images, ra.top1_correct, ra.top5_correct) == (rb.images, rb.top1_correct, rb.top5_correct) == (10, 10, 10)

@@ -125,6 +125,7 @@ def eval_command(
     interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Override: bilinear|bicubic|nearest."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate N images, chosen round-robin over classes (spread over the class list)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
+    forward_batch: Optional[int] = typer.Option(None, "--forward-batch", help="Images per forward pass [default: 4 on CPU, where small passes keep converted models' large activations in cache; the whole batch on CUDA]."),
     workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
     device: str = typer.Option("auto", "--device", help="cpu|cuda|auto."),
     amp: bool = typer.Option(False, "--amp", help="float16 autocast (CUDA only)."),
@@ -136,7 +137,7 @@ def eval_command(
         model=model, data=data, labels=labels, modes=modes, sampler=sampler, keep_first=keep_first,
         density=density, seed=seed, weights=weights, arch=arch,
         preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
-        limit=limit, batch_size=batch_size, workers=workers, device=device, amp=amp,
+        limit=limit, batch_size=batch_size, forward_batch=forward_batch, workers=workers, device=device, amp=amp,
         consistency=consistency,
     )
     if json_path:
