@@ -51,10 +51,10 @@ from torch import Tensor, nn
 
 from ._io import atomic_path
 from .errors import CCNNError
+from .evaluate import parse_modes as parse_eval_modes
 from .evaluate import resolve_device
 from .flops import count_flops
 
-MODES = ("original", "traditional", "checkered", "dilated")
 CONVERTED_MODES = ("traditional", "checkered", "dilated")
 DEFAULT_MODES = ("original", "checkered", "dilated")
 MEMORY_CPU = "cpu_profiler_peak"
@@ -246,15 +246,9 @@ def parse_modes(modes: str | Sequence[str] | None) -> list[str]:
     if modes is None:
         return list(DEFAULT_MODES)
     items = modes.split(",") if isinstance(modes, str) else list(modes)
-    parsed = ["original"]
-    for item in (m.strip().lower() for m in items):
-        if not item:
-            continue
-        if item not in MODES:
-            raise CCNNError(f"unknown mode {item!r} (choose from {', '.join(MODES)})")
-        if item not in parsed:
-            parsed.append(item)
-    return parsed
+    if not any(item.strip() for item in items):
+        return ["original"]
+    return ["original", *(mode for mode in parse_eval_modes(items) if mode != "original")]
 
 
 def count_parameters(model: nn.Module) -> int:
