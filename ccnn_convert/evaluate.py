@@ -340,15 +340,16 @@ def evaluate(
     is the reference for agreement. With ``consistency_crop`` the dataset must also yield the
     uncropped image; two seeded random crops of that size are classified per image and mode.
     Each batch goes through the models ``forward_batch`` images at a time (default: see
-    :func:`default_forward_batch`). Under torchrun (``dist_context`` active, or WORLD_SIZE>1 in the environment) each rank
-    evaluates its unpadded shard and the counts are all-reduced, so every rank returns the totals.
+    :func:`default_forward_batch`). Under torchrun (``dist_context`` active, or WORLD_SIZE>1 in
+    the environment) each rank evaluates its unpadded shard and the counts are all-reduced, so
+    every rank returns the totals.
     """
     if dist_context is None:
         with distributed_from_env(str(device)) as ctx:
             return evaluate(models, dataset, indices, batch_size=batch_size, workers=workers,
                             device=device, amp=amp, forward_batch=forward_batch,
-                            consistency_crop=consistency_crop, seed=seed, flops=flops, conversions=conversions, dist_context=ctx,
-                            on_batch=on_batch, on_skip=on_skip)
+                            consistency_crop=consistency_crop, seed=seed, flops=flops,
+                            conversions=conversions, dist_context=ctx, on_batch=on_batch, on_skip=on_skip)
     device = torch.device(device) if not isinstance(device, torch.device) else device
     if amp and device.type != "cuda":
         raise CCNNError("--amp needs a CUDA device")
