@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         settings.update({"command": command, "batch_size": args.batch_size, "image_size": args.size,
                          "repeats": args.repeats, "warmup": args.warmup, "weights": "none", "modes": modes,
-                         "max_seconds": args.max_seconds, "allocator": allocator, "load_average": [load_before, load_average()],
+                         "max_seconds": args.max_seconds, "large_tensors": allocator,
+                         "load_average": [load_before, load_average()],
                          "conversion_s": {f"{args.convert_model} {mode}": s for mode, s in conversion.items()}})
         for path in write_outputs(BenchReport(rows, settings), args.out):
             print(f"wrote {path}")

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 began = time.perf_counter()
                 result = export(name, Path(folder) / f"{name}_{mode}.onnx", mode=mode, weights=weights,
                                 provider=args.provider, run_benchmark=True, bench_batch=args.batch_size,
-                                bench_repeats=repeats, bench_warmup=0 if dilated else 2, threads=args.threads, force=True)
+                                bench_repeats=repeats, bench_warmup=0 if dilated else 2, threads=args.threads,
+                                force=True)
                 b = result.benchmark
                 worst = max(c.max_rel for c in result.verification.checks)
                 total = time.perf_counter() - began

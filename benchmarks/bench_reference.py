@@ -52,7 +52,8 @@ def _all_phases(x, table, run_3d, pad_value: float, kernel, stride, padding, dil
     """
     n, submaps, _ = table.shape
     kernel, stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
-    out = [layers.pooled_size(x.shape[2 + a], kernel[a], stride[a], padding[a], dilation[a], ceil_mode) for a in (0, 1)]
+    out = [layers.pooled_size(x.shape[2 + a], kernel[a], stride[a], padding[a], dilation[a], ceil_mode)
+           for a in (0, 1)]
     extent = [(out[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in (0, 1)]  # rows one phase reads
     far = [max(0, extent[a] + stride[a] - 1 - x.shape[2 + a] - padding[a]) for a in (0, 1)]
     x5 = x.reshape(submaps, -1, *x.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
