@@ -11,7 +11,7 @@ It builds the model straight from ``efficientnet_lite_pytorch`` (not through ccn
 that it measures the weights, not our loader.
 
     python benchmarks/lite_preprocessing.py \
-        --data /work/shared/data/imagenet-sample/val \
+        --data ../shared/data/imagenet-sample/val \
         --classes ccnn_convert/data/imagenet_classes.tsv
     # lite1/lite2: --model efficientnet-lite1 --weights path/to/efficientnet-lite1-77cc7160.pth
 """
@@ -81,7 +81,8 @@ def measure(model, samples, resize, crop, interpolation, mean, std, batch=50) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/imagenet-sample/val"))
+    sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
+    parser.add_argument("--data", type=Path, default=sample)
     parser.add_argument("--classes", type=Path,
                         default=Path(__file__).resolve().parents[1] / "ccnn_convert/data/imagenet_classes.tsv")
     parser.add_argument("--model", default="efficientnet-lite0", help="efficientnet-lite0/1/2")

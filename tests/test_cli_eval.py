@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from ccnn_convert import evaluate as ev
 from ccnn_convert.cli.eval import app
+from shared_data import SAMPLE_VAL
 
-SAMPLE_VAL = Path("/work/shared/data/imagenet-sample/val")
 WNID = {0: "n01440764", 1: "n01443537", 2: "n01484850", 3: "n01491361", 4: "n01494475", 5: "n01496331"}
 runner = CliRunner()
 

@@ -21,8 +21,8 @@ from ccnn_convert.data_sources import (DecodedImages, find_samples, imagenet_cla
 from ccnn_convert.errors import DataError
 from ccnn_convert.evaluate import (crops_at, evaluate, parse_modes, shift_offsets, top1_agreement,
                                    topk_correct)
+from shared_data import SAMPLE_VAL
 
-SAMPLE_VAL = Path("/work/shared/data/imagenet-sample/val")
 SAMPLE_CLASSES = SAMPLE_VAL.parent / "classes.tsv"
 
 # Standard indices of a few classes, copied from the published ImageNet-1k class list.

@@ -35,8 +35,9 @@ from ccnn_convert.models import (
     resolve_model,
     save_artifact,
 )
+from shared_data import SAMPLE_VAL
 
-SAMPLE = Path("/work/shared/data/imagenet-sample/val")
+SAMPLE = SAMPLE_VAL
 CLASSES = Path(__file__).resolve().parents[1] / "ccnn_convert" / "data" / "imagenet_classes.tsv"
 
 
