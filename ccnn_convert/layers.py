@@ -78,9 +78,11 @@ def _gather_windows(x: Tensor, table: Tensor, size: IntPair) -> Tensor:
     """
     n, submaps, _ = table.shape
     h, w = size
-    grouped = x.reshape(submaps, -1, *x.shape[1:])
-    windows = grouped.unfold(3, h, 1).unfold(4, w, 1)  # (S, B, C, dy, dx, h, w), a view
-    crops = windows[table[..., 0], :, :, table[..., 1], table[..., 2]]  # (n, S, B, C, h, w)
+    # Offsets next to the submap axis, so the indexed axes lead and the result needs no transpose
+    # (an exported graph would otherwise transpose every window before gathering).
+    grouped = x.reshape(submaps, -1, *x.shape[1:]).permute(0, 3, 4, 1, 2)  # (S, H, W, B, C), a view
+    windows = grouped.unfold(1, h, 1).unfold(2, w, 1)  # (S, dy, dx, B, C, h, w), a view
+    crops = windows[table[..., 0], table[..., 1], table[..., 2]]  # (n, S, B, C, h, w)
     return crops.reshape(-1, *crops.shape[3:])
 
 
@@ -92,7 +94,8 @@ def _gather_phases(x: Tensor, table: Tensor, stride: IntPair, size: IntPair) -> 
     n, submaps, _ = table.shape
     (kh, kw), (h, w) = stride, size
     grouped = x[..., : h * kh, : w * kw].reshape(submaps, -1, x.shape[1], h, kh, w, kw)
-    crops = grouped[table[..., 0], :, :, :, table[..., 1], :, table[..., 2]]  # (n, S, B, C, h, w)
+    phases = grouped.permute(0, 4, 6, 1, 2, 3, 5)  # (S, dy, dx, B, C, h, w), a view; see above
+    crops = phases[table[..., 0], table[..., 1], table[..., 2]]  # (n, S, B, C, h, w)
     return crops.reshape(-1, *crops.shape[3:])
 
 
