@@ -1144,26 +1144,18 @@ class _Resolved:
 
 
 def _resolve(model: str | nn.Module, weights, arch, preprocessing: dict | None, log: Log) -> _Resolved:
-    from .models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resolve_model
+    from .models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, count_classes, resolve_model
 
     if isinstance(model, nn.Module):
         prep = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
         if preprocessing:
             prep = prep.with_overrides(**preprocessing)
-        classes = _count_classes(model)
+        classes = count_classes(model)
         return _Resolved(model.eval(), type(model).__name__, prep, "(in memory)", None, classes)
     log(f"resolving {model}...")
     resolved = resolve_model(str(model), weights=weights, arch=arch, preprocessing=preprocessing or None)
     return _Resolved(resolved.model, resolved.name, resolved.preprocessing, resolved.weights,
                      resolved.conversion, int(getattr(resolved, "num_classes", 1000)))
-
-
-def _count_classes(model: nn.Module) -> int:
-    last = None
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            last = module
-    return last.out_features if isinstance(last, nn.Linear) else 1000
 
 
 def _input_size(preprocessing, input_size: int | None):

@@ -505,7 +505,7 @@ def _package_version() -> str:
         return "0.1.0"
 
 
-def _count_classes(model: nn.Module) -> int:
+def count_classes(model: nn.Module) -> int:
     """Best guess for a model we did not build: the width of its last Linear (or conv) layer."""
     last = None
     for module in model.modules():
@@ -552,7 +552,7 @@ def _resolve_factory(text: str, weights: str | None) -> ResolvedModel:
     name = f"{Path(target).name}:{attr}" if target.endswith(".py") else text
     return ResolvedModel(model.eval(), name, _imagenet_preprocessing(),
                          {"source": "factory", "factory": f"{spec_target}:{attr}"},
-                         description, num_classes=_count_classes(model))
+                         description, num_classes=count_classes(model))
 
 
 def _call_factory(text: str, shown: str | None = None) -> nn.Module:
@@ -721,7 +721,7 @@ def _tv_resolved(name: str, model: nn.Module, member, weights: str) -> ResolvedM
     """``member`` is the enum whose architecture was built (None: plain builder)."""
     enum = _tv_enum(name)
     shown = member or (enum.DEFAULT if enum is not None else None)  # preset even for weights=none
-    classes = len(member.meta["categories"]) if member is not None else _count_classes(model)
+    classes = len(member.meta["categories"]) if member is not None else count_classes(model)
     return ResolvedModel(model.eval(), name, _tv_preprocessing(shown),
                          {"source": "torchvision", "name": name,
                           "weights_enum": member.name if member is not None else None},
@@ -874,7 +874,7 @@ def _timm_preprocessing(timm, model: nn.Module) -> Preprocessing:
 def _timm_resolved(timm, name: str, model: nn.Module, weights: str) -> ResolvedModel:
     return ResolvedModel(model.eval(), name.split(".", 1)[0], _timm_preprocessing(timm, model),
                          {"source": "timm", "name": name}, weights,
-                         num_classes=int(getattr(model, "num_classes", _count_classes(model))))
+                         num_classes=int(getattr(model, "num_classes", count_classes(model))))
 
 
 def _timm(name: str, weights: str | None) -> ResolvedModel:

@@ -15,23 +15,10 @@ from rich.text import Text
 
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkResult, ExportResult, Verification, VerificationFailed,
                       export)
+from ..evaluate import parse_floats
 from ._common import console, err_console, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
-
-
-def _floats(text: Optional[str], what: str):
-    if text is None:
-        return None
-    from ..errors import CCNNError
-
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise CCNNError(f"{what} must be 3 comma-separated numbers, got {text!r}") from None
-    if len(values) != 3:
-        raise CCNNError(f"{what} must be 3 comma-separated numbers, got {text!r}")
-    return values
 
 
 def _mb(size: int) -> str:
@@ -122,8 +109,8 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Export MODEL to ONNX (dynamic batch, metadata), verify it against PyTorch, optionally benchmark."""
-    preprocessing = {"resize": resize, "crop": crop, "mean": _floats(mean, "--mean"),
-                     "std": _floats(std, "--std"), "interpolation": interpolation}
+    preprocessing = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
+                     "std": parse_floats(std, "--std"), "interpolation": interpolation}
     preprocessing = {k: v for k, v in preprocessing.items() if v is not None}
 
     def log(message: str) -> None:
