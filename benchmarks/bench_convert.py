@@ -42,7 +42,7 @@ from ccnn_convert.bench import (BenchReport, Measurement, bench_model, fmt_bytes
                                 load_average, machine_settings, write_outputs)
 from ccnn_convert.cpu_memory import SWITCH, use_huge_pages  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
-from ccnn_convert.rewrite import convert  # noqa: E402
+from ccnn_convert.core.rewrite import convert  # noqa: E402
 
 MODELS = ("resnet50", "resnet152", "densenet169", "squeezenet1_1", "vgg16")
 MODES = ("checkered", "dilated")

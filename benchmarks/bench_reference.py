@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import convert, count_flops, layers, use_huge_pages  # noqa: E402
+from ccnn_convert import convert, count_flops, use_huge_pages
+from ccnn_convert.core import layers  # noqa: E402
 from ccnn_convert.bench import fmt_ratio, fmt_seconds, time_interleaved  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
 

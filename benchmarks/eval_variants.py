@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ccnn_convert import convert, use_huge_pages  # noqa: E402
-from ccnn_convert.data_sources import DecodedImages, find_samples  # noqa: E402
+from ccnn_convert.data import DecodedImages, find_samples  # noqa: E402
 from ccnn_convert.evaluate import count_flops_per_image, evaluate  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
 

@@ -3,9 +3,24 @@
 Every failure caused by user input (an unknown model, a missing file, an input that is too
 small, ...) is raised as a :class:`CCNNError` with a one-line message. The CLI prints that
 line and exits non-zero; Python callers can catch it. Anything else is a bug.
+
+The library speaks in parameters, not flags: a bad value for one parameter is a
+:class:`ParameterError`, whose message names the parameter (``batch_size must be positive``).
+The CLI re-renders the same message with the matching flag (``--batch-size must be positive``).
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "CCNNError",
+    "ConversionError",
+    "DataError",
+    "ExportError",
+    "ModelResolutionError",
+    "ParameterError",
+]
+
+_PLACEHOLDER = "{param}"
 
 
 class CCNNError(Exception):
@@ -26,3 +41,22 @@ class DataError(CCNNError):
 
 class ExportError(CCNNError):
     """ONNX export or its verification failed."""
+
+
+class ParameterError(CCNNError):
+    """A bad value for one named parameter.
+
+    ``template`` holds ``{param}`` where the parameter's name goes (plain text replacement, so
+    paths with braces are safe). ``str(error)`` names the Python parameter; :meth:`render`
+    lets the CLI put its flag there instead.
+    """
+
+    def __init__(self, parameter: str, template: str):
+        if _PLACEHOLDER not in template:
+            template = f"{_PLACEHOLDER}: {template}"
+        self.parameter = parameter
+        self.template = template
+        super().__init__(self.render(parameter))
+
+    def render(self, name: str) -> str:
+        return self.template.replace(_PLACEHOLDER, name)

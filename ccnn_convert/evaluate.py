@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ._io import atomic_path
-from .data_sources import (Batch, DecodedImages, Samples, Skipped, collate_items, find_samples,
+from .data import (Batch, DecodedImages, Samples, Skipped, collate_items, find_samples,
                            shard_indices, stratified_indices)
 from .errors import CCNNError, DataError
 from .flops import count_flops
@@ -629,7 +629,7 @@ def count_flops_per_image(model: Any, example: Tensor) -> int | None:
 
 
 def convert_model(model: nn.Module, **kwargs) -> nn.Module:
-    from .rewrite import convert  # imported late: the data and metrics code works without it
+    from .core import convert  # imported late: the data and metrics code works without it
 
     return convert(model, **kwargs)
 

@@ -44,7 +44,7 @@ from torch import Tensor, fx, nn
 
 from ._io import atomic_path
 from .errors import CCNNError
-from .sequences import Offset, sampler_sequence
+from .core.sequences import Offset, sampler_sequence
 
 KINDS = ("traditional", "naive", "lattice", "random", "dilated")
 DEFAULT_KINDS = ("traditional", "naive", "lattice", "random")
@@ -304,7 +304,7 @@ def feature_submaps(model: nn.Module, image: Tensor, step: int, mode: str = "che
     the first layer of step ``step + 1`` and the feature map entering it is returned as
     ``(S, h, w)``: the mean over channels of each of its ``S`` submaps.
     """
-    from .rewrite import conversion_report, convert
+    from .core import conversion_report, convert
 
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if x.shape[0] != 1:

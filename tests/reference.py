@@ -1,4 +1,4 @@
-"""Slow reference multisampling, written independently of ccnn_convert.layers.
+"""Slow reference multisampling, written independently of ccnn_convert.core.layers.
 
 It loops over submaps, samples and output positions and computes each output value from
 its window by hand, following the definition: the sample at offset (dy, dx) is the layer,

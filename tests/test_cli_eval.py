@@ -304,7 +304,7 @@ def _plain_top1(model: nn.Module, pre, paths_and_targets) -> int:
 @pytest.mark.slow
 def test_efficientnet_lite0_on_the_imagenet_sample(tmp_path):
     models = pytest.importorskip("ccnn_convert.models")
-    pytest.importorskip("ccnn_convert.rewrite")
+    pytest.importorskip("ccnn_convert.core.rewrite")
     if not SAMPLE_VAL.is_dir():
         pytest.skip("shared ImageNet sample not present")
     # 16 classes spread over the sample, linked into a folder of their own (labels come from the

@@ -12,7 +12,8 @@ import torchvision
 from torch import nn
 
 import reference
-from ccnn_convert import ConversionError, conversion_report, convert, count_flops, sequences
+from ccnn_convert import ConversionError, conversion_report, convert, count_flops
+from ccnn_convert.core import sequences
 
 
 class SmallNet(nn.Module):

@@ -16,7 +16,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
-from ccnn_convert.data_sources import (DecodedImages, find_samples, imagenet_classes, map_wnid_folders,
+from ccnn_convert.data import (DecodedImages, find_samples, imagenet_classes, map_wnid_folders,
                                        read_labels_file, shard_indices, stratified_indices)
 from ccnn_convert.errors import DataError
 from ccnn_convert.evaluate import (crops_at, evaluate, parse_modes, shift_offsets, top1_agreement,

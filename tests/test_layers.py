@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference
-from ccnn_convert import layers, sequences
+from ccnn_convert.core import layers, sequences
 
 
 def _table(sequence):

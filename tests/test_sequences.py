@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ccnn_convert import sequences
+from ccnn_convert.core import sequences
 from ccnn_convert.errors import ConversionError
 
 

@@ -1,16 +1,31 @@
-"""What every command shares: one console, and turning user errors into one line + exit 2."""
+"""What every command shares: consoles, logging, one-line errors with flag names, and signals.
+
+The library logs through ``logging.getLogger(__name__)`` and raises
+:class:`~ccnn_convert.errors.CCNNError`; only this layer knows about terminals and flags:
+
+* :func:`setup_logging` prints the package's log records on stderr, one line each;
+* :func:`user_errors` turns an error into one line and exit 2, writing a
+  :class:`~ccnn_convert.errors.ParameterError` with the command's own flag for the parameter;
+* :func:`run_app` makes SIGTERM behave like Ctrl-C, so ``kill`` and ``timeout`` run the same
+  clean-up (:mod:`ccnn_convert.outputs`) and leave nothing half-written behind.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
-from typing import Callable, TypeVar
+import warnings
+from typing import Callable, Mapping, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..cpu_memory import use_huge_pages
-from ..errors import CCNNError
+from ..errors import CCNNError, ParameterError
+from . import signals
 
 # Piped output (logs, CI, tests) gets wide tables instead of 80 columns of truncated names.
 _WIDTH = None if sys.stdout.isatty() else 160
@@ -19,38 +34,122 @@ err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 F = TypeVar("F", bound=Callable)
 
+EXIT_USER_ERROR = 2
 
-def fail(message: str, code: int = 2) -> "typer.Exit":
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> "typer.Exit":
     """Print a one-line error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
     return typer.Exit(code)
 
 
-def user_errors(func: F) -> F:
-    """Turn CCNNError (and a few OS-level errors) into one line on stderr and exit code 2."""
+# --------------------------------------------------------------------------- logging
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+
+class _ConsoleHandler(logging.Handler):
+    """One line per record on stderr: notes dim, warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            return func(*args, **kwargs)
-        except CCNNError as exc:
-            raise fail(str(exc)) from None
-        except FileNotFoundError as exc:
-            raise fail(f"file not found: {exc.filename or exc}") from None
-        except PermissionError as exc:
-            raise fail(f"permission denied: {exc.filename or exc}") from None
-        except KeyboardInterrupt:
-            raise fail("interrupted", code=130) from None
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
+            else:
+                err_console.print(Text(message, style="dim"), soft_wrap=True)
+        except Exception:  # logging must never break the command
+            self.handleError(record)
 
-    return wrapper  # type: ignore[return-value]
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route the package's log records and Python warnings to stderr as single lines."""
+    logger = logging.getLogger("ccnn_convert")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(level)
+    logger.propagate = False
+    warnings.showwarning = _show_warning
+
+
+# --------------------------------------------------------------------------- option parsing
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """'original, checkered' -> ['original', 'checkered'] (None stays None)."""
+    if text is None:
+        return None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_floats(text: str | None, flag: str, count: int = 3) -> tuple[float, ...] | None:
+    """'0.485,0.456,0.406' -> (0.485, 0.456, 0.406), or a one-line error naming ``flag``."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise CCNNError(f"{flag} must be {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def flag_for(parameter: str, aliases: Mapping[str, str] | None = None) -> str:
+    """The current command's flag for a library parameter (``keep_first`` -> ``--keep-first``)."""
+    if aliases and parameter in aliases:
+        return aliases[parameter]
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        for param in context.command.params:
+            if param.name == parameter and isinstance(param, click.Option):
+                return max(param.opts, key=len)
+            if param.name == parameter and isinstance(param, click.Argument):
+                return parameter.upper()
+    return "--" + parameter.replace("_", "-")
+
+
+def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None):
+    """Turn CCNNError (and a few OS-level errors) into one line on stderr and exit code 2.
+
+    ``flags`` maps library parameter names to this command's flags where they differ
+    (``{"leaf_modules": "--leaf"}``); the others are found among the command's options.
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except ParameterError as exc:
+                raise fail(exc.render(flag_for(exc.parameter, flags))) from None
+            except CCNNError as exc:
+                raise fail(str(exc)) from None
+            except FileNotFoundError as exc:
+                raise fail(f"file not found: {exc.filename or exc}") from None
+            except PermissionError as exc:
+                raise fail(f"permission denied: {exc.filename or exc}") from None
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (signals.Terminated)
+                raise fail(signals.describe(exc), code=signals.exit_code(exc)) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(func) if func is not None else decorate
 
 
 def run_app(app: typer.Typer, runs_models: bool = False) -> None:
-    """Entry point used by the console scripts (pretty tracebacks off: errors are one line).
+    """Run a command's typer app: one-line errors, no pretty tracebacks, logging on stderr.
 
-    Commands that run models (``runs_models``) back large CPU tensors with huge pages, before
-    any tensor exists: see :mod:`ccnn_convert.cpu_memory`.
+    Commands that run models (``runs_models``) back large CPU tensors with huge pages; this must
+    happen before any tensor exists (:mod:`ccnn_convert.cpu_memory`), as :mod:`.entry` ensures.
     """
     if runs_models:
         use_huge_pages()
+    signals.terminate_like_interrupt()  # again: harmless, and covers callers that skip entry.py
+    setup_logging()
     app(prog_name=sys.argv[0].rsplit("/", 1)[-1])

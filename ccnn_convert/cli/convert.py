@@ -12,7 +12,7 @@ from rich.table import Table
 from .._io import check_writable
 from ..flops import count_flops
 from ..models import resolve_model, save_artifact
-from ..rewrite import ConversionReport, conversion_report, convert
+from ..core import ConversionReport, conversion_report, convert
 from ._common import console, err_console, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,

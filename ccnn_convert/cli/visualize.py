@@ -97,7 +97,7 @@ def features_command(
 ) -> None:
     """Per-submap mean activation of MODEL, converted and cut after STEP steps, on a real image."""
     from ..models import resolve_model
-    from ..rewrite import conversion_report, convert
+    from ..core import conversion_report, convert
     from ..visualize import feature_submaps, plot_feature_submaps
 
     if mode not in CONVERT_MODES:

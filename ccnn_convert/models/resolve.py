@@ -46,8 +46,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ._io import atomic_path
-from .errors import ModelResolutionError
+from .._io import atomic_path
+from ..errors import ModelResolutionError
 
 __all__ = [
     "Preprocessing",

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CCNNError, ExportError
+from ..errors import CCNNError, ExportError
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -944,7 +944,7 @@ def build_metadata(*, name: str, weights: str, mode: str, conversion: dict | Non
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -1010,7 +1010,7 @@ def load_onnx_classifier(path: str | os.PathLike, provider: str = "auto", thread
     (an fp16 model gets its input cast). Preprocessing comes from the metadata; a foreign ONNX file
     without it gets ImageNet preprocessing with the crop set to its input size.
     """
-    from .models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from ..models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -1144,7 +1144,7 @@ class _Resolved:
 
 
 def _resolve(model: str | nn.Module, weights, arch, preprocessing: dict | None, log: Log) -> _Resolved:
-    from .models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, count_classes, resolve_model
+    from ..models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, count_classes, resolve_model
 
     if isinstance(model, nn.Module):
         prep = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
@@ -1177,7 +1177,7 @@ def _input_size(preprocessing, input_size: int | None):
 def _build(model: nn.Module, conversion: dict | None, size: int, log: Log) -> nn.Module:
     if conversion is None:
         return model.eval()
-    from .rewrite import convert
+    from ..core import convert
 
     kwargs = dict(conversion)
     log(f"converting ({', '.join(f'{k}={v}' for k, v in kwargs.items() if v is not None)})...")

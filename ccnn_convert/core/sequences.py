@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 Offset = tuple[int, int]
 SequenceKind = Literal["naive", "lattice", "random"]

@@ -49,11 +49,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_path
-from .errors import CCNNError
-from .evaluate import parse_modes as parse_eval_modes
-from .evaluate import resolve_device
-from .flops import count_flops
+from .._io import atomic_path
+from ..errors import CCNNError
+from ..evaluate import parse_modes as parse_eval_modes
+from ..evaluate import resolve_device
+from ..flops import count_flops
 
 CONVERTED_MODES = ("traditional", "checkered", "dilated")
 DEFAULT_MODES = ("original", "checkered", "dilated")
@@ -378,7 +378,7 @@ def variant_label(mode: str, keep_first: int) -> str:
 def build_variants(original: nn.Module, modes: Sequence[str], example: Tensor, *, keep_first: int = 0,
                    sweep: bool = False, sampler: str = "lattice", seed: int | None = 0) -> list[Variant]:
     """The original plus one converted model per mode (and, with ``sweep``, per keep_first = 1..steps)."""
-    from .rewrite import conversion_report, convert
+    from ..core import conversion_report, convert
 
     variants = [Variant("original", "original", 0, original)]
 
@@ -516,8 +516,8 @@ def top1_evaluator(data: str, preprocessing: Any, *, labels: str | None = None, 
     Uses :func:`ccnn_convert.evaluate.evaluate`: every image is decoded once and fed to every
     variant in turn.
     """
-    from .data_sources import DecodedImages, find_samples, stratified_indices
-    from .evaluate import evaluate
+    from ..data import DecodedImages, find_samples, stratified_indices
+    from ..evaluate import evaluate
 
     samples = find_samples(data, labels, imagenet_labels=num_classes == 1000)
     indices = stratified_indices(samples.targets, limit)
@@ -572,7 +572,7 @@ def run_bench(models: Sequence[str], *, modes: Sequence[str] | str | None = None
               eval_batch_size: int = 32, workers: int = 0, command: str | None = None,
               log: Callable[[str], None] | None = None) -> BenchReport:
     """Resolve every MODEL (:func:`ccnn_convert.models.resolve_model`) and :func:`bench_model` it."""
-    from .models import resolve_model
+    from ..models import resolve_model
 
     if not models:
         raise CCNNError("give at least one MODEL")

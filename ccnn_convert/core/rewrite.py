@@ -34,10 +34,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torchvision.models.feature_extraction import DualGraphModule
 
 from . import layers
-from .errors import ConversionError
+from ..errors import ConversionError, ParameterError
 from .sequences import SEQUENCES
 
-MODES = ("checkered", "dilated", "traditional")
+CONVERSION_MODES = ("checkered", "dilated", "traditional")
 ANALYSIS_BATCH = 2  # batch used for shape analysis: tells per-image tensors from others
 
 _CONV_FUNCS = {F.conv2d, torch.conv2d}
@@ -152,7 +152,7 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    _validate(mode, sampler, keep_first, density)
+    check_options(mode, sampler, keep_first, density, seed)
     model = _copy_structure(model)
     was_training = model.training
     graphs = {}
@@ -209,15 +209,27 @@ def conversion_report(model: nn.Module) -> ConversionReport:
 # --------------------------------------------------------------------------- validation, tracing
 
 
-def _validate(mode: str, sampler: str, keep_first: int, density: int | None) -> None:
-    if mode not in MODES:
-        raise ConversionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, density: int | None = None,
+                  seed: int | None = None) -> None:
+    """Validate :func:`convert`'s options; an option that would do nothing is an error, not ignored."""
+    if mode not in CONVERSION_MODES:
+        raise ParameterError("mode", f"unknown {{param}} {mode!r}; choose one of {', '.join(CONVERSION_MODES)}")
     if sampler not in SEQUENCES:
-        raise ConversionError(f"unknown sampler {sampler!r}; choose one of {', '.join(SEQUENCES)}")
-    if not isinstance(keep_first, int) or keep_first < 0:
-        raise ConversionError(f"keep_first must be a non-negative integer, got {keep_first!r}")
-    if density is not None and (not isinstance(density, int) or density < 1):
-        raise ConversionError(f"density must be a positive integer, got {density!r}")
+        raise ParameterError("sampler", f"unknown {{param}} {sampler!r}; choose one of {', '.join(SEQUENCES)}")
+    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+        raise ParameterError("keep_first", f"{{param}} must be a non-negative integer, got {keep_first!r}")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, int) or density < 1:
+            raise ParameterError("density", f"{{param}} must be a positive integer, got {density!r}")
+        if mode != "checkered":
+            raise ParameterError("density", f"{{param}} sets the samples per window of checkered mode "
+                                            f"(1 = traditional, k*k = dilated); it does nothing with mode {mode!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ParameterError("seed", f"{{param}} must be a non-negative integer, got {seed!r}")
+        if sampler != "random" or mode != "checkered":
+            raise ParameterError("seed", "{param} only seeds the random sampler of checkered mode "
+                                         f"(mode {mode!r}, sampler {sampler!r})")
 
 
 class _Tracer(fx.Tracer):

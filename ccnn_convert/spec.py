@@ -1,0 +1,134 @@
+"""One conversion spec, shared by every command, the artifact format and the ONNX metadata.
+
+A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
+model: mode, sampler, keep_first, density, seed and the leaf modules that make the model
+traceable. It is built from a command's options, from an artifact, or from both
+(:meth:`ConversionSpec.build`: explicit values win over the artifact's, which win over the
+defaults), is validated when made, and travels as plain data (:meth:`to_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .core import CONVERSION_MODES, check_options, convert
+from .errors import ParameterError
+
+__all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used", "check_modes"]
+
+ORIGINAL = "original"  # the model as it was resolved, not traced
+MODES = (ORIGINAL, *CONVERSION_MODES)  # what every command can run
+_CHECKERED_ONLY = ("sampler", "density", "seed")  # shape the checkered submaps only
+
+
+@dataclass(frozen=True)
+class ConversionSpec:
+    """The arguments of :func:`ccnn_convert.convert` (besides the model), validated."""
+
+    mode: str = "checkered"
+    sampler: str = "lattice"
+    keep_first: int = 0
+    density: int | None = None
+    seed: int | None = None
+    leaf_modules: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        leaves = self.leaf_modules
+        if isinstance(leaves, str) or not all(isinstance(name, str) and name for name in leaves):
+            raise ParameterError("leaf_modules", "{param} must be a list of module class or qualified names")
+        object.__setattr__(self, "leaf_modules", tuple(leaves))
+        check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed)
+
+    @classmethod
+    def build(cls, mode: str, base: "ConversionSpec | None" = None, *, sampler: str | None = None,
+              keep_first: int | None = None, density: int | None = None, seed: int | None = None,
+              leaf_modules: Iterable[str] | None = None) -> "ConversionSpec":
+        """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
+
+        ``base``'s sampler, density and seed count only when ``mode`` is ``base``'s own mode, and
+        the checkered-only options (sampler, density, seed) are dropped for the other modes, so
+        one set of options can serve several modes (see :func:`check_checkered_options_used`).
+        ``base``'s leaf modules always carry over: they describe the model, not the mode.
+        """
+        values: dict[str, Any] = {}
+        if base is not None:
+            values["keep_first"] = base.keep_first
+            if base.mode == mode:
+                values.update(sampler=base.sampler, density=base.density, seed=base.seed)
+        given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed)
+        values.update({k: v for k, v in given.items() if v is not None})
+        if mode != "checkered":
+            values = {k: v for k, v in values.items() if k not in _CHECKERED_ONLY}
+        leaves = list(base.leaf_modules) if base is not None else []
+        leaves += [name for name in (leaf_modules or ()) if name not in leaves]
+        return cls(mode=mode, leaf_modules=tuple(leaves), **values)
+
+    def convert_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`ccnn_convert.convert`."""
+        return {**asdict(self), "leaf_modules": list(self.leaf_modules)}
+
+    def apply(self, model: nn.Module, input_size: int | Sequence[int] = 224) -> nn.Module:
+        """Convert ``model`` (shape analysis at ``input_size``); the result is in eval mode."""
+        height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+        example = torch.zeros(1, 3, height, width)
+        return convert(model, example_input=example, **self.convert_kwargs()).eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/int/None/list) for artifacts, JSON and ONNX metadata."""
+        return self.convert_kwargs()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConversionSpec":
+        """The inverse of :meth:`to_dict`; unknown keys or bad values raise ParameterError."""
+        if not isinstance(data, Mapping):
+            raise ParameterError("conversion", f"{{param}} must be a mapping, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ParameterError("conversion", f"{{param}} has unknown key(s) {', '.join(unknown)}")
+        values = dict(data)
+        if "leaf_modules" in values:
+            leaves = values["leaf_modules"]
+            if not isinstance(leaves, (list, tuple)):
+                raise ParameterError("conversion", "{param}: leaf_modules must be a list of names")
+            values["leaf_modules"] = tuple(leaves)
+        return cls(**values)
+
+    def describe(self) -> str:
+        """``sampler=lattice, keep_first=0``: the options that matter for this mode."""
+        shown = asdict(self)
+        shown.pop("mode")
+        if self.mode != "checkered":
+            for key in _CHECKERED_ONLY:
+                shown.pop(key)
+        parts = [f"{k}={v}" for k, v in shown.items() if v not in (None, ())]
+        if self.leaf_modules:
+            parts[-1] = f"leaf_modules={','.join(self.leaf_modules)}"
+        return ", ".join(parts)
+
+
+def check_checkered_options_used(modes: Sequence[str], **given: Any) -> None:
+    """Refuse sampler/density/seed when no requested mode is checkered (they would do nothing)."""
+    if "checkered" in modes:
+        return
+    for name in _CHECKERED_ONLY:
+        if given.get(name) is not None:
+            raise ParameterError(name, f"{{param}} only shapes checkered submaps; no checkered mode among "
+                                       f"{', '.join(modes)}")
+
+
+def check_modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> list[str]:
+    """Validated, lower-cased, de-duplicated modes in the given order."""
+    checked: list[str] = []
+    for mode in (str(m).strip().lower() for m in modes):
+        if mode not in allowed:
+            raise ParameterError("modes", f"unknown mode {mode!r} in {{param}}; choose from {', '.join(allowed)}")
+        if mode not in checked:
+            checked.append(mode)
+    if not checked:
+        raise ParameterError("modes", "{param} is empty")
+    return checked
