@@ -18,8 +18,10 @@ import sys
 import warnings
 from typing import Callable, Mapping, TypeVar
 
-import click
+import inspect
+
 import typer
+from typer.models import ArgumentInfo, OptionInfo
 from rich.console import Console
 from rich.text import Text
 
@@ -100,17 +102,19 @@ def parse_floats(text: str | None, flag: str, count: int = 3) -> tuple[float, ..
 # --------------------------------------------------------------------------- errors
 
 
-def flag_for(parameter: str, aliases: Mapping[str, str] | None = None) -> str:
-    """The current command's flag for a library parameter (``keep_first`` -> ``--keep-first``)."""
+def flag_for(parameter: str, command: Callable | None = None, aliases: Mapping[str, str] | None = None) -> str:
+    """The command's flag for a library parameter (``keep_first`` -> ``--keep-first``): an alias,
+    else the longest flag the command declares for a parameter of that name, else a guess."""
     if aliases and parameter in aliases:
         return aliases[parameter]
-    context = click.get_current_context(silent=True)
-    if context is not None:
-        for param in context.command.params:
-            if param.name == parameter and isinstance(param, click.Option):
-                return max(param.opts, key=len)
-            if param.name == parameter and isinstance(param, click.Argument):
-                return parameter.upper()
+    declared = inspect.signature(command).parameters.get(parameter) if command is not None else None
+    info = getattr(declared, "default", None)
+    if isinstance(info, OptionInfo):
+        flags = [d for d in info.param_decls if d.startswith("--")]
+        if flags:
+            return max(flags, key=len).split("/")[0]
+    if isinstance(info, ArgumentInfo):
+        return parameter.upper()
     return "--" + parameter.replace("_", "-")
 
 
@@ -127,7 +131,7 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
             try:
                 return command(*args, **kwargs)
             except ParameterError as exc:
-                raise fail(exc.render(flag_for(exc.parameter, flags))) from None
+                raise fail(exc.render(flag_for(exc.parameter, command, flags))) from None
             except CCNNError as exc:
                 raise fail(str(exc)) from None
             except FileNotFoundError as exc:
