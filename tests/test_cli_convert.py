@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torchvision
 from typer.testing import CliRunner
 
 from ccnn_convert import convert
+from ccnn_convert.cli._common import setup_logging
 from ccnn_convert.cli.convert import app
 from ccnn_convert.models import load_artifact
 
@@ -29,7 +32,7 @@ def test_convert_prints_layers_and_saves_a_reloadable_artifact(tmp_path):
     raw = torch.load(out, weights_only=True)
     assert raw["conversion"]["keep_first"] == 1
     resolved = load_artifact(out)
-    rebuilt = convert(resolved.model, example_input=torch.zeros(1, 3, 64, 64), **resolved.conversion)
+    rebuilt = convert(resolved.model, example_input=torch.zeros(1, 3, 64, 64), **resolved.conversion.convert_kwargs())
     reference = torchvision.models.resnet18()
     reference.load_state_dict(raw["state_dict"])
     expected = convert(reference.eval(), mode="checkered", keep_first=1, example_input=torch.zeros(1, 3, 64, 64))
@@ -53,8 +56,8 @@ def test_unknown_model_suggests_names(tmp_path):
 
 
 def test_bad_mode_sampler_density():
-    _assert_one_line_error(_run("resnet18", "--weights", "none", "--mode", "sparse"), "unknown mode")
-    _assert_one_line_error(_run("resnet18", "--weights", "none", "--sampler", "sobol"), "unknown sampler")
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--mode", "sparse"), "unknown --mode 'sparse'")
+    _assert_one_line_error(_run("resnet18", "--weights", "none", "--sampler", "sobol"), "unknown --sampler 'sobol'")
     _assert_one_line_error(_run("resnet18", "--weights", "none", "--density", "9"), "density 9")
 
 
@@ -95,6 +98,49 @@ def test_untraceable_factory_suggests_a_leaf(tmp_path):
         "    return Net()\n")
     result = _run(f"{source}:build", "--input-size", "16")
     _assert_one_line_error(result, "--leaf Gate")
-    fixed = _run(f"{source}:build", "--input-size", "16", "--leaf", "Gate")
+    out = tmp_path / "gated.pt"
+    fixed = _run(f"{source}:build", "--input-size", "16", "--leaf", "Gate", "-o", str(out))
     assert fixed.exit_code == 0, fixed.output
     assert "converted" in fixed.output
+    # The artifact keeps the leaf list, so reloading and converting again needs no --leaf.
+    assert torch.load(out, weights_only=True)["conversion"]["leaf_modules"] == ["Gate"]
+    loaded = load_artifact(out, trust_factory=True)
+    assert loaded.conversion.leaf_modules == ("Gate",)
+    again = _run(str(out), "--trust-factory", "--input-size", "16")
+    assert again.exit_code == 0, again.output
+    assert "converted" in again.output
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path):
+    out = tmp_path / "x.pt"
+    density = _run("resnet18", "--weights", "none", "--mode", "traditional", "--density", "2", "-o", str(out))
+    _assert_one_line_error(density, "--density")
+    assert "traditional" in density.output
+    seed = _run("resnet18", "--weights", "none", "--sampler", "lattice", "--seed", "3", "-o", str(out))
+    _assert_one_line_error(seed, "--seed only seeds the random sampler")
+    sampler = _run("resnet18", "--weights", "none", "--mode", "dilated", "--sampler", "naive")
+    _assert_one_line_error(sampler, "--sampler")
+    assert not out.exists()
+
+
+def test_output_naming_a_directory_says_so(tmp_path):
+    result = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(tmp_path))
+    _assert_one_line_error(result, "is a directory")
+    assert "--force" not in result.output
+    forced = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(tmp_path), "--force")
+    _assert_one_line_error(forced, "is a directory")
+
+
+def test_options_that_do_nothing_here_warn_once(monkeypatch):
+    logger = logging.getLogger("ccnn_convert")
+    for name in ("handlers", "propagate", "level"):  # restored afterwards for the other tests
+        monkeypatch.setattr(logger, name, getattr(logger, name))
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    setup_logging()  # what run_app installs: the engine's warnings become `warning:` lines
+    result = _run("resnet18", "--weights", "none", "--input-size", "32", "--keep-first", "9", "--leaf", "Nope")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, result.output
+    assert "warning: leaf module 'Nope' matches nothing in the model" in warnings
+    keep = [line for line in warnings if "keep_first" in line.lower() or "keep-first" in line.lower()]
+    assert len(keep) == 1 and "9" in keep[0], warnings

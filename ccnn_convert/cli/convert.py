@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -9,10 +10,11 @@ import torch
 import typer
 from rich.table import Table
 
-from .._io import check_writable
+from ..core import ConversionReport, conversion_report
 from ..flops import count_flops
 from ..models import resolve_model, save_artifact
-from ..core import ConversionReport, conversion_report, convert
+from ..outputs import check_output
+from ..spec import ConversionSpec, check_checkered_options_used
 from ._common import console, err_console, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -20,36 +22,45 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 
 @app.command()
-@user_errors
+@user_errors(flags={"leaf_modules": "--leaf"})
 def main_command(
     model: str = typer.Argument("efficientnet_lite0", help="torchvision/timm name, efficientnet_lite0..2, "
                                 "file.py:factory, module:factory, checkpoint (with --arch) or ccnn-convert artifact."),
     mode: str = typer.Option("checkered", help="checkered | dilated | traditional."),
-    sampler: str = typer.Option("lattice", help="Sampler sequence over submaps: naive | lattice | random."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler sequence over submaps (checkered mode): "
+                                          "naive | lattice | random. [default: lattice]"),
     keep_first: int = typer.Option(0, "--keep-first", help="Keep the first N subsampling steps traditional."),
-    density: Optional[int] = typer.Option(None, help="Samples per window (1 = traditional, k*k = dilated)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the random sampler."),
+    density: Optional[int] = typer.Option(None, help="Samples per window of checkered mode (1 = traditional, k*k = dilated)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the random sampler (checkered mode)."),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
     input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
     leaf: list[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to save the artifact (.pt)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    trust_factory: bool = typer.Option(False, "--trust-factory",
+                                       help="Let an artifact built by a factory run that factory's code again."),
 ) -> None:
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
+    # Validated before any slow work: an option that would do nothing is an error, not ignored.
+    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed)
+    spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
+                                leaf_modules=leaf)
     if output is not None:
-        check_writable(output, force=force)  # before any slow work
-    resolved = resolve_model(model, weights=weights, arch=arch)
-    if resolved.conversion:
+        check_output(output, force=force)
+    resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)
+    if resolved.conversion is not None:
         err_console.print(f"note: {model} is already a ccnn-convert artifact; converting its original model again")
-    settings = dict(mode=mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed)
+        # The artifact's leaf modules describe the model, so they still apply; its options do not.
+        leaves = [*resolved.conversion.leaf_modules, *(n for n in leaf if n not in resolved.conversion.leaf_modules)]
+        spec = dataclasses.replace(spec, leaf_modules=tuple(leaves))
     example = torch.zeros(1, 3, input_size, input_size)
-    converted = convert(resolved.model, example_input=example, leaf_modules=leaf, **settings)
+    converted = spec.apply(resolved.model, input_size)
     report = conversion_report(converted)
     console.print(layer_table(report, resolved.name))
     print_summary(report, resolved.model, converted, example)
     if output is not None:
-        save_artifact(output, resolved, settings)
+        save_artifact(output, resolved, spec, force=force)
         console.print(f"saved [bold]{output}[/] (reload with ccnn-eval/ccnn-export, or ccnn_convert.models.load_artifact)")
 
 
@@ -80,8 +91,8 @@ def print_summary(report: ConversionReport, original: torch.nn.Module, converted
         *inner, last = report.averaged_at
         pools = f" (and {len(inner)} pools inside the network over all submaps)" if inner else ""
         console.print(f"submaps averaged at: {last}{pools}")
-    for warning in report.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+    # report.warnings (keep_first beyond the steps, a leaf matching nothing) were logged by the
+    # engine when found; the handler of run_app prints each once as a `warning:` line.
 
 
 def _same_parameters(original: torch.nn.Module, converted: torch.nn.Module) -> bool:

@@ -1,5 +1,31 @@
-"""Resolve MODEL: names, checkpoints, factories and artifacts become a pretrained nn.Module."""
+"""Resolve MODEL: names, checkpoints, factories and artifacts become a pretrained nn.Module.
 
-from .resolve import *  # noqa: F401,F403
-from .resolve import IMAGENET_MEAN, IMAGENET_STD, count_classes  # noqa: F401
-from .resolve import __all__  # noqa: F401
+* :mod:`.resolve`: the dispatch (:func:`resolve_model`), :func:`load_artifact`;
+* :mod:`.record`: :class:`ResolvedModel`, what every form resolves to;
+* :mod:`.preprocessing`: :class:`Preprocessing` and THE default, :func:`imagenet_preprocessing`;
+* :mod:`.checkpoints`: safe ``torch.load`` and state_dict loading;
+* :mod:`.artifact`: the artifact format (plain data), :func:`save_artifact`;
+* :mod:`.libraries`: torchvision, EfficientNet-Lite and timm, through their registries;
+* :mod:`.factory`: user code (``file.py:make``, ``module:make``).
+"""
+
+from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, save_artifact
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, imagenet_preprocessing
+from .record import ResolvedModel, count_classes
+from .resolve import build_from_spec, list_model_names, load_artifact, resolve_model
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "ResolvedModel",
+    "build_from_spec",
+    "count_classes",
+    "imagenet_preprocessing",
+    "list_model_names",
+    "load_artifact",
+    "resolve_model",
+    "save_artifact",
+]
