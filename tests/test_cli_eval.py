@@ -3,7 +3,6 @@ registry are present) a real pretrained model on the shared ImageNet sample."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from typer.testing import CliRunner
 
 from ccnn_convert import evaluate as ev
 from ccnn_convert.cli.eval import app
+from ccnn_convert.models import Preprocessing, ResolvedModel
+from ccnn_convert.spec import ConversionSpec
 from shared_data import SAMPLE_VAL
 
 WNID = {0: "n01440764", 1: "n01443537", 2: "n01484850", 3: "n01491361", 4: "n01494475", 5: "n01496331"}
@@ -26,23 +27,9 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------ fakes
 
 
-@dataclasses.dataclass(frozen=True)
-class FakePreprocessing:
-    resize: int = 20
-    crop: int = 16
-    mean: tuple = (0.0, 0.0, 0.0)
-    std: tuple = (1.0, 1.0, 1.0)
-    interpolation: str = "bilinear"
-
-    def transform(self):
-        return T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop), T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
-
-    def with_overrides(self, **overrides):
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
+def small_preprocessing() -> Preprocessing:
+    """20 px shorter side, 16 px crop, no normalisation: pixel values stay in [0, 1]."""
+    return Preprocessing(resize=20, crop=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 class RedLevelClassifier(nn.Module):
@@ -63,21 +50,23 @@ class RedLevelClassifier(nn.Module):
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    """Replace model loading and conversion: MODEL 'red' is a RedLevelClassifier; every converted
-    mode predicts one class higher. Records the convert() keyword arguments."""
-    calls = {"convert": [], "conversion": None}
+    """Replace model resolution and the conversion step: MODEL 'red' resolves to a
+    RedLevelClassifier; every converted mode predicts one class higher. Records each
+    ConversionSpec applied, with the input size, and each resolve_model call."""
+    calls = {"convert": [], "conversion": None, "resolve": []}
 
-    def load(config):
-        pre = FakePreprocessing().with_overrides(**config.preprocessing)
-        return ev.LoadedClassifier(model=RedLevelClassifier(), name="red", preprocessing=pre,
-                                   conversion=calls["conversion"])
+    def resolve(model, weights="DEFAULT", arch=None, preprocessing=None, *, trust_factory=False):
+        calls["resolve"].append({"model": model, "trust_factory": trust_factory})
+        pre = small_preprocessing().with_overrides(**(preprocessing or {}))
+        return ResolvedModel(model=RedLevelClassifier(), name="red", preprocessing=pre, spec={},
+                             weights=weights, conversion=calls["conversion"], num_classes=1000)
 
-    def convert(model, **kwargs):
-        calls["convert"].append(kwargs)
+    def apply(spec, model, input_size=224):
+        calls["convert"].append((spec, input_size))
         return RedLevelClassifier(shift=1)
 
-    monkeypatch.setattr(ev, "load_classifier", load)
-    monkeypatch.setattr(ev, "convert_model", convert)
+    monkeypatch.setattr(ev, "resolve_model", resolve)
+    monkeypatch.setattr(ConversionSpec, "apply", apply)
     return calls
 
 
@@ -127,8 +116,8 @@ def test_table_and_json_for_two_modes(tmp_path, fake_model):
     assert report["model"] == "red"
     assert report["settings"]["modes"] == ["original", "checkered"]
     assert report["data"]["layout"] == "imagefolder"
-    assert fake_model["convert"][0]["mode"] == "checkered"
-    assert fake_model["convert"][0]["sampler"] == "lattice" and fake_model["convert"][0]["keep_first"] == 0
+    assert fake_model["convert"] == [(ConversionSpec("checkered", sampler="lattice", keep_first=0), 16)]
+    assert rows["checkered"]["conversion"] == ConversionSpec("checkered").to_dict()
     assert list(tmp_path.glob(".results.json*")) == []  # no temporary left behind
 
 
@@ -136,27 +125,39 @@ def test_flags_reach_the_conversion_and_preprocessing(tmp_path, fake_model):
     data = make_folder(tmp_path / "val", [(0, 0), (1, 1)])
     out = tmp_path / "r.json"
     result = invoke("red", "--data", data, "--workers", "0", "--modes", "dilated,checkered",
-                    "--sampler", "naive", "--keep-first", "2", "--density", "3", "--seed", "5",
+                    "--sampler", "random", "--keep-first", "2", "--density", "3", "--seed", "5",
+                    "--leaf", "Gate", "--leaf", "body.block", "--trust-factory",
                     "--resize", "22", "--crop", "18", "--mean", "0.1,0.2,0.3", "--json", out)
     assert result.exit_code == 0, result.output
-    by_mode = {c["mode"]: c for c in fake_model["convert"]}
-    assert by_mode["checkered"] == {"mode": "checkered", "sampler": "naive", "keep_first": 2, "density": 3,
-                                    "seed": 5, "example_input": by_mode["checkered"]["example_input"]}
-    assert by_mode["dilated"]["keep_first"] == 2 and "sampler" not in by_mode["dilated"]
-    assert tuple(by_mode["dilated"]["example_input"].shape) == (1, 3, 18, 18)
-    settings = json.loads(out.read_text())["settings"]
+    by_mode = {spec.mode: (spec, size) for spec, size in fake_model["convert"]}
+    leaves = ("Gate", "body.block")
+    assert by_mode["checkered"] == (ConversionSpec("checkered", sampler="random", keep_first=2, density=3,
+                                                   seed=5, leaf_modules=leaves), 18)
+    assert by_mode["dilated"] == (ConversionSpec("dilated", keep_first=2, leaf_modules=leaves), 18)
+    assert fake_model["resolve"] == [{"model": "red", "trust_factory": True}]
+    report = json.loads(out.read_text())
+    settings = report["settings"]
     assert settings["preprocessing"]["resize"] == 22 and settings["preprocessing"]["mean"] == [0.1, 0.2, 0.3]
-    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["dilated", "checkered"]  # the order asked for
+    assert settings["leaf_modules"] == list(leaves)
+    assert [r["mode"] for r in report["results"]] == ["dilated", "checkered"]  # the order asked for
+
+
+def test_artifact_leaf_modules_carry_over_and_add_to_the_flags(tmp_path, fake_model):
+    fake_model["conversion"] = ConversionSpec("checkered", leaf_modules=("Gate",))
+    data = make_folder(tmp_path / "val", [(0, 0)])
+    result = invoke("red", "--data", data, "--workers", "0", "--leaf", "Other")
+    assert result.exit_code == 0, result.output
+    assert [spec.leaf_modules for spec, _ in fake_model["convert"]] == [("Gate", "Other")]
 
 
 def test_artifact_defaults_to_original_and_its_own_conversion(tmp_path, fake_model):
-    fake_model["conversion"] = {"mode": "dilated", "sampler": "naive", "keep_first": 3}
+    fake_model["conversion"] = ConversionSpec("dilated", sampler="naive", keep_first=3)
     data = make_folder(tmp_path / "val", [(0, 0)])
     result = invoke("red", "--data", data, "--workers", "0")
     assert result.exit_code == 0, result.output
-    assert fake_model["convert"][0]["mode"] == "dilated" and fake_model["convert"][0]["keep_first"] == 3
+    assert fake_model["convert"][0][0] == ConversionSpec("dilated", keep_first=3)
     result = invoke("red", "--data", data, "--workers", "0", "--keep-first", "1")
-    assert fake_model["convert"][1]["keep_first"] == 1  # an explicit flag wins
+    assert fake_model["convert"][1][0].keep_first == 1  # an explicit flag wins
 
 
 def test_limit_is_stratified_and_stated(tmp_path, fake_model):
@@ -254,6 +255,63 @@ def test_option_errors_are_one_line(tmp_path, fake_model, args, message):
     assert_one_line_error(invoke("red", "--data", data, "--workers", "0", *args), message)
 
 
+@pytest.mark.parametrize("args, message", [
+    # options that would change nothing are refused, naming the flag
+    (["--seed", "3"], "--seed would do nothing"),  # lattice sampler, no --consistency
+    (["--modes", "original,dilated", "--density", "3"], "--density only shapes checkered submaps"),
+    (["--modes", "original,dilated", "--sampler", "random"], "--sampler only shapes checkered submaps"),
+    (["--modes", "original", "--seed", "3"], "--seed only shapes checkered submaps"),
+    (["--modes", "original", "--keep-first", "1"], "--keep-first only shapes conversions"),
+    (["--modes", "original", "--leaf", "Gate"], "--leaf only shapes conversions"),
+])
+def test_options_that_would_do_nothing_are_one_line_errors(tmp_path, fake_model, args, message):
+    data = make_folder(tmp_path / "val", [(0, 0)])
+    assert_one_line_error(invoke("red", "--data", data, "--workers", "0", *args), message)
+    assert fake_model["convert"] == []
+
+
+def test_seed_with_consistency_only_places_the_crops(tmp_path, fake_model):
+    data = make_folder(tmp_path / "val", [(0, 0), (1, 1)])
+    out = tmp_path / "r.json"
+    result = invoke("red", "--data", data, "--workers", "0", "--seed", "7", "--consistency", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert [spec for spec, _ in fake_model["convert"]] == [ConversionSpec("checkered")]  # no seed: lattice
+    assert json.loads(out.read_text())["settings"]["consistency_protocol"]["seed"] == 7
+
+
+def test_json_is_not_overwritten_without_force(tmp_path, fake_model):
+    data = make_folder(tmp_path / "val", [(0, 0)])
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    result = invoke("red", "--data", data, "--workers", "0", "--json", out)
+    assert_one_line_error(result, "already exists (set --force to overwrite it)")
+    assert out.read_text() == "keep me" and fake_model["resolve"] == []  # refused before the run
+    result = invoke("red", "--data", data, "--workers", "0", "--json", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["model"] == "red"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "val"]  # no temporary left
+
+
+def test_json_naming_a_directory_says_so(tmp_path, fake_model):
+    data = make_folder(tmp_path / "val", [(0, 0)])
+    (tmp_path / "out").mkdir()
+    for extra in ([], ["--force"]):
+        result = invoke("red", "--data", data, "--workers", "0", "--json", tmp_path / "out", *extra)
+        assert_one_line_error(result, f"cannot write {tmp_path / 'out'}: it is a directory")
+    assert fake_model["resolve"] == []
+
+
+def test_notes_are_logged_one_line_each(tmp_path, fake_model):
+    from ccnn_convert.cli._common import setup_logging
+
+    setup_logging()  # what run_app does; CliRunner does not go through run_app
+    data = make_folder(tmp_path / "val", [(0, 0)])
+    result = invoke("red", "--data", data, "--workers", "0", "--keep-first", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "converting to checkered (sampler=lattice, keep_first=2)" in result.stderr
+    assert "red: modes original, checkered on cpu; all 1 images" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_but_absent(tmp_path, fake_model):
     data = make_folder(tmp_path / "val", [(0, 0)])
@@ -262,10 +320,10 @@ def test_cuda_requested_but_absent(tmp_path, fake_model):
 
 
 def test_onnx_without_the_export_module(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ccnn_convert.export", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "ccnn_convert.export.sessions", None)  # as if it could not be imported
     data = make_folder(tmp_path / "val", [(0, 0)])
     result = invoke(tmp_path / "model.onnx", "--data", data, "--device", "cpu")
-    assert_one_line_error(result, "ONNX evaluation needs ccnn_convert.export")
+    assert_one_line_error(result, "ONNX evaluation needs ONNX Runtime")
 
 
 def test_onnx_goes_through_the_export_hook(tmp_path, monkeypatch):
@@ -273,9 +331,9 @@ def test_onnx_goes_through_the_export_hook(tmp_path, monkeypatch):
         @staticmethod
         def load_onnx_classifier(path):
             model = RedLevelClassifier()
-            return (lambda batch: model(batch).numpy()), FakePreprocessing(), f"onnx:{Path(path).name}"
+            return (lambda batch: model(batch).numpy()), small_preprocessing(), f"onnx:{Path(path).name}"
 
-    monkeypatch.setitem(sys.modules, "ccnn_convert.export", FakeExport)
+    monkeypatch.setitem(sys.modules, "ccnn_convert.export.sessions", FakeExport)
     data = make_folder(tmp_path / "val", [(0, 0), (1, 1)])
     out = tmp_path / "r.json"
     result = invoke(tmp_path / "m.onnx", "--data", data, "--device", "cpu", "--workers", "0", "--json", out)

@@ -18,12 +18,21 @@ from torch import nn
 
 from ccnn_convert.data import (DecodedImages, find_samples, imagenet_classes, map_wnid_folders,
                                        read_labels_file, shard_indices, stratified_indices)
-from ccnn_convert.errors import DataError
-from ccnn_convert.evaluate import (crops_at, evaluate, parse_modes, shift_offsets, top1_agreement,
-                                   topk_correct)
-from shared_data import SAMPLE_VAL
+from ccnn_convert.errors import DataError, ParameterError
+from ccnn_convert.evaluate import (DEFAULT_MODES, crops_at, evaluate, evaluate_model, shift_offsets,
+                                   top1_agreement, topk_correct)
+from ccnn_convert.models import Preprocessing, ResolvedModel
+from ccnn_convert.spec import check_modes
+from shared_data import BUNDLED_VAL, SAMPLE_VAL
 
 SAMPLE_CLASSES = SAMPLE_VAL.parent / "classes.tsv"
+needs_shared_sample = pytest.mark.skipif(
+    not SAMPLE_CLASSES.is_file(), reason=f"optional: the shared ImageNet sample is not at {SAMPLE_VAL.parent}")
+
+# The bundled images (tests/data/imagenet-mini): folder wnid -> standard index, copied by hand
+# from the published ImageNet-1k class list.
+BUNDLED_TARGETS = {"n01440764": 0, "n01985128": 124, "n02109961": 248, "n02489166": 376,
+                   "n03042490": 500, "n03661043": 624, "n04026417": 748, "n13052670": 996}
 
 # Standard indices of a few classes, copied from the published ImageNet-1k class list.
 WNID = {0: "n01440764", 1: "n01443537", 2: "n01484850", 3: "n01491361", 4: "n01494475",
@@ -105,22 +114,39 @@ def test_top1_agreement_counts_equal_argmax():
     assert top1_agreement(a, b) == 1
 
 
-def test_parse_modes_validates_and_dedups():
-    assert parse_modes("original, dilated,original") == ["original", "dilated"]
-    assert parse_modes(None) == ["original", "checkered"]
-    with pytest.raises(Exception, match="unknown mode 'dense'"):
-        parse_modes("original,dense")
+def test_modes_are_validated_and_deduplicated():
+    assert check_modes(["original", " dilated", "original"]) == ["original", "dilated"]
+    assert DEFAULT_MODES == ("original", "checkered")
+    with pytest.raises(ParameterError, match="unknown mode 'dense'"):
+        check_modes(["original", "dense"])
 
 
 # ------------------------------------------------------------------------------ labels
 
 
-def test_class_table_is_standard_order_and_matches_the_shared_copy():
+def test_class_table_is_standard_order():
     table = imagenet_classes()
     assert len(table) == 1000
+    assert [c.index for c in table] == list(range(1000))
     assert [c.wnid for c in table] == sorted(c.wnid for c in table)
     for index, wnid in WNID.items():
         assert table[index].wnid == wnid
+    assert (table[0].name, table[207].name, table[999].name) == ("tench", "golden retriever", "toilet tissue")
+
+
+def test_class_table_names_match_torchvision_in_order():
+    # torchvision ships the ImageNet class names (no download); it renamed two duplicate names.
+    import torchvision
+
+    names = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    renamed = {134: ("crane", "crane bird"), 639: ("maillot", "maillot tank suit")}
+    ours = [c.name for c in imagenet_classes()]
+    assert {i: (a, b) for i, (a, b) in enumerate(zip(ours, names)) if a != b} == renamed
+
+
+@needs_shared_sample
+def test_class_table_matches_the_shared_copy():
+    table = imagenet_classes()
     shared = [line.split("\t")[:2] for line in SAMPLE_CLASSES.read_text().splitlines() if line.strip()]
     assert [(int(i), w) for i, w in shared] == [(c.index, c.wnid) for c in table]
 
@@ -134,6 +160,17 @@ def test_partial_class_folders_map_to_standard_indices(tmp_path):
     assert map_wnid_folders([WNID[1], WNID[0]]) == {WNID[1]: 1, WNID[0]: 0}
 
 
+def test_bundled_sample_targets_are_the_folder_wnids_standard_index():
+    samples = find_samples(BUNDLED_VAL)
+    assert samples.layout == "imagefolder" and len(samples.items) == len(BUNDLED_TARGETS) == 8
+    assert {Path(p).parent.name: t for p, t in samples.items} == BUNDLED_TARGETS
+    dataset = DecodedImages(samples.items, TRANSFORM)
+    decoded = [dataset[i] for i in range(len(dataset))]
+    assert all(item.image.shape == (3, 16, 16) for item in decoded)  # every bundled JPEG decodes
+    assert [item.target for item in decoded] == sorted(BUNDLED_TARGETS.values())
+
+
+@needs_shared_sample
 def test_shared_sample_targets_are_the_folder_wnids_standard_index():
     samples = find_samples(SAMPLE_VAL)
     standard = {w: int(i) for i, w, *_ in (l.split("\t") for l in SAMPLE_CLASSES.read_text().splitlines())}
@@ -184,7 +221,7 @@ def test_labels_file_inside_the_flat_folder_is_not_an_image(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "data folder not found"),
     (lambda d: d.mkdir(), "data folder is empty"),
-    (lambda d: save_red(d / "a.png", 1), "flat folder of files: pass --labels"),
+    (lambda d: save_red(d / "a.png", 1), "flat folder of files: pass labels"),
     (lambda d: save_red(d / "not_a_wnid" / "a.png", 1), "class folders that are not ImageNet wnids: not_a_wnid"),
     (lambda d: (d / WNID[0]).mkdir(parents=True), "no files in the class folders"),
 ])
@@ -399,3 +436,41 @@ def test_forward_batch_splits_passes_and_changes_no_count(tmp_path):
     ra, rb = a.result("original"), b.result("original")
     counts = [(r.images, r.top1_correct, r.top5_correct) for r in (ra, rb)]
     assert counts == [(10, 10, 10), (10, 10, 10)]
+
+
+# ------------------------------------------------------------------------------ the Python API
+
+
+def _resolved_red() -> ResolvedModel:
+    pre = Preprocessing(resize=16, crop=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return ResolvedModel(model=RedLevelClassifier(), name="red", preprocessing=pre, spec={},
+                         weights="DEFAULT", conversion=None, num_classes=1000)
+
+
+def test_evaluate_model_takes_a_resolved_model_and_typed_options(tmp_path):
+    red_folder(tmp_path, [(0, 0), (1, 1), (2, 2), (3, 4)])  # the last one is predicted as class 4
+    report = evaluate_model(_resolved_red(), tmp_path, modes=["original"], device="cpu", workers=0,
+                            batch_size=3, limit=3)
+    result = report.result("original")
+    # limit 3 over 4 classes of one image: the centres of 3 slices of the class list: classes 0, 2, 3.
+    assert (report.images, result.top1_correct, result.top5_correct) == (3, 2, 3)
+    assert report.data["selection"] == "3 of 4 images, stratified round-robin over classes " \
+                                       "(3 classes, spread over the class list)"
+    assert report.settings["modes"] == ["original"] and report.model == "red"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch_size must be positive, got 0"),
+    ({"limit": -1}, "limit must be a positive number of images"),
+    ({"modes": ["original", "dense"]}, "unknown mode 'dense' in modes"),
+    ({"modes": ["original"], "leaf_modules": ["Gate"]}, "leaf_modules only shapes conversions"),
+    ({"seed": 1}, "seed would do nothing"),
+    ({"amp": True}, "amp needs a CUDA device"),
+    ({"preprocessing": {"size": 3}}, "unknown key(s) in preprocessing: size"),
+])
+def test_evaluate_model_errors_name_python_parameters(tmp_path, options, message):
+    red_folder(tmp_path, [(0, 0)])
+    with pytest.raises(ParameterError) as info:
+        evaluate_model(_resolved_red(), tmp_path, device="cpu", workers=0, **options)
+    assert str(info.value).startswith(message.split(" ")[0]) and message in str(info.value)
+    assert "--" not in str(info.value)

@@ -5,7 +5,7 @@ A thin typer front end over :func:`ccnn_convert.evaluate.evaluate_model`; all lo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich import box
@@ -14,9 +14,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from .._io import check_writable
-from ..evaluate import EvalConfig, EvalReport, evaluate_model, parse_floats, write_json
-from ._common import console, err_console, run_app, user_errors
+from .._helpers import format_bytes, format_flops
+from ..evaluate import EvalReport, evaluate_model, write_json
+from ..outputs import check_output
+from ._common import console, err_console, parse_floats, parse_list, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -33,18 +34,6 @@ def _pct(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
-
-
-def _bytes(value: int | None) -> str:
-    if not value:
-        return "-"
-    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
-
-
-def _flops(value: int | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1e9:.2f}G" if value >= 1e9 else f"{value / 1e6:.1f}M"
 
 
 def results_table(report: EvalReport) -> Table:
@@ -68,8 +57,8 @@ def results_table(report: EvalReport) -> Table:
         row += [
             "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
             "-" if ms is None else (f"{ms:.1f}" if ms < 10 else f"{ms:.0f}"),
-            _bytes(r.peak_memory_bytes),
-            _flops(r.flops),
+            format_bytes(r.peak_memory_bytes),
+            format_flops(r.flops),
         ]
         table.add_row(*row)
     return table
@@ -77,7 +66,11 @@ def results_table(report: EvalReport) -> Table:
 
 def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     s = report.settings
-    notes = [f"data: {report.data.get('selection')} ({report.data.get('layout')})"]
+    limit = report.data.get("limit")
+    selection = report.data.get("selection")
+    if limit is not None and report.data.get("files_selected") != report.data.get("files_found"):
+        selection = f"--limit {limit}: {selection}"
+    notes = [f"data: {selection} ({report.data.get('layout')})"]
     if report.memory_kind == "process_rss_high_water":
         largest = ", largest rank" if report.world_size > 1 else ""
         notes.append(f"peak memory: process RSS high-water mark (per process{largest}; all modes together, not per mode)")
@@ -106,7 +99,7 @@ def _preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
 
 
 @app.command()
-@user_errors
+@user_errors(flags={"leaf_modules": "--leaf"})
 def eval_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or an .onnx file."),
     data: str = typer.Option(..., "--data", help="Images: <wnid>/<image> folders, or a flat folder with --labels."),
@@ -116,8 +109,10 @@ def eval_command(
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted (default: 0, or the artifact's)."),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler and the shift-consistency crops."),
+    leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Allow an artifact to re-run the model factory it names (runs that code)."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Override: shorter side resized to this."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Override: centre crop size."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Override: normalisation mean, e.g. 0.485,0.456,0.406."),
@@ -131,27 +126,28 @@ def eval_command(
     amp: bool = typer.Option(False, "--amp", help="float16 autocast (CUDA only)."),
     consistency: bool = typer.Option(False, "--consistency", help="Also measure shift consistency (Zhang 2019)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON to this path (atomically)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
 ) -> None:
     """Evaluate MODEL in several modes on the same decoded images and print one row per mode."""
-    config = EvalConfig(
-        model=model, data=data, labels=labels, modes=modes, sampler=sampler, keep_first=keep_first,
-        density=density, seed=seed, weights=weights, arch=arch,
-        preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
-        limit=limit, batch_size=batch_size, forward_batch=forward_batch, workers=workers, device=device, amp=amp,
-        consistency=consistency,
-    )
     if json_path:
-        check_writable(json_path)  # fail now, not after a long evaluation
-    report = run_with_progress(config)
+        check_output(json_path, force=force)  # fail now, not after a long evaluation
+    options = dict(
+        labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
+        seed=seed, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+        preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
+        trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
+        workers=workers, device=device, amp=amp, consistency=consistency,
+    )
+    report = run_with_progress(model, data, **options)
     if not report.is_main:
         return  # under torchrun only rank 0 prints and writes
     if json_path:
-        write_json(report, json_path)
+        write_json(report, json_path, force=force)
     console.print(results_table(report))
     print_notes(report, json_path)
 
 
-def run_with_progress(config: EvalConfig) -> EvalReport:
+def run_with_progress(model: str, data: str, **options) -> EvalReport:
     """evaluate_model with one rich progress bar (images/s) and live skip warnings on rank 0."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         ImagesPerSecondColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -175,12 +171,8 @@ def run_with_progress(config: EvalConfig) -> EvalReport:
             progress.console.print(Text.assemble(("warning:", "yellow"), f" skipped {item.path}: {item.reason}"),
                                    soft_wrap=True)
 
-    def log(message: str) -> None:
-        if state["main"]:
-            err_console.print(Text(message, style="dim"), soft_wrap=True)
-
     try:
-        return evaluate_model(config, on_batch=on_batch, on_skip=on_skip, on_start=on_start, log=log)
+        return evaluate_model(model, data, on_batch=on_batch, on_skip=on_skip, on_start=on_start, **options)
     finally:
         progress.stop()
 
