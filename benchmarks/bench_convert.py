@@ -28,6 +28,7 @@ Like the commands, it first calls ``ccnn_convert.use_huge_pages()`` (see
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -38,11 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert.bench import (BenchReport, Measurement, bench_model, fmt_bytes, fmt_ratio, fmt_seconds,  # noqa: E402
-                                load_average, machine_settings, write_outputs)
+from ccnn_convert import convert  # noqa: E402
+from ccnn_convert._helpers import format_bytes  # noqa: E402
+from ccnn_convert.bench import (BenchReport, Measurement, TimingOptions, bench_model, fmt_ratio,  # noqa: E402
+                                fmt_seconds, load_average, machine_settings, output_names, write_outputs)
 from ccnn_convert.cpu_memory import SWITCH, use_huge_pages  # noqa: E402
+from ccnn_convert.errors import CCNNError, ParameterError  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
-from ccnn_convert.core.rewrite import convert  # noqa: E402
+from ccnn_convert.outputs import check_output_dir  # noqa: E402
 
 MODELS = ("resnet50", "resnet152", "densenet169", "squeezenet1_1", "vgg16")
 MODES = ("checkered", "dilated")
@@ -83,7 +87,7 @@ def side_by_side(rows: list[Measurement]) -> str:
         converted = fmt_seconds(m.median_s) if not m.skipped else m.skipped
         lines.append((m.model, m.label, str(m.submaps), fmt_seconds(ref.median_s), converted,
                       fmt_ratio(m.time_ratio), fmt_ratio(m.cpu_time_ratio), fmt_ratio(m.flop_ratio), verdict,
-                      fmt_ratio(m.memory_ratio), fmt_bytes(m.peak_memory_bytes),
+                      fmt_ratio(m.memory_ratio), "-" if m.peak_memory_bytes is None else format_bytes(m.peak_memory_bytes),
                       "-" if m.convert_s is None else f"{m.convert_s:.2f} s"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = []
@@ -117,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="4 KiB pages for large tensors (PyTorch's default) instead of "
                              "ccnn_convert.use_huge_pages(), as the commands use")
     parser.add_argument("--out", help="also write bench.json, bench.md and time_ratio.png to this folder")
+    parser.add_argument("--force", action="store_true", help="overwrite files already in the --out folder")
     args = parser.parse_args(argv)
+    if args.out:
+        try:  # before hours of measuring
+            check_output_dir(args.out, output_names(sweep=False), force=args.force)
+        except ParameterError as exc:
+            parser.error(exc.render("--" + exc.parameter.replace("_", "-")))
+        except CCNNError as exc:
+            parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stderr)
     given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
     if args.quick:
         if "--models" not in given:
@@ -154,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in models:
         model = resolve_model(name, weights="none").model
-        rows += bench_model(name, model, modes=["original", *modes], batch_size=args.batch_size,
-                            image_size=args.size, device=device, repeats=args.repeats, warmup=args.warmup,
-                            memory=not args.no_memory, max_seconds=args.max_seconds,
-                            log=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+        timing = TimingOptions(batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                               memory=not args.no_memory, max_seconds=args.max_seconds)
+        rows += bench_model(name, model, modes, image_size=args.size, device=device, timing=timing)
         print(f"{name} done ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
     print()
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                          "max_seconds": args.max_seconds, "large_tensors": allocator,
                          "load_average": [load_before, load_average()],
                          "conversion_s": {f"{args.convert_model} {mode}": s for mode, s in conversion.items()}})
-        for path in write_outputs(BenchReport(rows, settings), args.out):
+        for path in write_outputs(BenchReport(rows, settings), args.out, force=args.force):
             print(f"wrote {path}")
     return 0
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from ccnn_convert import conversion_report, convert, count_flops  # noqa: E402
 from ccnn_convert.models import list_model_names, resolve_model  # noqa: E402
+from ccnn_convert.outputs import atomic_path  # noqa: E402
 
 MODES = ("checkered", "dilated")
 SIZES = (64, 96, 128, 224, 299)
@@ -198,7 +199,8 @@ def write(doc: Path, text: str, command: str) -> None:
         current = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, current, flags=re.S)
     else:
         current = current.rstrip() + "\n\n## Coverage\n\n" + block + "\n"
-    doc.write_text(current)
+    with atomic_path(doc, force=True) as tmp:  # updating the doc's own block in place is the point
+        tmp.write_text(current)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Take a chain of ``T`` subsampling steps with strides ``k_1 .. k_T`` (every layer
 same stride). At step ``t`` a submap that the sequence gives the window offset ``(dy_t, dx_t)``
 keeps, at its output position ``p``, the sample whose window starts at input position
 ``k_t * p + (dy_t, dx_t)`` of the step's input (this is exactly what
-:mod:`ccnn_convert.layers` computes: the layer applied to its input shifted by the offset).
+:mod:`ccnn_convert.core.layers` computes: the layer applied to its input shifted by the offset).
 Composing the steps back to the image gives, for output position ``p`` of a final submap,
 
     input position = origin + P * p,    P = k_1 * k_2 * ... * k_T,
@@ -19,7 +19,7 @@ submap ``s`` samples the lattice ``origin(s) + P * Z^2``. The position is the an
 sampled window (its top-left corner, or its centre for ``3x3``/stride-2/padding-1 convolutions):
 the picture is about which windows are kept, not about receptive fields.
 
-Which offsets does a final submap have? :mod:`ccnn_convert.sequences` gives every input submap
+Which offsets does a final submap have? :mod:`ccnn_convert.core.sequences` gives every input submap
 ``i`` of a step a sampler, a list of ``n`` offsets, and sample ``j`` of submap ``i`` becomes
 output submap ``j * S + i`` (``S`` = input submap count). :func:`submap_offsets` unrolls this
 bookkeeping over the steps, with the same per-step seeding as :func:`ccnn_convert.convert`
@@ -42,9 +42,15 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from ._io import atomic_path
-from .errors import CCNNError
+from .core import conversion_report
 from .core.sequences import Offset, sampler_sequence
+from .errors import CCNNError, ParameterError
+from .plotting import pyplot, save_png
+from .spec import ConversionSpec
+
+__all__ = ["DEFAULT_KINDS", "KINDS", "StepRow", "compose_offsets", "feature_submaps", "input_position",
+           "plot_feature_submaps", "plot_positions", "sampling_map", "step_table", "submap_offsets",
+           "submap_resolution"]
 
 KINDS = ("traditional", "naive", "lattice", "random", "dilated")
 DEFAULT_KINDS = ("traditional", "naive", "lattice", "random")
@@ -83,6 +89,11 @@ def input_position(position: Offset, offsets: Sequence[Offset], strides: Sequenc
     return (oy + period * position[0], ox + period * position[1])
 
 
+def _check_kind(kind: str, parameter: str) -> None:
+    if kind not in KINDS:
+        raise ParameterError(parameter, f"unknown sequence kind {kind!r} in {{param}}; choose from {', '.join(KINDS)}")
+
+
 def _samples_for(kind: str, stride: int, samples: int | None) -> int:
     if kind == "traditional":
         return 1
@@ -99,10 +110,11 @@ def submap_offsets(kind: str, steps: int, stride: int = 2, samples: int | None =
     sequences with ``samples`` per window, default ``stride``) or ``dilated`` (every position).
     Submap numbering is the conversion's: sample ``j`` of submap ``i`` becomes ``j * S + i``.
     """
-    if kind not in KINDS:
-        raise CCNNError(f"unknown sequence kind {kind!r}; choose from {', '.join(KINDS)}")
-    if steps < 0 or stride < 1:
-        raise CCNNError("steps must be >= 0 and stride >= 1")
+    _check_kind(kind, "kind")
+    if steps < 0:
+        raise ParameterError("steps", "{param} must be 0 or more")
+    if stride < 1:
+        raise ParameterError("stride", "{param} must be at least 1")
     n = _samples_for(kind, stride, samples)
     paths: list[list[Offset]] = [[]]
     for step in range(1, steps + 1):
@@ -204,39 +216,31 @@ def _rgb(mapping: np.ndarray, count: int) -> np.ndarray:
     return image
 
 
-def _agg():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure to ``path`` as PNG, atomically (the figure size is kept exactly)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-    return path
+def _save(plt, fig, path: str | Path, force: bool) -> Path:
+    try:
+        return save_png(fig, path, force=force)
+    finally:
+        plt.close(fig)
 
 
 def plot_positions(path: str | Path, size: int = 16, steps: int = 3, stride: int = 2,
                    kinds: Sequence[str] = DEFAULT_KINDS, samples: int | None = None,
-                   seed: int | None = 0, panel_inches: float = 1.6, dpi: int = 100) -> Path:
+                   seed: int | None = 0, panel_inches: float = 1.6, dpi: int = 100, *,
+                   force: bool = False) -> Path:
     """One row per kind of sequence, one column per step: which positions each submap samples.
 
     Each submap has its own colour (submap ``s`` of a row is the same colour in every panel of
     that step); grey positions are sampled by no submap.
     """
     if steps < 1:
-        raise CCNNError("--steps must be at least 1")
+        raise ParameterError("steps", "{param} must be at least 1")
     if size < 1:
-        raise CCNNError("--size must be positive")
+        raise ParameterError("size", "{param} must be positive")
+    if not kinds:
+        raise ParameterError("kinds", "{param} is empty")
     for kind in kinds:
-        if kind not in KINDS:
-            raise CCNNError(f"unknown sequence kind {kind!r}; choose from {', '.join(KINDS)}")
-    plt = _agg()
+        _check_kind(kind, "kinds")
+    plt = pyplot()
     fig, axes = plt.subplots(len(kinds), steps, figsize=(panel_inches * steps + 0.9, panel_inches * len(kinds) + 0.3),
                              dpi=dpi, squeeze=False)
     for row, kind in enumerate(kinds):
@@ -255,10 +259,7 @@ def plot_positions(path: str | Path, size: int = 16, steps: int = 3, stride: int
         axes[row][0].set_ylabel(KIND_TITLES[kind], fontsize=7)
     fig.suptitle(f"sampled positions on a {size}x{size} input, stride {stride}", fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.99, bottom=0.03, top=0.9, wspace=0.12, hspace=0.3)
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, path, force)
 
 
 # --------------------------------------------------------------------------- real feature maps
@@ -296,24 +297,24 @@ def _node_names(node: fx.Node) -> set[str]:
     return names
 
 
-def feature_submaps(model: nn.Module, image: Tensor, step: int, mode: str = "checkered",
-                    sampler: str = "lattice", seed: int | None = 0) -> Tensor:
+def feature_submaps(model: nn.Module, image: Tensor, step: int,
+                    conversion: ConversionSpec | str = "checkered") -> Tensor:
     """Per-submap channel-mean activation of ``model`` converted, truncated after ``step`` steps.
 
-    ``image`` is one preprocessed ``(3, H, W)`` image. The model is converted (``mode``), run up to
-    the first layer of step ``step + 1`` and the feature map entering it is returned as
-    ``(S, h, w)``: the mean over channels of each of its ``S`` submaps.
+    ``image`` is one preprocessed ``(3, H, W)`` image. The model is converted (``conversion``, a
+    :class:`~ccnn_convert.spec.ConversionSpec` or a mode name), run up to the first layer of
+    step ``step + 1`` and the feature map entering it is returned as ``(S, h, w)``: the mean
+    over channels of each of its ``S`` submaps.
     """
-    from .core import conversion_report, convert
-
+    spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if x.shape[0] != 1:
-        raise CCNNError("feature_submaps takes one image")
-    converted = convert(model, mode=mode, sampler=sampler, seed=seed, example_input=x).eval()
+        raise ParameterError("image", "feature_submaps takes one image as {param}")
+    converted = spec.apply(model, tuple(x.shape[-2:]))
     report = conversion_report(converted)
     if not 1 <= step < report.steps:
-        raise CCNNError(f"{type(model).__name__} has {report.steps} subsampling steps: "
-                        f"--step must be between 1 and {report.steps - 1}")
+        raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
+                                     f"{{param}} must be between 1 and {report.steps - 1}")
     target = next(layer.name for layer in report.layers if layer.step == step + 1)
     with torch.no_grad():
         try:
@@ -328,13 +329,13 @@ def feature_submaps(model: nn.Module, image: Tensor, step: int, mode: str = "che
 
 def plot_feature_submaps(path: str | Path, image: Tensor, maps: Tensor, title: str,
                          reference: Tensor | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                         std: Sequence[float] = (1.0, 1.0, 1.0), dpi: int = 100) -> Path:
+                         std: Sequence[float] = (1.0, 1.0, 1.0), dpi: int = 100, *, force: bool = False) -> Path:
     """The input image, the traditional feature map (``reference``) and every submap's map.
 
     All feature panels share one colour scale (1st to 99th percentile of all their values), so
     submaps can be compared by eye.
     """
-    plt = _agg()
+    plt = pyplot()
     panels = [("input", None)]
     if reference is not None:
         panels.append(("traditional", reference[0]))
@@ -358,7 +359,4 @@ def plot_feature_submaps(path: str | Path, image: Tensor, maps: Tensor, title: s
         ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85 if rows == 1 else 0.9, wspace=0.05, hspace=0.2)
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, path, force)

@@ -16,8 +16,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ccnn_convert import bench
-from ccnn_convert.bench import BenchReport, Measurement
+from ccnn_convert.bench import BenchReport, Measurement, TimingOptions
 from ccnn_convert.cli.bench import app
+from ccnn_convert.errors import CCNNError, ParameterError
+from ccnn_convert.flops import count_flops
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -47,8 +49,8 @@ PARAMS = 3 * 2 * 2 * 2 + 2 * 3  # conv weight + linear weight
 
 
 def test_flops_params_submaps_and_ratios_of_a_tiny_model():
-    rows = bench.bench_model("tiny", Tiny(), modes=["checkered", "dilated"], batch_size=3, image_size=8,
-                             repeats=2, warmup=0, memory=False)
+    rows = bench.bench_model("tiny", Tiny(), ["checkered", "dilated"], image_size=8,
+                             timing=TimingOptions(batch_size=3, repeats=2, warmup=0, memory=False))
     by_mode = {m.mode: m for m in rows}
     assert list(by_mode) == ["original", "checkered", "dilated"]
     for mode, flops in FLOPS_PER_IMAGE.items():
@@ -66,7 +68,7 @@ def test_flops_params_submaps_and_ratios_of_a_tiny_model():
 def test_count_flops_on_meta_matches_a_real_pass():
     model = Tiny().eval()
     x = torch.randn(2, 3, 8, 8)
-    assert bench.count_flops(model, x) == 2 * FLOPS_PER_IMAGE["original"]
+    assert count_flops(model, x) == 2 * FLOPS_PER_IMAGE["original"]
     assert all(p.device.type == "cpu" for p in model.parameters())  # parameters put back
 
 
@@ -86,8 +88,8 @@ class TwoTemporaries(nn.Module):
 def test_peak_memory_counts_model_input_and_the_forward_peak():
     x_bytes = 4 * 3 * 10 * 10 * 4  # float32 input (4, 3, 10, 10)
     assert bench.forward_peak_bytes(TwoTemporaries(), torch.zeros(4, 3, 10, 10), torch.device("cpu")) == 2 * x_bytes
-    rows = bench.bench_model("two", TwoTemporaries(), modes=["original"], batch_size=4, image_size=10,
-                             repeats=1, warmup=0)
+    rows = bench.bench_model("two", TwoTemporaries(), ["original"], image_size=10,
+                             timing=TimingOptions(batch_size=4, repeats=1, warmup=0))
     m = rows[0]
     assert m.activation_peak_bytes == 2 * x_bytes
     assert m.peak_memory_bytes == 2 * 4 + x_bytes + 2 * x_bytes  # two 1-float buffers + input + peak
@@ -123,10 +125,10 @@ def test_variants_are_interleaved_and_rotated():
 
 
 def test_max_seconds_skips_variants_but_still_counts_their_flops():
-    rows = bench.bench_model("tiny", Tiny(), modes=["dilated"], batch_size=1, image_size=8, repeats=1,
-                             warmup=0, memory=False, max_seconds=0.0)
+    rows = bench.bench_model("tiny", Tiny(), ["dilated"], image_size=8,
+                             timing=TimingOptions(batch_size=1, repeats=1, warmup=0, memory=False, max_seconds=0.0))
     dilated = rows[1]
-    assert dilated.skipped and "--max-seconds" in dilated.skipped
+    assert dilated.skipped and "max_seconds" in dilated.skipped
     assert dilated.times_s == [] and dilated.time_ratio is None
     assert dilated.flops == FLOPS_PER_IMAGE["dilated"]
 
@@ -171,14 +173,34 @@ def test_outputs_are_written_json_markdown_and_valid_pngs(tmp_path):
 def test_out_must_be_a_folder(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    with pytest.raises(bench.CCNNError, match="is a file"):
+    with pytest.raises(CCNNError, match="is a file"):
         bench.write_outputs(_report(), target)
 
 
-def test_parse_modes_puts_the_original_first_and_rejects_unknown_modes():
-    assert bench.parse_modes("dilated, checkered,dilated") == ["original", "dilated", "checkered"]
-    with pytest.raises(bench.CCNNError, match="unknown mode 'checkerd'"):
-        bench.parse_modes("checkerd")
+def test_measured_modes_puts_the_original_first_and_rejects_unknown_modes():
+    assert bench.measured_modes(["dilated", " checkered", "dilated"]) == ["original", "dilated", "checkered"]
+    assert bench.measured_modes(["original"]) == ["original"]
+    with pytest.raises(ParameterError, match="unknown mode 'checkerd' in modes"):
+        bench.measured_modes(["checkerd"])
+
+
+def test_timing_options_name_the_parameter():
+    with pytest.raises(ParameterError, match="^repeats must be at least 1$"):
+        TimingOptions(repeats=0)
+    with pytest.raises(ParameterError, match="^batch_size must be positive$"):
+        TimingOptions(batch_size=0)
+
+
+def test_bench_options_seed_only_for_the_random_sampler():
+    specs = bench.conversion_specs(bench.BenchOptions(modes=("checkered", "dilated"), sampler="random"))
+    assert [(s.mode, s.sampler, s.seed) for s in specs] == [("checkered", "random", 0), ("dilated", "lattice", None)]
+    specs = bench.conversion_specs(bench.BenchOptions(modes=("checkered",), sampler="random", seed=7,
+                                                      keep_first=1, leaf_modules=("Gate",)))
+    assert (specs[0].seed, specs[0].keep_first, specs[0].leaf_modules) == (7, 1, ("Gate",))
+    with pytest.raises(ParameterError, match="seed"):
+        bench.conversion_specs(bench.BenchOptions(modes=("checkered",), seed=3))  # lattice takes no seed
+    with pytest.raises(ParameterError, match="sampler"):
+        bench.BenchOptions(modes=("dilated",), sampler="naive")  # no checkered mode: would do nothing
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -224,3 +246,102 @@ def test_cli_measures_a_factory_model_and_writes_files(tmp_path):
     # conv: 4*8*8 outputs x 27 MACs; linear: 40 MACs. Checkered runs the conv on 2 submaps.
     conv, fc = 2 * 4 * 8 * 8 * 27, 2 * 40
     assert ratios["checkered"] == pytest.approx((2 * conv + fc) / (conv + fc))
+
+
+# ------------------------------------------------------------------------------ issue 9: outputs, trust, leaves
+
+
+GATED_FACTORY = """
+import pathlib
+from torch import nn
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # branches on its input: fx cannot trace it, --leaf Gate is needed
+            return x
+        return -x
+
+
+def make():
+    pathlib.Path(__file__).with_name("SENTINEL").write_text("factory ran")
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), Gate(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+"""
+
+QUICK = ["--size", "16", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--no-memory",
+         "--modes", "checkered", "--device", "cpu"]
+
+
+def _tiny_factory(tmp_path) -> str:
+    factory = tmp_path / "tiny.py"
+    factory.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, "
+                       "padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n")
+    return f"{factory}:make"
+
+
+def test_cli_out_refuses_to_overwrite_before_measuring_and_force_allows_it(tmp_path):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.md").write_text("earlier results")
+    result = runner.invoke(app, [_tiny_factory(tmp_path), *QUICK, "--out", str(out)])
+    _one_error_line(result, "--force")
+    assert result.exit_code == 2 and "bench.md" in result.stderr
+    assert "cost per batch" not in result.stdout  # refused before measuring
+    assert sorted(p.name for p in out.iterdir()) == ["bench.md"]  # nothing written
+    assert (out / "bench.md").read_text() == "earlier results"
+
+    result = runner.invoke(app, [_tiny_factory(tmp_path), *QUICK, "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "time_ratio.png"]
+    assert "| checkered |" in (out / "bench.md").read_text()
+
+
+def test_cli_out_naming_a_file_is_one_line(tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("x")
+    result = runner.invoke(app, [_tiny_factory(tmp_path), *QUICK, "--out", str(target)])
+    _one_error_line(result, "is a file, not a folder")
+    assert result.exit_code == 2 and target.read_text() == "x"
+
+
+def test_write_outputs_refuses_to_overwrite_and_writes_nothing(tmp_path):
+    (tmp_path / "sweep.png").write_bytes(b"old")
+    with pytest.raises(ParameterError, match="sweep.png already exists") as caught:
+        bench.write_outputs(_report(), tmp_path)
+    assert caught.value.parameter == "force"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.png"]  # checked before any file is written
+    assert (tmp_path / "sweep.png").read_bytes() == b"old"
+    bench.write_outputs(_report(), tmp_path, force=True)
+    _is_png(tmp_path / "sweep.png", bench.PLOT_SIZE_PX)
+
+
+def test_cli_leaf_makes_an_untraceable_model_measurable(tmp_path):
+    (tmp_path / "gated.py").write_text(GATED_FACTORY)
+    model = f"{tmp_path / 'gated.py'}:make"
+    result = runner.invoke(app, [model, *QUICK])
+    assert result.exit_code == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    result = runner.invoke(app, [model, *QUICK, "--leaf", "Gate"])
+    assert result.exit_code == 0, result.output
+    assert "checkered" in result.stdout
+
+
+def test_cli_artifact_factory_runs_only_with_trust_and_keeps_its_leaves(tmp_path):
+    from ccnn_convert.models import resolve_model, save_artifact
+    from ccnn_convert.spec import ConversionSpec
+
+    (tmp_path / "gated.py").write_text(GATED_FACTORY)
+    resolved = resolve_model(f"{tmp_path / 'gated.py'}:make", weights="none")
+    artifact = tmp_path / "gated.pt"
+    save_artifact(artifact, resolved, ConversionSpec("checkered", leaf_modules=("Gate",)))
+    sentinel = tmp_path / "SENTINEL"
+    sentinel.unlink()
+
+    result = runner.invoke(app, [str(artifact), *QUICK])
+    _one_error_line(result, "--trust-factory")
+    assert result.exit_code == 2 and not sentinel.exists()
+
+    result = runner.invoke(app, [str(artifact), *QUICK, "--trust-factory"])  # no --leaf: the artifact's list
+    assert result.exit_code == 0, result.output
+    assert sentinel.exists() and "checkered" in result.stdout

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from ccnn_convert import convert
 from ccnn_convert.cli.visualize import app
-from ccnn_convert.errors import CCNNError
+from ccnn_convert.errors import CCNNError, ParameterError
+from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.visualize import (compose_offsets, feature_submaps, input_position, plot_positions, sampling_map,
                                     step_table, submap_offsets)
 
@@ -187,13 +188,13 @@ class MeanThenPick(nn.Module):
 
 def test_feature_submaps_show_each_submaps_samples():
     image = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8).repeat(3, 1, 1)  # value = y*8 + x
-    maps = feature_submaps(MeanThenPick(), image, step=1, mode="checkered", sampler="naive")
+    maps = feature_submaps(MeanThenPick(), image, step=1, conversion=ConversionSpec("checkered", sampler="naive"))
     assert maps.shape == (2, 4, 4)
     mapping = sampling_map("naive", 8, 1)
     for submap in range(2):
         ys, xs = np.nonzero(mapping == submap)
         assert sorted(maps[submap].flatten().round().long().tolist()) == sorted((ys * 8 + xs).tolist())
-    with pytest.raises(CCNNError, match="--step must be between 1 and 1"):
+    with pytest.raises(ParameterError, match="step must be between 1 and 1"):
         feature_submaps(MeanThenPick(), image, step=2)
 
 
@@ -239,3 +240,92 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     args = [a.format(image=image, bad=bad, out=tmp_path / "f.png") for a in args]
     _one_error_line(runner.invoke(app, args), needle)
     assert not (tmp_path / "f.png").exists()
+
+
+# ------------------------------------------------------------------------------ issue 9: outputs, trust, leaves
+
+
+def test_cli_out_refuses_to_overwrite_without_force(tmp_path):
+    out = tmp_path / "pos.png"
+    out.write_bytes(b"earlier picture")
+    args = ["positions", "--size", "4", "--steps", "1", "--kinds", "naive", "-o", str(out)]
+    result = runner.invoke(app, args)
+    _one_error_line(result, "--force")
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert out.read_bytes() == b"earlier picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["pos.png"]
+
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", ["pictures", "pictures.png"])
+def test_cli_out_naming_a_directory_says_so(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    for extra in ([], ["--force"]):
+        result = runner.invoke(app, ["positions", "--size", "4", "--steps", "1", "-o", str(folder), *extra])
+        _one_error_line(result, "it is a directory")
+        assert result.exit_code == 2 and "--force" not in result.stderr
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+GATED_FACTORY = """
+import pathlib
+from torch import nn
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # branches on its input: fx cannot trace it, --leaf Gate is needed
+            return x
+        return -x
+
+
+def make():
+    pathlib.Path(__file__).with_name("SENTINEL").write_text("factory ran")
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), Gate(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))
+"""
+
+
+def _gated(tmp_path):
+    (tmp_path / "gated.py").write_text(GATED_FACTORY)
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (200, 30, 90)).save(image)
+    return f"{tmp_path / 'gated.py'}:make", image
+
+
+def test_cli_features_leaf_makes_an_untraceable_model_usable(tmp_path):
+    model, image = _gated(tmp_path)
+    out = tmp_path / "f.png"
+    args = ["features", model, "--image", str(image), "--step", "1", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and not out.exists()
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    result = runner.invoke(app, [*args, "--leaf", "Gate"])
+    assert result.exit_code == 0, result.output
+    assert "2 submaps" in result.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(app, [*args, "--leaf", "Gate"])  # the picture is there now
+    _one_error_line(result, "--force")
+    assert runner.invoke(app, [*args, "--leaf", "Gate", "--force"]).exit_code == 0
+
+
+def test_cli_features_artifact_factory_runs_only_with_trust_and_keeps_its_leaves(tmp_path):
+    from ccnn_convert.models import resolve_model, save_artifact
+
+    model, image = _gated(tmp_path)
+    artifact = tmp_path / "gated.pt"
+    save_artifact(artifact, resolve_model(model, weights="none"), ConversionSpec("checkered", leaf_modules=("Gate",)))
+    sentinel = tmp_path / "SENTINEL"
+    sentinel.unlink()
+    out = tmp_path / "f.png"
+    args = ["features", str(artifact), "--image", str(image), "--step", "1", "-o", str(out)]
+    result = runner.invoke(app, args)
+    _one_error_line(result, "--trust-factory")
+    assert result.exit_code == 2 and not sentinel.exists() and not out.exists()
+    result = runner.invoke(app, [*args, "--trust-factory"])  # no --leaf: the artifact's list is used
+    assert result.exit_code == 0, result.output
+    assert sentinel.exists() and out.exists()

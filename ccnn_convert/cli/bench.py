@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -15,11 +14,16 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..bench import BenchReport, describe_settings, run_bench, table_rows, write_outputs
-from ..errors import CCNNError
-from ._common import console, err_console, run_app, user_errors
+from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, describe_settings, output_names,
+                     run_bench, table_rows, write_outputs)
+from ..errors import CCNNError, ParameterError
+from ..outputs import check_output_dir
+from ._common import console, parse_list, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+
+# Library parameters whose flag is not their own name.
+_FLAGS = {"image_size": "--size", "leaf_modules": "--leaf", "models": "MODELS"}
 
 
 def results_table(report: BenchReport) -> Table:
@@ -33,19 +37,8 @@ def results_table(report: BenchReport) -> Table:
     return table
 
 
-def _check_out(out: Optional[str]) -> None:
-    if out is None:
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CCNNError(f"--out {path} is a file, not a folder")
-    parent = path if path.exists() else path.parent
-    if not parent.exists():
-        raise CCNNError(f"cannot write to {path}: {parent} does not exist")
-
-
 @app.command()
-@user_errors
+@user_errors(flags=_FLAGS)
 def bench_command(
     models: List[str] = typer.Argument(..., help="Model names (resnet50, efficientnet_lite0, ...), factories or checkpoints."),
     modes: str = typer.Option("original,checkered,dilated", "--modes", help="Comma list of original|traditional|checkered|dilated (original is always measured: ratios are taken against it)."),
@@ -54,11 +47,13 @@ def bench_command(
     device: str = typer.Option("auto", "--device", help="cpu|cuda|auto."),
     repeats: int = typer.Option(5, "--repeats", help="Timed passes per variant (the median is reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed passes per variant before timing (the peak-memory pass counts as one)."),
-    keep_first: int = typer.Option(0, "--keep-first", help="Leave the first N subsampling steps traditional."),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling steps traditional [default: an artifact's, else 0]."),
     sweep: bool = typer.Option(False, "--sweep-keep-first", help="Also measure keep_first = N+1 .. all steps (cost vs top-1)."),
-    sampler: str = typer.Option("lattice", "--sampler", help="Checkered sampler: naive|lattice|random."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random sampler."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random [default: an artifact's, else lattice]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
+    leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra profiled pass per variant)."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Skip variants estimated (original time x FLOP ratio) to take longer per batch."),
     data: Optional[str] = typer.Option(None, "--data", help="Also measure top-1 on this image folder (<wnid>/<image>, or flat with --labels)."),
@@ -68,9 +63,19 @@ def bench_command(
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes for the top-1 pass."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads (CPU)."),
     out: Optional[str] = typer.Option(None, "--out", help="Write bench.json, bench.md, time_ratio.png (and sweep.png) to this folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files already in the --out folder."),
 ) -> None:
     """Measure MODEL... in every mode: variants are interleaved so machine drift cancels in the ratios."""
-    _check_out(out)
+    timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
+                           max_seconds=max_seconds)
+    options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
+                           leaf_modules=tuple(leaf), sweep=sweep, image_size=size, device=device, weights=weights,
+                           trust_factory=trust_factory, timing=timing)
+    top1 = _top1_options(data, labels, limit, eval_batch_size, workers)
+    if out is not None:  # before any slow work
+        check_output_dir(out, output_names(sweep or bool(keep_first)), force=force)
+    elif force:
+        raise ParameterError("force", "{param} does nothing without --out")
     if threads is not None:
         if threads < 1:
             raise CCNNError("--threads must be positive")
@@ -78,20 +83,24 @@ def bench_command(
 
         torch.set_num_threads(threads)
     command = shlex.join(["ccnn-bench", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv[0] else None
-
-    def log(message: str) -> None:
-        err_console.print(Text(message, style="dim"), soft_wrap=True)
-
-    report = run_bench(models, modes=modes, batch_size=batch_size, image_size=size, device=device, repeats=repeats,
-                       warmup=warmup, keep_first=keep_first, sweep=sweep, sampler=sampler, seed=seed,
-                       weights=weights, memory=memory, max_seconds=max_seconds, data=data, labels=labels,
-                       limit=limit, eval_batch_size=eval_batch_size, workers=workers, command=command, log=log)
+    report = run_bench(models, options, top1, command=command)
     console.print(results_table(report))
     for key, value in describe_settings(report.settings).items():
         console.print(Text(f"  {key}: {value}"), soft_wrap=True)
     if out is not None:
-        for path in write_outputs(report, out):
+        for path in write_outputs(report, out, force=force):
             console.print(Text(f"  wrote {path}"), soft_wrap=True)
+
+
+def _top1_options(data: Optional[str], labels: Optional[str], limit: Optional[int], eval_batch_size: int,
+                  workers: int) -> Optional[Top1Options]:
+    """Top-1 options with --data; the top-1 flags without it would do nothing, so they are refused."""
+    if data is not None:
+        return Top1Options(data, labels=labels, limit=limit, batch_size=eval_batch_size, workers=workers)
+    for flag, value in (("--labels", labels), ("--limit", limit)):
+        if value is not None:
+            raise CCNNError(f"{flag} only applies to the top-1 pass; give --data too")
+    return None
 
 
 def main() -> None:
@@ -100,3 +109,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -8,32 +8,30 @@ A thin typer front end over :mod:`ccnn_convert.visualize`; all logic lives there
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import CCNNError
-from ._common import console, run_app, user_errors
+from ..errors import CCNNError, ParameterError
+from ..outputs import check_output
+from ._common import console, parse_list, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
-CONVERT_MODES = ("checkered", "dilated", "traditional")
-SAMPLERS = ("naive", "lattice", "random")
+_RANDOM_DEFAULT_SEED = 0  # as ccnn-bench: pictures of the random sampler are reproducible by default
 
 
-def _check_png(out: str) -> Path:
+def _check_png(out: str, force: bool) -> Path:
+    """The PNG to write, checked before any slow work (a directory is reported as one)."""
     path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise CCNNError(f"--out must be a .png file, got {out!r}")
-    if path.is_dir():
-        raise CCNNError(f"--out {path} is a folder")
-    if not path.parent.is_dir():
-        raise CCNNError(f"cannot write {path}: directory {path.parent} does not exist")
-    return path
+    if not path.is_dir() and path.suffix.lower() != ".png":
+        raise ParameterError("out", f"{{param}} must be a .png file, got {out!r}")
+    return check_output(path, force=force)
 
 
 def steps_table(size: int, steps: int, stride: int, samples: Optional[int]) -> Table:
@@ -64,6 +62,7 @@ def positions_command(
     kinds: str = typer.Option("traditional,naive,lattice,random", "--kinds", help="Rows: comma list of traditional|naive|lattice|random|dilated."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random sequence (step t uses seed + t, as convert() does)."),
     out: str = typer.Option("sample_positions.png", "--out", "-o", help="PNG file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
     """Which input positions every submap samples after 1..STEPS steps (one colour per submap)."""
     from ..visualize import plot_positions
@@ -74,63 +73,71 @@ def positions_command(
         raise CCNNError(f"--samples must be between 1 and {stride * stride} for stride {stride}")
     if steps > 8:
         raise CCNNError("--steps above 8 makes an unreadable picture")
-    rows = [k.strip() for k in kinds.split(",") if k.strip()]
+    rows = parse_list(kinds)
     if not rows:
         raise CCNNError("--kinds is empty")
-    path = _check_png(out)
-    plot_positions(path, size=size, steps=steps, stride=stride, kinds=rows, samples=samples, seed=seed)
+    path = _check_png(out, force)
+    plot_positions(path, size=size, steps=steps, stride=stride, kinds=rows, samples=samples, seed=seed, force=force)
     console.print(steps_table(size, steps, stride, samples))
     console.print(Text(f"  wrote {path}"), soft_wrap=True)
 
 
 @app.command("features")
-@user_errors
+@user_errors(flags={"modes": "--mode", "leaf_modules": "--leaf"})
 def features_command(
     model: str = typer.Argument(..., help="Model name (efficientnet_lite0, resnet18, ...), factory or checkpoint."),
     image: str = typer.Option(..., "--image", help="An image file."),
     step: int = typer.Option(2, "--step", help="Show the feature map after this many subsampling steps."),
     mode: str = typer.Option("checkered", "--mode", help="checkered|dilated|traditional."),
-    sampler: str = typer.Option("lattice", "--sampler", help="naive|lattice|random."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random sampler."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="naive|lattice|random [default: an artifact's, else lattice]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
+    leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none or a file."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
     out: str = typer.Option("feature_submaps.png", "--out", "-o", help="PNG file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
     """Per-submap mean activation of MODEL, converted and cut after STEP steps, on a real image."""
+    from ..core import CONVERSION_MODES, conversion_report
     from ..models import resolve_model
-    from ..core import conversion_report, convert
+    from ..spec import ConversionSpec, check_modes
     from ..visualize import feature_submaps, plot_feature_submaps
 
-    if mode not in CONVERT_MODES:
-        raise CCNNError(f"unknown mode {mode!r} (choose from {', '.join(CONVERT_MODES)})")
-    if sampler not in SAMPLERS:
-        raise CCNNError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    mode = check_modes([mode], allowed=CONVERSION_MODES)[0]
     if step < 1:
-        raise CCNNError("--step must be at least 1")
-    path = _check_png(out)
+        raise ParameterError("step", "{param} must be at least 1")
+    path = _check_png(out, force)
     picture = _load_image(image)
-    resolved = resolve_model(model, weights=weights)
+    resolved = resolve_model(model, weights=weights, trust_factory=trust_factory)
+    spec = ConversionSpec.build(mode, resolved.conversion, sampler=sampler, seed=seed, leaf_modules=leaf)
+    if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
+        spec = dataclasses.replace(spec, seed=_RANDOM_DEFAULT_SEED)
     x = resolved.preprocessing.transform()(picture)
-    maps = feature_submaps(resolved.model, x, step, mode=mode, sampler=sampler, seed=seed)
-    reference = feature_submaps(resolved.model, x, step, mode="traditional")
+    maps = feature_submaps(resolved.model, x, step, spec)
+    reference = feature_submaps(resolved.model, x, step, ConversionSpec("traditional", leaf_modules=spec.leaf_modules))
     pre = resolved.preprocessing
-    title = f"{resolved.name}, {mode} ({sampler}): channel mean after {step} subsampling steps"
-    plot_feature_submaps(path, x, maps, title, reference, pre.mean, pre.std)
+    title = f"{resolved.name}, {mode} ({spec.describe()}): channel mean after {step} subsampling steps"
+    plot_feature_submaps(path, x, maps, title, reference, pre.mean, pre.std, force=force)
 
-    report = conversion_report(convert(resolved.model, mode=mode, sampler=sampler, seed=seed,
-                                       example_input=x.unsqueeze(0)))
-    table = Table(title=f"{resolved.name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input",
+    report = conversion_report(spec.apply(resolved.model, tuple(x.shape[-2:])))
+    console.print(_steps_of(report, resolved.name, mode, x))
+    console.print(Text(f"  shown: {maps.shape[0]} submaps of {maps.shape[1]}x{maps.shape[2]} entering step {step + 1}"),
+                  soft_wrap=True)
+    console.print(Text(f"  wrote {path}"), soft_wrap=True)
+
+
+def _steps_of(report, name: str, mode: str, x) -> Table:
+    """The conversion's subsampling steps: layers, submaps in -> out, submap size."""
+    table = Table(title=f"{name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input",
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    for name in ("step", "layers", "submaps", "submap size"):
-        table.add_column(name, justify="right" if name != "layers" else "left")
+    for column in ("step", "layers", "submaps", "submap size"):
+        table.add_column(column, justify="right" if column != "layers" else "left")
     for index in range(1, report.steps + 1):
         layers = [layer for layer in report.layers if layer.step == index]
         size = "x".join(str(v) for v in layers[0].output_size)
         table.add_row(str(index), ", ".join(layer.name for layer in layers),
                       f"{layers[0].submaps_in} -> {layers[0].submaps_out}", size)
-    console.print(table)
-    console.print(Text(f"  shown: {maps.shape[0]} submaps of {maps.shape[1]}x{maps.shape[2]} entering step {step + 1}"),
-                  soft_wrap=True)
-    console.print(Text(f"  wrote {path}"), soft_wrap=True)
+    return table
 
 
 def _load_image(path: str):
