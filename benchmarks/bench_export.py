@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ccnn_convert import use_huge_pages  # noqa: E402
-from ccnn_convert.export import export  # noqa: E402
+from ccnn_convert.export import BenchmarkOptions, export  # noqa: E402
 
 MODELS = ("resnet50", "densenet169", "efficientnet_lite0")
 MODES = ("original", "checkered", "dilated")
@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                 dilated = mode == "dilated"
                 repeats = args.dilated_repeats if dilated else args.repeats
                 began = time.perf_counter()
+                timing = BenchmarkOptions(batch=args.batch_size, repeats=repeats, warmup=0 if dilated else 2)
                 result = export(name, Path(folder) / f"{name}_{mode}.onnx", mode=mode, weights=weights,
-                                provider=args.provider, run_benchmark=True, bench_batch=args.batch_size,
-                                bench_repeats=repeats, bench_warmup=0 if dilated else 2, threads=args.threads,
-                                force=True)
+                                provider=args.provider, benchmark=timing, threads=args.threads, force=True)
                 b = result.benchmark
                 worst = max(c.max_rel for c in result.verification.checks)
                 total = time.perf_counter() - began

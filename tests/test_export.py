@@ -24,7 +24,9 @@ from typer.testing import CliRunner
 from ccnn_convert import convert
 from ccnn_convert import export as ex
 from ccnn_convert.cli.export import app
+from ccnn_convert.export import exporter
 from ccnn_convert.models import resolve_model
+from ccnn_convert.spec import ConversionSpec
 
 SIZE = 64
 runner = CliRunner()
@@ -167,32 +169,48 @@ def test_metadata_of_a_named_model_and_its_artifact(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY_FACTORY)
     resolved = resolve_model(f"{tmp_path / 'tiny.py'}:make", preprocessing={"resize": 40, "crop": 32})
     save_artifact(tmp_path / "tiny.pt", resolved,
-                  {"mode": "checkered", "sampler": "naive", "keep_first": 1, "density": None, "seed": 7})
+                  ConversionSpec(mode="checkered", sampler="random", keep_first=1, seed=7))
     out = tmp_path / "tiny.onnx"
-    result = runner.invoke(app, [str(tmp_path / "tiny.pt"), "-o", str(out), "--provider", "cpu"])
+    # The artifact names a factory: it is rebuilt only with the user's consent.
+    refused = runner.invoke(app, [str(tmp_path / "tiny.pt"), "-o", str(out), "--provider", "cpu"])
+    _assert_one_line_error(refused, "--trust-factory")
+    assert not out.exists()
+    result = runner.invoke(app, [str(tmp_path / "tiny.pt"), "-o", str(out), "--provider", "cpu", "--trust-factory"])
     assert result.exit_code == 0, result.output
     meta = ex.read_metadata(out)
-    assert (meta["mode"], meta["sampler"], meta["keep_first"], meta["seed"]) == ("checkered", "naive", 1, 7)
+    assert (meta["mode"], meta["sampler"], meta["keep_first"], meta["seed"]) == ("checkered", "random", 1, 7)
     assert meta["input_size"] == [3, 32, 32] and meta["preprocessing"]["resize"] == 40
+    assert ConversionSpec.from_dict(meta["conversion"]) == ConversionSpec("checkered", "random", 1, None, 7)
     # The artifact's numbers are the model's: compare with the same conversion done here.
-    model = convert(resolved.model, mode="checkered", sampler="naive", keep_first=1, seed=7,
+    model = convert(resolved.model, mode="checkered", sampler="random", keep_first=1, seed=7,
                     example_input=torch.zeros(1, 3, 32, 32)).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert rel_diff(run(session(out), x), model(x)) <= 1e-4
 
 
-def test_conversion_flags_override_the_artifact():
-    artifact = {"mode": "checkered", "sampler": "naive", "keep_first": 2, "density": 3, "seed": 1}
-    assert ex.conversion_for(None, artifact) == ("checkered", artifact)
-    mode, conv = ex.conversion_for(None, artifact, keep_first=0, sampler=None)
-    assert conv == {**artifact, "keep_first": 0}
-    # Another mode does not inherit the artifact's checkered-only settings.
-    assert ex.conversion_for("dilated", artifact) == (
-        "dilated", {"mode": "dilated", "sampler": "lattice", "keep_first": 0, "density": None, "seed": None})
-    assert ex.conversion_for("original", artifact) == ("original", None)
-    with pytest.raises(ex.CCNNError, match="--mode original"):
-        ex.conversion_for("original", None, sampler="naive")
+def test_conversion_options_override_the_artifact():
+    artifact = ConversionSpec(mode="checkered", sampler="random", keep_first=2, density=3, seed=1,
+                              leaf_modules=("Gate",))
+    assert ex.conversion_spec(None, artifact) == artifact
+    assert ex.conversion_spec(None, artifact, keep_first=0, sampler=None) == ConversionSpec(
+        "checkered", "random", 0, 3, 1, ("Gate",))
+    assert ex.conversion_spec(None, None) == ConversionSpec("checkered")
+    # Another mode does not inherit the artifact's checkered-only settings; the leaf modules
+    # (a property of the model) and keep_first (a property of the conversion depth) carry over.
+    assert ex.conversion_spec("dilated", artifact) == ConversionSpec("dilated", keep_first=2, leaf_modules=("Gate",))
+    assert ex.conversion_spec("original", artifact) is None
+    # An option that would do nothing names itself, as a parameter (the CLI shows its flag).
+    for option in ("sampler", "keep_first", "density", "seed", "leaf_modules"):
+        value = {"sampler": "naive", "keep_first": 1, "density": 2, "seed": 3, "leaf_modules": ["Gate"]}[option]
+        with pytest.raises(ex.ParameterError, match=f"^{option} does nothing with mode original") as caught:
+            ex.conversion_spec("original", None, **{option: value})
+        assert caught.value.parameter == option
+    with pytest.raises(ex.ParameterError, match="^seed") as caught:
+        ex.conversion_spec("dilated", artifact, seed=4)
+    assert caught.value.parameter == "seed"
+    with pytest.raises(ex.ParameterError, match="unknown mode 'sideways'"):
+        ex.conversion_spec("sideways", None)
 
 
 # ------------------------------------------------------------------------------ dynamic batch
@@ -262,7 +280,8 @@ def test_opset_down_conversion_is_exact_or_refused(target):
     try:
         ex.convert_opset(lowered, target)
     except ex.ExportError as exc:  # refusing is allowed, but it must say which opset and what to do
-        assert f"opset {target}" in str(exc) and "--opset 18" in str(exc)
+        assert isinstance(exc, ex.ParameterError) and exc.parameter == "opset"
+        assert f"opset {target}" in str(exc) and "--opset 18" in exc.render("--opset")
         assert target < 17, "opset 17 must always work for these ops"
         return
     assert [o.version for o in lowered.opset_import if o.domain == ""] == [target]
@@ -277,8 +296,9 @@ def test_opset_17_refuses_what_it_cannot_express():
     pad.input.append("pad_axes")
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "pad_axes"))
     model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "pads"))
-    with pytest.raises(ex.ExportError, match=r"Pad node .*\(opset 18 only\).*--opset 18"):
+    with pytest.raises(ex.ExportError, match=r"Pad node .*\(opset 18 only\).*try opset 18") as caught:
         ex.convert_opset(model, 17)
+    assert "try --opset 18" in caught.value.render("--opset")
 
 
 # ------------------------------------------------------------------------------ fp16, external data
@@ -301,7 +321,7 @@ def test_fp16_export(tmp_path):
 
 
 def test_external_data_when_the_weights_are_too_big(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 0)  # a 2 GB model would take minutes
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # a 2 GB model would take minutes
     out = tmp_path / "ext.onnx"
     result = ex.export(tiny(), out, mode="checkered", input_size=32, provider="cpu")
     assert result.info.external_data and (tmp_path / "ext.onnx.data").is_file()
@@ -340,7 +360,7 @@ def test_cuda_export_and_fp16(tmp_path):
     if not _cuda_works():
         pytest.skip("torch sees a GPU but onnxruntime's CUDA provider does not start")
     fp32 = ex.export(tiny(), tmp_path / "gpu.onnx", mode="checkered", input_size=32, provider="cuda",
-                     run_benchmark=True, bench_batch=2, bench_repeats=2)
+                     benchmark=ex.BenchmarkOptions(batch=2, repeats=2))
     assert fp32.provider.name == "cuda" and fp32.verification.passed
     assert fp32.verification.provider == "CUDAExecutionProvider" and fp32.benchmark.torch_device.startswith("cuda")
     half = ex.export(tiny(), tmp_path / "gpu16.onnx", mode="checkered", input_size=32, provider="cuda", fp16=True)
@@ -411,7 +431,14 @@ def test_cli_unwritable_output(tmp_path, tiny_factory, where):
 @pytest.mark.parametrize("args, fragment", [
     (["--opset", "12"], "--opset"),
     (["--provider", "npu"], "unknown provider"),
-    (["--mode", "original", "--sampler", "naive"], "--mode original"),
+    (["--mode", "original", "--sampler", "naive"], "--sampler does nothing with mode original"),
+    (["--mode", "dilated", "--seed", "3"], "--seed"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--bench-batch", "2"], "--bench-batch does nothing without --benchmark"),
+    (["--benchmark", "--bench-batch", "0"], "--bench-batch must be a positive integer"),
+    (["--no-verify", "--data", "."], "--data does nothing with --no-verify"),
+    (["--data-limit", "0"], "--data-limit must be a positive integer"),
+    (["--tolerance", "-1"], "--tolerance must be positive"),
     (["--mode", "sideways"], "unknown mode"),
     (["--data", "/nonexistent/images"], "not a directory"),
 ])

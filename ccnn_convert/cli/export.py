@@ -1,6 +1,7 @@
 """ccnn-export: write a model (original, checkered or dilated) as a verified ONNX file.
 
-A thin typer front end over :func:`ccnn_convert.export.export`; all logic lives there.
+A thin typer front end over :func:`ccnn_convert.export.export`: flags become typed parameters
+and the option records; all logic lives in the library.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkResult, ExportResult, Verification, VerificationFailed,
-                      export)
-from ..evaluate import parse_floats
-from ._common import console, err_console, run_app, user_errors
+from .._helpers import format_bytes
+from ..errors import CCNNError
+from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
+                      VerificationFailed, VerifyOptions, export)
+from ._common import console, err_console, parse_floats, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
-
-def _mb(size: int) -> str:
-    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+# Library parameters whose flag has another name.
+_FLAGS = {"leaf_modules": "--leaf", "batch": "--bench-batch", "repeats": "--bench-repeats"}
 
 
 def verification_table(v: Verification) -> Table:
@@ -60,11 +61,11 @@ def print_result(result: ExportResult) -> None:
         f"{result.mode}, sampler {meta.get('sampler')}, keep_first {meta.get('keep_first')}")
     console.print(Text(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
     _, height, width = json.loads(meta["input_size"])
-    details = (f"  opset {info.opset}, {info.nodes} nodes, {_mb(info.bytes)}"
+    details = (f"  opset {info.opset}, {info.nodes} nodes, {format_bytes(info.bytes)}"
                f"{' (external data)' if info.external_data else ''}, {meta.get('dtype')}, "
                f"input (batch, 3, {height}, {width}) with a dynamic batch")
     console.print(Text(details), soft_wrap=True)
-    if result.provider is not None:
+    if result.provider is not None:  # printed here only: the library does not log it
         console.print(Text(f"  provider: {result.provider.ort_name} ({result.provider.reason})"), soft_wrap=True)
     for note in result.notes:
         console.print(Text(f"  note: {note}"), soft_wrap=True)
@@ -76,8 +77,19 @@ def print_result(result: ExportResult) -> None:
         console.print(benchmark_table(result.benchmark))
 
 
+def _unused(flags: dict[str, object], because: str) -> None:
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise CCNNError(f"{given[0]} does nothing {because}")
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user set (the records keep their own defaults for the others)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 @app.command()
-@user_errors
+@user_errors(flags=_FLAGS)
 def export_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or file.py:factory."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .onnx path [default: <model>_<mode>.onnx]."),
@@ -89,6 +101,7 @@ def export_command(
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type or name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Input height = width [default: the preprocessing crop]."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Override: shorter side resized to this."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Override: centre crop size."),
@@ -100,11 +113,11 @@ def export_command(
     provider: str = typer.Option("auto", "--provider", help=f"ONNX Runtime provider: {'|'.join(PROVIDERS)}."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare ONNX Runtime with PyTorch before writing the file."),
     data: Optional[str] = typer.Option(None, "--data", help="Also verify on real images: an ImageFolder-style DIR."),
-    data_limit: int = typer.Option(32, "--data-limit", help="Images used from --data."),
+    data_limit: Optional[int] = typer.Option(None, "--data-limit", help="Images used from --data [default: 32]."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max relative difference [default: 1e-4, fp16: 1e-2]."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Time ONNX Runtime vs PyTorch eager on the same batch."),
-    bench_batch: int = typer.Option(4, "--bench-batch", help="Batch size for --benchmark."),
-    bench_repeats: int = typer.Option(10, "--bench-repeats", help="Timed repeats for --benchmark (interleaved, median)."),
+    bench_batch: Optional[int] = typer.Option(None, "--bench-batch", help="Batch size for --benchmark [default: 4]."),
+    bench_repeats: Optional[int] = typer.Option(None, "--bench-repeats", help="Timed repeats for --benchmark (interleaved, median) [default: 10]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch and ONNX Runtime [default: torch's]."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
@@ -112,17 +125,20 @@ def export_command(
     preprocessing = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
                      "std": parse_floats(std, "--std"), "interpolation": interpolation}
     preprocessing = {k: v for k, v in preprocessing.items() if v is not None}
-
-    def log(message: str) -> None:
-        err_console.print(Text(message, style="dim"), soft_wrap=True)
-
+    verify_flags = {"--data": data, "--data-limit": data_limit, "--tolerance": tolerance}
+    bench_flags = {"--bench-batch": bench_batch, "--bench-repeats": bench_repeats}
+    if not verify:
+        _unused(verify_flags, "with --no-verify")
+    if not benchmark:
+        _unused(bench_flags, "without --benchmark")
+    verify_options = VerifyOptions(**_given(data=data, data_limit=data_limit, tolerance=tolerance)) if verify else None
+    bench_options = BenchmarkOptions(**_given(batch=bench_batch, repeats=bench_repeats)) if benchmark else None
     try:
         result = export(model, output, mode=mode, sampler=sampler, keep_first=keep_first, density=density,
-                        seed=seed, leaf_modules=leaf or None, weights=weights, arch=arch, input_size=input_size,
-                        preprocessing=preprocessing or None, opset=opset, fp16=fp16, provider=provider,
-                        verify_output=verify, data=data, data_limit=data_limit, tolerance=tolerance,
-                        run_benchmark=benchmark, bench_batch=bench_batch, bench_repeats=bench_repeats,
-                        threads=threads, force=force, log=log)
+                        seed=seed, leaf_modules=leaf or None, weights=weights, arch=arch,
+                        trust_factory=trust_factory, preprocessing=preprocessing or None, input_size=input_size,
+                        opset=opset, fp16=fp16, provider=provider, threads=threads, verify=verify_options,
+                        benchmark=bench_options, force=force)
     except VerificationFailed as exc:
         err_console.print(verification_table(exc.verification))
         raise
