@@ -1,17 +1,18 @@
 """FLOP counting with torch.utils.flop_counter (convolutions and matrix products).
 
-By default the forward runs on meta tensors (parameters, buffers and input swapped for meta
-copies), so counting the FLOPs of even a dilated ResNet-152 computes nothing and takes a moment.
+By default the forward runs on meta tensors (:func:`~ccnn_convert.core.tracing.on_meta`), so
+counting the FLOPs of even a dilated ResNet-152 computes nothing and takes a moment.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
+
+from .core.tracing import on_meta as _on_meta
+
+__all__ = ["count_flops"]
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor, on_meta: bool = True) -> int:
@@ -33,11 +34,8 @@ def _count(model: nn.Module, example_input: torch.Tensor) -> int:
 
 
 def _count_on_meta(model: nn.Module, example_input: torch.Tensor) -> int:
-    meta_state = {name: torch.empty_like(t, device="meta")
-                  for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                                   model.named_buffers(remove_duplicate=False))}
     try:
-        with _reparametrize_module(model, meta_state):
+        with _on_meta(model):
             return _count(model, example_input.to("meta"))
     except Exception:  # code that needs real values (data-dependent branches): count for real
         return _count(model, example_input)

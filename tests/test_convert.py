@@ -3,7 +3,7 @@ submaps by hand, and on torchvision models against independent expectations."""
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import pytest
 import torch
@@ -12,8 +12,9 @@ import torchvision
 from torch import nn
 
 import reference
-from ccnn_convert import ConversionError, conversion_report, convert, count_flops
+from ccnn_convert import conversion_report, convert, count_flops
 from ccnn_convert.core import sequences
+from ccnn_convert.errors import ConversionError, ParameterError
 
 
 class SmallNet(nn.Module):
@@ -118,7 +119,8 @@ def _small_net():
 def test_checkered_small_net_matches_slow_reference(sampler, keep_first):
     net = _small_net()
     x = torch.randn(2, 3, 29, 32)
-    model = convert(net, mode="checkered", sampler=sampler, keep_first=keep_first, seed=3, example_input=x)
+    seed = 3 if sampler == "random" else None  # a seed only seeds the random sampler
+    model = convert(net, mode="checkered", sampler=sampler, keep_first=keep_first, seed=seed, example_input=x)
     seqs = _sequences_of(model)
     assert [s is None for s in seqs] == [t < keep_first for t in range(5)]
     with torch.no_grad():
@@ -325,12 +327,40 @@ def test_input_too_small_is_a_conversion_error():
         convert(torchvision.models.alexnet(), example_input=torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "sparse"}, "unknown mode"), ({"sampler": "sobol"}, "unknown sampler"),
-    ({"density": 0}, "density"), ({"density": 5}, "density 5"), ({"keep_first": -1}, "keep_first")])
-def test_invalid_settings(kwargs, match):
-    with pytest.raises(ConversionError, match=match):
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"mode": "sparse"}, ParameterError, "unknown mode"), ({"sampler": "sobol"}, ParameterError, "unknown sampler"),
+    ({"density": 0}, ParameterError, "density"), ({"density": 5}, ConversionError, "density 5"),
+    ({"keep_first": -1}, ParameterError, "keep_first"), ({"leaf_modules": [3]}, ParameterError, "leaf_modules"),
+    ({"mode": "dilated", "density": 2}, ParameterError, "density .* does nothing with mode 'dilated'"),
+    ({"mode": "traditional", "density": 2}, ParameterError, "density .* does nothing with mode 'traditional'"),
+    ({"sampler": "lattice", "seed": 1}, ParameterError, "seed only seeds the random sampler"),
+    ({"mode": "dilated", "sampler": "random", "seed": 1}, ParameterError, "seed only seeds the random sampler")])
+def test_invalid_settings(kwargs, error, match):
+    with pytest.raises(error, match=match) as caught:
         convert(SmallNet(), example_input=torch.randn(1, 3, 32, 32), **kwargs)
+    if error is ParameterError:  # the parameter is named, so the CLI can show its own flag
+        assert caught.value.parameter in kwargs
+
+
+def test_keep_first_beyond_the_last_step_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="ccnn_convert"):
+        model = convert(SmallNet(), keep_first=7, example_input=torch.randn(1, 3, 32, 32))
+    report = conversion_report(model)
+    expected = "keep_first=7 but the model has 5 subsampling steps: nothing is converted"
+    assert report.warnings == [expected]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [expected]
+    assert report.converted_layers == 0
+    quiet = conversion_report(convert(SmallNet(), keep_first=5, example_input=torch.randn(1, 3, 32, 32)))
+    assert quiet.warnings == [] and quiet.converted_layers == 0  # exactly every step kept: no surprise
+
+
+def test_leaf_module_that_matches_nothing_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="ccnn_convert"):
+        model = convert(DataDependent(), leaf_modules=[Gate, "Foo", "conv", nn.GRU],
+                        example_input=torch.randn(1, 3, 8, 8))
+    expected = ["leaf module 'Foo' matches nothing in the model", "leaf module 'GRU' matches nothing in the model"]
+    assert conversion_report(model).warnings == expected
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == expected
 
 
 class WithTransposed(nn.Module):
@@ -344,13 +374,13 @@ class WithTransposed(nn.Module):
         return self.up(self.down(x)).mean((2, 3))
 
 
-def test_unsupported_strided_layers_are_left_unchanged_with_a_warning():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_unsupported_strided_layers_are_left_unchanged_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="ccnn_convert"):
         model = convert(WithTransposed(), example_input=torch.randn(1, 3, 8, 8))
     report = conversion_report(model)
     assert any("ConvTranspose2d" in w for w in report.warnings)
-    assert any("ConvTranspose2d" in str(w.message) for w in caught)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert logged == report.warnings  # each warning logged once, and kept in the report
     assert [r.name for r in report.layers if r.converted] == ["down"]
     assert isinstance(model.up, nn.ConvTranspose2d)
     model(torch.randn(1, 3, 8, 8))

@@ -7,8 +7,6 @@ left to benchmarks/model_coverage.py, which writes docs/models.md; the reason is
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torchvision
@@ -48,9 +46,7 @@ def test_torchvision_model_converts_and_runs(name):
         expected_shape = model(x).shape
     modes = ["checkered"] + ([] if name.startswith(HEAVY_DILATED) else ["dilated"])
     for mode in modes:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            converted = convert(model, mode=mode, example_input=x)
+        converted = convert(model, mode=mode, example_input=x)
         report = conversion_report(converted)
         assert report.converted_layers >= 1, f"{name} {mode}: nothing converted"
         strides = {r.step: r.stride[0] for r in report.layers if r.converted}

@@ -29,10 +29,17 @@ from torch import Tensor, nn
 
 from . import sequences
 
+__all__ = [
+    "IntPair", "MultisampleAvgPool2d", "MultisampleConv2d", "MultisampleMaxPool2d", "SubmapSampler",
+    "multisample_avg_pool2d", "multisample_conv2d", "multisample_max_pool2d", "pair", "pooled_size",
+    "submap_amax", "submap_mean", "submap_repeat",
+]
+
 IntPair = tuple[int, int]
 
 
-def _pair(value: int | Sequence[int]) -> IntPair:
+def pair(value: int | Sequence[int]) -> IntPair:
+    """``3 -> (3, 3)``, ``[3] -> (3, 3)``, ``(3, 5) -> (3, 5)``: PyTorch's size arguments as a pair."""
     if isinstance(value, int):
         return (value, value)
     value = tuple(value)
@@ -153,8 +160,8 @@ def multisample_conv2d(x: Tensor, table: Tensor, weight: Tensor, bias: Tensor | 
                        stride, padding, dilation, groups: int, padding_mode: str = "zeros") -> Tensor:
     """``F.conv2d`` that keeps the samples listed in ``table`` (see module docstring)."""
     kernel = (weight.shape[2], weight.shape[3])
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = (0, 0) if padding == "valid" else _pair(padding)
+    stride, dilation = pair(stride), pair(dilation)
+    padding = (0, 0) if padding == "valid" else pair(padding)
     geo = _Window((x.shape[2], x.shape[3]), kernel, stride, padding, dilation)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     padded = _pad(x, padding, padding, 0.0, mode)
@@ -166,9 +173,9 @@ def multisample_conv2d(x: Tensor, table: Tensor, weight: Tensor, bias: Tensor | 
 def multisample_max_pool2d(x: Tensor, table: Tensor, kernel_size, stride=None, padding=0,
                            dilation=1, ceil_mode: bool = False) -> Tensor:
     """``F.max_pool2d`` that keeps the samples listed in ``table``."""
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-    padding, dilation = _pair(padding), _pair(dilation)
+    kernel = pair(kernel_size)
+    stride = kernel if stride is None or stride == [] or stride == () else pair(stride)
+    padding, dilation = pair(padding), pair(dilation)
     geo = _Window((x.shape[2], x.shape[3]), kernel, stride, padding, dilation, ceil_mode)
     padded = _pad(x, padding, (padding[0] + geo.fill[0], padding[1] + geo.fill[1]), -math.inf)
     crops = geo.gather(padded, table)
@@ -183,9 +190,9 @@ def multisample_avg_pool2d(x: Tensor, table: Tensor, kernel_size, stride=None, p
     The far-edge fill is treated like the layer's padding: zeros that count in the divisor
     exactly when ``count_include_pad`` does (the reference implementation's zero fill).
     """
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-    padding = _pair(padding)
+    kernel = pair(kernel_size)
+    stride = kernel if stride is None or stride == [] or stride == () else pair(stride)
+    padding = pair(padding)
     geo = _Window((x.shape[2], x.shape[3]), kernel, stride, padding, (1, 1), ceil_mode)
     after = (padding[0] + geo.fill[0], padding[1] + geo.fill[1])
     crops = geo.gather(_pad(x, padding, after, 0.0), table)

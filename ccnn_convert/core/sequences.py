@@ -19,7 +19,7 @@ A *sequence* assigns one sampler to each submap:
 
 * ``naive``: sampler 0 everywhere.
 * ``lattice``: for ``k = 2`` and ``S <= 512`` the reference implementation's sequence (shipped as
-  ``data/lattice_sequences.json``). Beyond it we use the rank-1 lattice rule the reference itself
+  ``resources/lattice_sequences.json``). Beyond it we use the rank-1 lattice rule the reference itself
   follows for 8 <= S <= 256: submap ``i`` takes sampler ``floor(13 * i / S) mod k``. It splits the
   submaps into 13 near-equal runs alternating over the samplers, so every sampler is used
   equally often (up to one run) and neighbouring submaps mostly share a sampler, spreading the
@@ -38,6 +38,11 @@ from typing import Literal
 import torch
 
 from ..errors import ConversionError
+
+__all__ = [
+    "LATTICE_GENERATOR", "SEQUENCES", "Offset", "SequenceKind", "deterministic_sampler", "lattice_indices",
+    "offset_table", "random_sampler", "sampler_sequence",
+]
 
 Offset = tuple[int, int]
 SequenceKind = Literal["naive", "lattice", "random"]
@@ -71,7 +76,7 @@ def random_sampler(k: int, n: int, generator: torch.Generator | None) -> list[Of
 
 @functools.lru_cache(maxsize=None)
 def _reference_lattice() -> dict[int, tuple[int, ...]]:
-    text = resources.files("ccnn_convert").joinpath("data/lattice_sequences.json").read_text()
+    text = resources.files("ccnn_convert").joinpath("resources/lattice_sequences.json").read_text()
     return {int(s): tuple(seq) for s, seq in json.loads(text)["sequences"].items()}
 
 
