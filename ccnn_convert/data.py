@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import DataError, ParameterError
+from .errors import DataError, DataParameterError
 
 __all__ = [
     "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "collate_items",
@@ -50,7 +50,7 @@ class ImageNetClass(NamedTuple):
 @functools.lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[ImageNetClass, ...]:
     """The shipped 1000-class table (index = position in sorted wnid order)."""
-    text = resources.files("ccnn_convert").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
+    text = resources.files("ccnn_convert").joinpath("resources/imagenet_classes.tsv").read_text("utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     return tuple(ImageNetClass(int(index), wnid, name) for index, wnid, name in rows)
 
@@ -58,10 +58,6 @@ def imagenet_classes() -> tuple[ImageNetClass, ...]:
 @functools.lru_cache(maxsize=1)
 def wnid_to_index() -> dict[str, int]:
     return {c.wnid: c.index for c in imagenet_classes()}
-
-
-class _DataParameterError(DataError, ParameterError):
-    """A data problem that one parameter (``labels``, ``data``) can fix; the CLI names its flag."""
 
 
 def _is_hidden(name: str) -> bool:
@@ -124,7 +120,7 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
-        raise _DataParameterError("data", f"{{param}} must be a folder of images, got a file: {root}")
+        raise DataParameterError("data", f"{{param}} must be a folder of images, got a file: {root}")
     entries = [e for e in os.scandir(root) if not _is_hidden(e.name)]
     has_dirs = any(e.is_dir() for e in entries)
     has_files = any(e.is_file() for e in entries)
@@ -132,11 +128,11 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
         raise DataError(f"data folder is empty: {root}")
     if labels is not None:
         if not has_files:
-            raise _DataParameterError("labels", f"{{param}} needs a flat folder of images, but {root} has no "
+            raise DataParameterError("labels", f"{{param}} needs a flat folder of images, but {root} has no "
                                                 "files at its top level")
         return _flat_folder_samples(root, Path(labels))
     if not has_dirs:
-        raise _DataParameterError("labels", f"{root} is a flat folder of files: pass {{param}} "
+        raise DataParameterError("labels", f"{root} is a flat folder of files: pass {{param}} "
                                             "(LOC_val_solution.csv or a filename,label CSV) or use "
                                             "<wnid>/<image> folders")
     return _image_folder_samples(root, imagenet_labels)

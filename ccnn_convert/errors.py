@@ -6,7 +6,7 @@ line and exits non-zero; Python callers can catch it. Anything else is a bug.
 
 The library speaks in parameters, not flags: a bad value for one parameter is a
 :class:`ParameterError`, whose message names the parameter (``batch_size must be positive``).
-The CLI re-renders the same message with the matching flag (``--batch-size must be positive``).
+The CLI re-renders the same message with the command's flag for that parameter in its place.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ __all__ = [
     "ConversionError",
     "DataError",
     "ExportError",
+    "DataParameterError",
+    "ModelParameterError",
     "ModelResolutionError",
     "ParameterError",
 ]
@@ -60,3 +62,11 @@ class ParameterError(CCNNError):
 
     def render(self, name: str) -> str:
         return self.template.replace(_PLACEHOLDER, name)
+
+
+class ModelParameterError(ParameterError, ModelResolutionError):
+    """A model problem that one parameter fixes (weights, arch, trust_factory)."""
+
+
+class DataParameterError(ParameterError, DataError):
+    """A data problem that one parameter fixes (data, labels)."""

@@ -39,7 +39,7 @@ from ccnn_convert.models import (
 from shared_data import SAMPLE_VAL
 
 SAMPLE = SAMPLE_VAL
-CLASSES = Path(__file__).resolve().parents[1] / "ccnn_convert" / "data" / "imagenet_classes.tsv"
+CLASSES = Path(__file__).resolve().parents[1] / "ccnn_convert" / "resources" / "imagenet_classes.tsv"
 
 
 def outputs(model: nn.Module, size: int = 64, seed: int = 0) -> torch.Tensor:

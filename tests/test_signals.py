@@ -35,9 +35,10 @@ RUNNER = textwrap.dedent("""
         real_replace(src, dst)
 
     os.replace = replace_later
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    sys.argv = sys.argv[1:]
     from ccnn_convert.cli import entry
-    getattr(entry, sys.argv[0].split("-", 1)[1])()
+    commands = {"ccnn-convert": entry.convert, "ccnn-eval": entry.evaluate, "ccnn-export": entry.export}
+    commands[sys.argv[0]]()
 """)
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ccnn_convert import convert
 from ccnn_convert.cli.visualize import app
-from ccnn_convert.errors import CCNNError, ParameterError
+from ccnn_convert.errors import ParameterError
 from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.visualize import (compose_offsets, feature_submaps, input_position, plot_positions, sampling_map,
                                     step_table, submap_offsets)

@@ -102,10 +102,15 @@ def parse_floats(text: str | None, flag: str, count: int = 3) -> tuple[float, ..
 # --------------------------------------------------------------------------- errors
 
 
+# Library parameters whose flag is not their name in every command.
+COMMON_FLAGS = {"leaf_modules": "--leaf"}
+
+
 def flag_for(parameter: str, command: Callable | None = None, aliases: Mapping[str, str] | None = None) -> str:
     """The command's flag for a library parameter (``keep_first`` -> ``--keep-first``): an alias,
     else the longest flag the command declares for a parameter of that name, else a guess."""
-    if aliases and parameter in aliases:
+    aliases = {**COMMON_FLAGS, **(aliases or {})}
+    if parameter in aliases:
         return aliases[parameter]
     declared = inspect.signature(command).parameters.get(parameter) if command is not None else None
     info = getattr(declared, "default", None)

@@ -26,7 +26,8 @@ from .._helpers import first_line
 from ..errors import ModelResolutionError
 from .checkpoints import _is_default, _is_weights_path, _no_weights, extract_state_dict, load_checked, safe_load
 from .preprocessing import imagenet_preprocessing
-from .record import ResolvedModel, _ModelParameterError, count_classes
+from ..errors import ModelParameterError
+from .record import ResolvedModel, count_classes
 
 __all__ = ["build_trusted_factory", "parse_factory", "resolve_factory"]
 
@@ -57,7 +58,7 @@ def resolve_factory(text: str, weights: str | None) -> ResolvedModel:
         load_checked(model, extract_state_dict(safe_load(path), path), f"checkpoint {path}")
         description = str(path)
     elif not (_is_default(weights) or _no_weights(weights)):
-        raise _ModelParameterError(
+        raise ModelParameterError(
             "weights", f"with a factory MODEL, {{param}} must be a checkpoint file, not {weights!r}")
     name = f"{Path(target).name}:{attr}" if target.endswith(".py") else text
     # The absolute path is stored, so a later reload never depends on the working directory.
@@ -73,7 +74,7 @@ def build_trusted_factory(factory: Any, where: str, trust_factory: bool) -> nn.M
     if parsed is None:
         raise ModelResolutionError(f"{where}: invalid factory {factory!r} in artifact")
     if not trust_factory:
-        raise _ModelParameterError("trust_factory", f"{where} was built by factory {factory!r}; "
+        raise ModelParameterError("trust_factory", f"{where} was built by factory {factory!r}; "
                                               "loading it runs that code: pass {param} if you trust it")
     target, attr = parsed
     if target.endswith(".py") and not Path(target).is_absolute():

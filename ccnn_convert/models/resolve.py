@@ -31,7 +31,8 @@ from .factory import build_trusted_factory, parse_factory, resolve_factory
 from .libraries import (LIBRARY_SOURCES, build_library_model, find_source, library_model_names,
                         resolve_library, resolve_library_checkpoint)
 from .preprocessing import _checked_overrides
-from .record import ResolvedModel, _ModelParameterError, count_classes
+from ..errors import ModelParameterError
+from .record import ResolvedModel, count_classes
 
 __all__ = ["ResolvedModel", "build_from_spec", "count_classes", "list_model_names", "load_artifact",
            "resolve_model"]
@@ -91,23 +92,23 @@ def list_model_names() -> list[str]:
 
 def _reject_arch(arch: str | None, model: str) -> None:
     if arch is not None:
-        raise _ModelParameterError("arch", f"{{param}} only applies when MODEL is a checkpoint file, not to {model!r}")
+        raise ModelParameterError("arch", f"{{param}} only applies when MODEL is a checkpoint file, not to {model!r}")
 
 
 def _resolve_file(path: Path, weights: str | None, arch: str | None, trust_factory: bool) -> ResolvedModel:
     obj = safe_load(path)
     if is_artifact(obj):
         if arch is not None or not (_is_default(weights) or weights is None):
-            raise _ModelParameterError("arch" if arch is not None else "weights",
+            raise ModelParameterError("arch" if arch is not None else "weights",
                                        f"{path} is a ccnn-convert artifact with its own architecture and "
                                        "weights; drop {param}")
         return _from_artifact(obj, path, trust_factory)
     if arch is None:
-        raise _ModelParameterError(
+        raise ModelParameterError(
             "arch", f"{path} is a plain checkpoint, not a ccnn-convert artifact: name its architecture "
             "with {param} (e.g. {param} resnet50), or give it as the weights of a factory MODEL (file.py:make)")
     if not (_is_default(weights) or weights is None):
-        raise _ModelParameterError("weights", f"MODEL {path} already is the weights; drop {{param}} {weights}")
+        raise ModelParameterError("weights", f"MODEL {path} already is the weights; drop {{param}} {weights}")
     return _resolve_checkpoint(arch.strip(), path, obj)
 
 
@@ -121,7 +122,7 @@ def _resolve_name(name: str, weights: str | None) -> ResolvedModel:
 
 def _resolve_checkpoint(arch: str, path: Path, obj: Any, source: str | None = None) -> ResolvedModel:
     if is_artifact(obj):
-        raise _ModelParameterError("weights", f"{path} is a ccnn-convert artifact: pass it as MODEL, "
+        raise ModelParameterError("weights", f"{path} is a ccnn-convert artifact: pass it as MODEL, "
                                               "not as {param}")
     if source is None:
         source, arch = find_source(arch)
