@@ -33,6 +33,8 @@ _EXPORTS = {
     "LayerRecord": ".core",
     "conversion_report": ".core",
     "convert": ".core",
+    "create_feature_extractor": ".core",
+    "DenseMap": ".core",
     "ConversionSpec": ".spec",
     "count_flops": ".flops",
     "use_huge_pages": ".cpu_memory",

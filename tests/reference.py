@@ -93,3 +93,92 @@ def multisample(op: str, x: torch.Tensor, sequence, **kw) -> torch.Tensor:
         for j, (dy, dx) in enumerate(sampler):
             outputs[j * submaps + i] = sample(op, x_i, dy, dx, **kw)
     return torch.cat([outputs[k] for k in sorted(outputs)])
+
+
+# --------------------------------------------------------------------------- exact edges
+#
+# The exact rule, from windows: a submap carries (r, c), its real rows and columns (a prefix).
+# Values beyond them are padding (0, or -inf for max pools). A sample is real when its window
+# lies inside the padded real input (rows < r + 2p); with ceil_mode also when it starts inside
+# the input or its left padding (start < r + p), as PyTorch's ceil rule allows. Average pools
+# divide by the window positions inside the padded real input (count_include_pad) or by the
+# real positions in the window (count_include_pad=False).
+
+
+def sample_exact(op: str, x: torch.Tensor, dy: int, dx: int, real, **kw):
+    """One sample of one submap under exact edges: ``(output, (real rows, real cols))``."""
+    kh, kw_ = _pair(kw["kernel"])
+    sh, sw = _pair(kw["stride"])
+    dh, dw = _pair(kw.get("dilation", 1))
+    ph, pw = _pair(kw["padding"])
+    r, c = real
+    ceil = kw.get("ceil_mode", False)
+    fill = -math.inf if op == "max" else 0.0
+    out_h, out_w = traditional_size(op, x, **kw)
+    b, _, h, w = x.shape
+    big_h, big_w = h + 2 * ph + dy + sh * out_h + kh * dh, w + 2 * pw + dx + sw * out_w + kw_ * dw
+    padded = torch.full((b, x.shape[1], big_h, big_w), fill, dtype=x.dtype)
+    padded[:, :, ph:ph + r, pw:pw + c] = x[:, :, :r, :c]  # everything else is padding
+    if op == "conv":
+        weight, bias, groups = kw["weight"], kw.get("bias"), kw["groups"]
+        out = torch.zeros(b, weight.shape[0], out_h, out_w, dtype=x.dtype)
+    else:
+        out = torch.zeros(b, x.shape[1], out_h, out_w, dtype=x.dtype)
+    real_rows = [_real_window(dy + oy * sh, kh, dh, r, ph, ceil) for oy in range(out_h)]
+    real_cols = [_real_window(dx + ox * sw, kw_, dw, c, pw, ceil) for ox in range(out_w)]
+    for oy in range(out_h):
+        for ox in range(out_w):
+            rows = [dy + oy * sh + t * dh for t in range(kh)]
+            cols = [dx + ox * sw + t * dw for t in range(kw_)]
+            window = padded[:, :, rows][:, :, :, cols]
+            if op == "conv":
+                win = window.reshape(b, groups, -1, kh, kw_)
+                wgt = weight.reshape(groups, -1, weight.shape[1], kh, kw_)
+                value = torch.einsum("bgcij,gocij->bgo", win, wgt).reshape(b, -1)
+                out[:, :, oy, ox] = value + (bias if bias is not None else 0)
+            elif op == "max":
+                out[:, :, oy, ox] = window.amax(dim=(-1, -2))
+            else:
+                if kw["count_include_pad"]:
+                    count = sum(1 for i in rows for j in cols if i < r + 2 * ph and j < c + 2 * pw)
+                else:
+                    count = sum(1 for i in rows for j in cols if ph <= i < ph + r and pw <= j < pw + c)
+                out[:, :, oy, ox] = window.sum(dim=(-1, -2)) / max(count, 1)
+    return out, (_prefix(real_rows), _prefix(real_cols))
+
+
+def _real_window(start: int, kernel: int, dilation: int, real: int, pad: int, ceil: bool) -> bool:
+    inside = start + dilation * (kernel - 1) < real + 2 * pad
+    return inside or (ceil and start < real + pad)
+
+
+def _prefix(flags: list[bool]) -> int:
+    count = sum(flags)
+    assert all(flags[:count]) and not any(flags[count:]), f"real samples are not a prefix: {flags}"
+    return count
+
+
+def multisample_exact(op: str, maps: list, reals: list, sequence, **kw):
+    """Every submap of a list through one layer under exact edges; ``sequence`` None = traditional.
+
+    Sample j of submap i becomes submap j*S + i. Returns ``(maps, reals)``.
+    """
+    if sequence is None:
+        sequence = [[(0, 0)]] * len(maps)
+    results = {}
+    for i, (m, real, sampler) in enumerate(zip(maps, reals, sequence)):
+        for j, (dy, dx) in enumerate(sampler):
+            results[j * len(maps) + i] = sample_exact(op, m, dy, dx, real, **kw)
+    ordered = [results[k] for k in sorted(results)]
+    return [o for o, _ in ordered], [rc for _, rc in ordered]
+
+
+def global_mean_exact(maps: list, reals: list) -> torch.Tensor:
+    """Mean over the real positions of all submaps: ``(B, C)``."""
+    total = sum(r * c for r, c in reals)
+    sums = sum(m[:, :, :r, :c].sum(dim=(2, 3)) for m, (r, c) in zip(maps, reals))
+    return sums / total
+
+
+def global_max_exact(maps: list, reals: list) -> torch.Tensor:
+    return torch.stack([m[:, :, :r, :c].amax(dim=(2, 3)) for m, (r, c) in zip(maps, reals)]).amax(0)

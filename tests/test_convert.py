@@ -84,6 +84,29 @@ def small_net_reference(net: SmallNet, x, seqs, training=False):
     return net.fc(features)
 
 
+def small_net_exact_reference(net: SmallNet, x, seqs):
+    """SmallNet's forward, submap by submap, under exact edges (tests/reference.py's rule);
+    F.pad's zeros count as real, as in the dense network."""
+    maps, reals = reference.multisample_exact("conv", [x], [tuple(x.shape[2:])], seqs[0], **_conv_kw(net.stem))
+    maps = [F.relu(net.bn(m)) for m in maps]
+    maps, reals = reference.multisample_exact("max", maps, reals, seqs[1], kernel=3, stride=2, padding=1,
+                                              dilation=1, ceil_mode=False)
+    a, reals_a = reference.multisample_exact("conv", maps, reals, seqs[2], **_conv_kw(net.conv_a))
+    s, reals_s = reference.multisample_exact("conv", maps, reals, seqs[2], **_conv_kw(net.short))
+    assert reals_a == reals_s
+    b, reals = reference.multisample_exact("conv", [F.relu(m) for m in a], reals_a, None, **_conv_kw(net.conv_b))
+    maps = [F.relu(bi + si) for bi, si in zip(b, s)]
+    scale = torch.sigmoid(net.se(reference.global_mean_exact(maps, reals)[:, :, None, None]))
+    maps = [m * scale for m in maps]
+    maps, reals = reference.multisample_exact("avg", maps, reals, seqs[3], kernel=2, stride=2, padding=0,
+                                              ceil_mode=False, count_include_pad=True)
+    maps = [F.pad(m[:, :, :r, :c], (0, 1 + m.shape[3] - c, 0, 1 + m.shape[2] - r)) for m, (r, c) in zip(maps, reals)]
+    reals = [(r + 1, c + 1) for r, c in reals]
+    maps, reals = reference.multisample_exact("conv", maps, reals, seqs[4], kernel=3, stride=2, padding=0,
+                                              dilation=1, groups=1, weight=net.extra, bias=None)
+    return net.fc(reference.global_mean_exact(maps, reals))
+
+
 def _sequences_of(model, steps=5):
     """The sampler sequence each step of a converted model uses (None where kept)."""
     seqs = []
@@ -139,8 +162,23 @@ def test_dilated_and_dense_small_net_match_slow_reference():
     for kwargs in ({"mode": "dilated", "keep_first": 3}, {"density": 3, "keep_first": 2}):
         model = convert(net, example_input=x, **kwargs)
         seqs = _sequences_of(model)
+        # dilated is exact at the edges; checkered (density) keeps the reference rule by default
+        expected = (small_net_exact_reference if kwargs.get("mode") == "dilated" else small_net_reference)
         with torch.no_grad():
-            torch.testing.assert_close(model(x), small_net_reference(net, x, seqs), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(model(x), expected(net, x, seqs), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, keep_first", [("checkered", 0), ("checkered", 2), ("dilated", 2)])
+def test_exact_edges_small_net_matches_the_exact_reference(mode, keep_first):
+    """Residual add, squeeze-excitation's global pool and a zero F.pad under exact edges."""
+    net = _small_net()
+    x = torch.randn(1, 3, 27, 37)
+    model = convert(net, mode=mode, keep_first=keep_first, edges="exact", example_input=x)
+    seqs = _sequences_of(model)
+    with torch.no_grad():
+        expected = small_net_exact_reference(net, x, seqs)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(small_net_reference(net, x, seqs), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_training_mode_batchnorm_and_gradients():

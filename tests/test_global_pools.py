@@ -84,7 +84,8 @@ def test_global_pool_of_converted_model_matches_the_dense_map_pool(name, mode):
     torch.manual_seed(0)
     net = PoolNet(name).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
-    model = convert(net, mode=mode, example_input=x)
+    options = {"dilation": "multisample"} if mode == "dilated" else {}  # the test reads the submaps
+    model = convert(net, mode=mode, example_input=x, **options)
     report = conversion_report(model)
     assert report.converted_layers == 2 and report.final_submaps == (4 if mode == "checkered" else 16)
     kind = POOLS[name][0]
@@ -95,6 +96,11 @@ def test_global_pool_of_converted_model_matches_the_dense_map_pool(name, mode):
         actual = model(x)
         expected = _reference(net, kind, x, seqs)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    if mode == "dilated":  # native dilation pools the same dense map, with no submaps at all
+        native = convert(net, mode=mode, dilation="native", example_input=x)
+        assert conversion_report(native).final_submaps == 1
+        with torch.no_grad():
+            torch.testing.assert_close(native(x), expected, rtol=1e-5, atol=1e-5)
     if kind == "max":  # the test can tell max from mean: the mean of the submaps' maxima differs
         maps_mean = net.fc(torch.stack([m.amax((2, 3)) for m in _submaps(net, x, seqs)]).mean(0))
         assert not torch.allclose(maps_mean, expected, rtol=1e-3, atol=1e-3)

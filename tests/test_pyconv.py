@@ -51,7 +51,8 @@ def test_each_pyconv_block_is_one_step():
         2: [f"blocks.1.pyconv.0.branches.{i}" for i in range(3)] + ["blocks.1.shortcut.0"],
     }
     assert all(record.converted for record in report.layers) and report.final_submaps == 4
-    dilated = conversion_report(convert(net, mode="dilated", example_input=torch.zeros(1, 3, 16, 16)))
+    dilated = conversion_report(convert(net, mode="dilated", dilation="multisample",
+                                        example_input=torch.zeros(1, 3, 16, 16)))
     assert dilated.final_submaps == 16
 
 
@@ -59,7 +60,23 @@ def test_each_pyconv_block_is_one_step():
 def test_pyconv_resnet_matches_slow_reference(mode, sampler):
     net = _tiny()
     x = torch.randn(2, 3, 16, 16)
-    model = convert(net, mode=mode, sampler=sampler, seed=1 if sampler == "random" else None, example_input=x)
+    options = {"dilation": "multisample"} if mode == "dilated" else {}  # the reference needs the submaps
+    model = convert(net, mode=mode, sampler=sampler, seed=1 if sampler == "random" else None, example_input=x,
+                    **options)
     seqs = _sequences_of(model, steps=2)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference(net, x, seqs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [16, 19])
+def test_native_dilation_equals_multisample_dilation(size):
+    """Native dilation (strides removed, later layers dilated) gives multisample dilation's logits."""
+    net = _tiny()
+    x = torch.randn(2, 3, size, size)
+    native = convert(net, mode="dilated", dilation="native", example_input=x)
+    multisample = convert(net, mode="dilated", dilation="multisample", example_input=x)
+    assert conversion_report(native).final_submaps == 1
+    assert [r.converted for r in conversion_report(native).layers] == \
+        [r.converted for r in conversion_report(multisample).layers]
+    with torch.no_grad():
+        torch.testing.assert_close(native(x), multisample(x), rtol=1e-5, atol=1e-5)

@@ -12,11 +12,18 @@ import torch
 import torchvision
 
 from ccnn_convert import conversion_report, convert
+from ccnn_convert.errors import ConversionError
 
 MAX_PARAMS = 100_000_000
 # The smallest input each family runs at (fixed-size transformers need their training size).
 INPUT_SIZE = {"inception_v3": 75, "alexnet": 64, "googlenet": 64, "vit": 224, "maxvit": 224, "swin": 64}
 HEAVY_DILATED = ("maxvit",)  # dilated at 224 px is minutes on 2 CPU cores; covered by benchmarks
+# Native dilation needs a spatial layout a dilation can express: a fixed 6x6 adaptive pool
+# (alexnet) or tokens folded from the map (transformers) are refused with a one-line error.
+NATIVE_REFUSED = ("alexnet", "vit", "swin")
+# Fixed-size transformers run only at their training size; every other model is compared at an
+# odd size, where exact edges matter (samples of the multisample network fall outside the image).
+FIXED_SIZE = ("vit", "maxvit", "swin")
 
 
 def _num_params(name: str) -> int:
@@ -46,7 +53,9 @@ def test_torchvision_model_converts_and_runs(name):
         expected_shape = model(x).shape
     modes = ["checkered"] + ([] if name.startswith(HEAVY_DILATED) else ["dilated"])
     for mode in modes:
-        converted = convert(model, mode=mode, example_input=x)
+        # dilation="multisample": this test counts submaps; native dilation has one map per image
+        options = {"dilation": "multisample"} if mode == "dilated" else {}
+        converted = convert(model, mode=mode, example_input=x, **options)
         report = conversion_report(converted)
         assert report.converted_layers >= 1, f"{name} {mode}: nothing converted"
         strides = {r.step: r.stride[0] for r in report.layers if r.converted}
@@ -58,3 +67,25 @@ def test_torchvision_model_converts_and_runs(name):
             out = converted(torch.randn(2, *x.shape[1:]))
         assert out.shape == (2, *expected_shape[1:]), (name, mode)
         assert torch.isfinite(out).all(), (name, mode)
+
+
+@pytest.mark.parametrize("name", [p for p in _models() if not p.values[0].startswith(HEAVY_DILATED)])
+def test_native_dilation_equals_multisample_dilation(name):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    size = _size(name) + (0 if name.startswith(FIXED_SIZE) else 1)
+    x = torch.randn(2, 3, size, size)
+    if name.startswith(NATIVE_REFUSED):
+        with pytest.raises(ConversionError, match="native dilation cannot pass"):
+            convert(model, mode="dilated", dilation="native", example_input=x)
+        # By default dilated mode falls back to multisample submaps for such a model.
+        assert conversion_report(convert(model, mode="dilated", example_input=x)).dilation == "multisample"
+        return
+    native = convert(model, mode="dilated", dilation="native", example_input=x)
+    assert conversion_report(native).final_submaps == 1
+    multisample = convert(model, mode="dilated", dilation="multisample", example_input=x)
+    with torch.no_grad():
+        expected = multisample(x)
+        error = ((native(x) - expected).abs().max() / expected.abs().max()).item()
+    assert error <= 1e-5, (name, error)

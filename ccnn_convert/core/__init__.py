@@ -3,13 +3,20 @@
 Read in this order: :mod:`.sequences` (which samples each submap takes), :mod:`.layers` (the
 multisampling conv and pool ops), :mod:`.tracing` (the fx tracer, its leaf modules and shape
 propagation), :mod:`.ops` (which graph nodes are strided layers and global pools),
-:mod:`.rewrite` (the fx pass that puts them together).
+:mod:`.rewrite` (the fx pass that puts them together; :mod:`.report` records what it did),
+:mod:`.edges` and :mod:`.edge_pass` (exact edges: samples outside the image are padding for
+later layers), :mod:`.dilation` (dilated mode as a real dilated network) and :mod:`.features`
+(dense feature maps from a converted model).
 """
 
-from .rewrite import CONVERSION_MODES, ConversionReport, LayerRecord, check_options, conversion_report, convert
+from .features import DenseMap, FeatureExtractor, create_feature_extractor, graph_node_names
+from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options
+from .report import ConversionReport, LayerRecord, conversion_report
+from .rewrite import convert
 from .tracing import register_notrace_function, register_notrace_module
 
 __all__ = [
-    "CONVERSION_MODES", "ConversionReport", "LayerRecord", "check_options", "conversion_report", "convert",
+    "CONVERSION_MODES", "ConversionReport", "DILATIONS", "DenseMap", "EDGES", "FeatureExtractor", "LayerRecord",
+    "check_options", "conversion_report", "convert", "create_feature_extractor", "graph_node_names",
     "register_notrace_function", "register_notrace_module",
 ]

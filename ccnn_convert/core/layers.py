@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import sequences
+from .edges import EdgeCounts, counted_map
 
 __all__ = [
     "IntPair", "MultisampleAvgPool2d", "MultisampleConv2d", "MultisampleMaxPool2d", "SubmapSampler",
@@ -184,11 +185,13 @@ def multisample_max_pool2d(x: Tensor, table: Tensor, kernel_size, stride=None, p
 
 def multisample_avg_pool2d(x: Tensor, table: Tensor, kernel_size, stride=None, padding=0,
                            ceil_mode: bool = False, count_include_pad: bool = True,
-                           divisor_override: int | None = None) -> Tensor:
+                           divisor_override: int | None = None, edges: EdgeCounts | None = None) -> Tensor:
     """``F.avg_pool2d`` that keeps the samples listed in ``table``.
 
     The far-edge fill is treated like the layer's padding: zeros that count in the divisor
     exactly when ``count_include_pad`` does (the reference implementation's zero fill).
+    With ``edges`` (exact edges; ``x`` already masked) the divisor counts what the dense
+    network counts: real positions, plus the padding around them with ``count_include_pad``.
     """
     kernel = pair(kernel_size)
     stride = kernel if stride is None or stride == [] or stride == () else pair(stride)
@@ -196,18 +199,24 @@ def multisample_avg_pool2d(x: Tensor, table: Tensor, kernel_size, stride=None, p
     geo = _Window((x.shape[2], x.shape[3]), kernel, stride, padding, (1, 1), ceil_mode)
     after = (padding[0] + geo.fill[0], padding[1] + geo.fill[1])
     crops = geo.gather(_pad(x, padding, after, 0.0), table)
-    if divisor_override or count_include_pad or (padding == (0, 0) and geo.fill == (0, 0)):
+    if edges is not None and edges.full and not (ceil_mode and count_include_pad):
+        edges = None  # the counts below come out the same
+    constant = count_include_pad and (edges is None or not ceil_mode)
+    if divisor_override or constant or (padding == (0, 0) and geo.fill == (0, 0) and edges is None):
         # Every window lies inside the padded, filled input: the divisor is constant.
         return F.avg_pool2d(crops, kernel, geo.op_stride, 0, divisor_override=divisor_override)
     summed = F.avg_pool2d(crops, kernel, geo.op_stride, 0, divisor_override=1)
-    return _divide_by_real_counts(summed, x, table, geo, padding, after)
+    if edges is None:
+        real = _pad(x.new_ones((table.shape[1], 1, x.shape[2], x.shape[3])), padding, after, 0.0)
+    else:
+        size = (x.shape[2] + padding[0] + after[0], x.shape[3] + padding[1] + after[1])
+        real = counted_map(edges, padding, size, count_include_pad, x.dtype, x.device)
+    return _divide_by_counts(summed, real, table, geo)
 
 
-def _divide_by_real_counts(summed: Tensor, x: Tensor, table: Tensor, geo: _Window,
-                           padding: IntPair, after: IntPair) -> Tensor:
-    """Divide window sums by how many real (non-padding) positions each window covers."""
+def _divide_by_counts(summed: Tensor, real: Tensor, table: Tensor, geo: _Window) -> Tensor:
+    """Divide window sums by how many counted positions (``real``, padded) each window covers."""
     n, submaps, _ = table.shape
-    real = _pad(x.new_ones((submaps, 1, x.shape[2], x.shape[3])), padding, after, 0.0)
     counts = F.avg_pool2d(geo.gather(real, table), geo.kernel, geo.op_stride, 0, divisor_override=1)
     per_submap = summed.reshape(n, submaps, -1, *summed.shape[1:])
     # A window lying wholly in the far-edge fill has no real position: it averages to 0.
@@ -293,9 +302,9 @@ class MultisampleAvgPool2d(nn.Module):
         self.ceil_mode, self.count_include_pad = pool.ceil_mode, pool.count_include_pad
         self.divisor_override = pool.divisor_override
 
-    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+    def forward(self, x: Tensor, table: Tensor, edges: EdgeCounts | None = None) -> Tensor:
         return multisample_avg_pool2d(x, table, self.kernel_size, self.stride, self.padding,
-                                      self.ceil_mode, self.count_include_pad, self.divisor_override)
+                                      self.ceil_mode, self.count_include_pad, self.divisor_override, edges)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

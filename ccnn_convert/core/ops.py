@@ -27,9 +27,12 @@ from .layers import IntPair, pair
 from .tracing import ANALYSIS_BATCH
 
 __all__ = [
-    "ARG_NAMES", "Strided", "call_args", "find_strided", "global_pool_kind", "is_feature_map",
-    "is_whole_map_pool", "tensor_meta", "tensor_metas",
+    "ARG_NAMES", "Strided", "VIEWS", "batch_nodes", "call_args", "find_strided", "function_op", "global_pool_kind",
+    "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "tensor_meta", "tensor_metas",
 ]
+
+# Ops that reshape without moving data: they may change the rank and keep the spatial dims last.
+VIEWS = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
 
 _FUNCTION_OPS = {
     F.conv2d: "conv2d", torch.conv2d: "conv2d",
@@ -91,12 +94,12 @@ def find_strided(node: fx.Node, modules: dict[str, nn.Module]) -> Strided | None
     """The strided conv/pool this node is, or None. ``modules``: the model's modules by name."""
     if node.op == "call_module":
         return _strided_module(node, modules[node.target])
-    if node.op == "call_function" and (op := _function_op(node.target)):
+    if node.op == "call_function" and (op := function_op(node.target)):
         return _strided_function(node, op)
     return None
 
 
-def _function_op(target: Any) -> str | None:
+def function_op(target: Any) -> str | None:
     return _lookup(_FUNCTION_OPS, target)
 
 
@@ -169,7 +172,7 @@ def global_pool_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None
         return None
     if node.op == "call_function" and (kind := _adaptive_kind(node)):
         return kind
-    if node.op == "call_function" and (op := _function_op(node.target)):
+    if node.op == "call_function" and (op := function_op(node.target)):
         found = _strided_function(node, op)
         return ("max" if op == "max_pool2d" else "mean") if found and is_whole_map_pool(found) else None
     return _reduction_kind(node)
@@ -247,3 +250,56 @@ def is_feature_map(node: fx.Node) -> bool:
     """True if every tensor this node outputs is per-image with spatial dims (rank >= 4)."""
     metas = tensor_metas(node)
     return bool(metas) and all(len(m.shape) >= 4 and m.shape[0] == ANALYSIS_BATCH for m in metas)
+
+
+def permuted_axes(node: fx.Node, name: str, rank: int, spatial: IntPair) -> IntPair:
+    """Where the spatial axes ``spatial`` are after ``permute``/``transpose``/``swapaxes`` ``node``."""
+    args = [a for a in node.args[1:]]
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        dims = [d % rank for d in dims]
+        return tuple(dims.index(a) for a in spatial)
+    a, b = (d % rank for d in args[:2])
+    swap = {a: b, b: a}
+    return tuple(swap.get(s, s) for s in spatial)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def batch_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the model input (per-image data, not weights)."""
+    batch: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(arg in batch for arg in node.all_input_nodes):
+            batch.add(node)
+    return batch
+
+
+def group_steps(graph: fx.Graph, strided: dict[fx.Node, Strided], batch: set[fx.Node]) -> list[list[Strided]]:
+    """Group strided layers whose outputs meet into steps, in data-flow order."""
+    parent = {node: node for node in strided}
+
+    def find(node: fx.Node) -> fx.Node:
+        while parent[node] is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    front: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in graph.nodes:
+        if node not in batch:
+            continue
+        fronts = {front[arg] for arg in node.all_input_nodes if front.get(arg)}
+        merged = frozenset().union(*fronts)
+        if len(fronts) > 1:
+            first, *rest = merged
+            for other in rest:
+                parent[find(other)] = find(first)
+        front[node] = frozenset({node}) if node in strided else merged
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    groups: dict[fx.Node, list[Strided]] = {}
+    for node in sorted(strided, key=order.__getitem__):
+        groups.setdefault(find(node), []).append(strided[node])
+    return sorted(groups.values(), key=lambda members: order[members[0].node])

@@ -21,10 +21,7 @@ a leaf that matches no module are logged as warnings and kept in :attr:`Conversi
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,65 +29,22 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
 from . import layers
-from ..errors import ConversionError, ParameterError
-from .ops import ARG_NAMES, Strided, call_args, find_strided, global_pool_kind, is_feature_map, \
-    is_whole_map_pool, tensor_meta, tensor_metas
-from .sequences import SEQUENCES
-from .tracing import analysis_input, check_leaf_modules, propagate_shapes, trace, unmatched_leaves
+from ..errors import ConversionError
+from .dilation import NativeDilationError, convert_native
+from .edge_pass import apply_exact_edges
+from .report import ConversionReport, LayerRecord, conversion_report
+from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
+from .ops import ARG_NAMES, Strided, batch_nodes, call_args, find_strided, global_pool_kind, group_steps, \
+    is_feature_map, is_whole_map_pool, tensor_meta, tensor_metas
+from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_both_modes, unmatched_leaves
 
-__all__ = ["CONVERSION_MODES", "ConversionReport", "LayerRecord", "check_options", "conversion_report", "convert"]
+__all__ = [
+    "CONVERSION_MODES", "DILATIONS", "EDGES", "ConversionReport", "LayerRecord", "check_options",
+    "conversion_report", "convert", "default_edges",
+]
 
 logger = logging.getLogger(__name__)
 
-CONVERSION_MODES = ("checkered", "dilated", "traditional")
-
-
-# --------------------------------------------------------------------------- public records
-
-
-@dataclass
-class LayerRecord:
-    """One strided layer of the model and what the conversion did with it."""
-
-    name: str
-    op: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    step: int
-    converted: bool
-    submaps_in: int
-    submaps_out: int
-    output_size: tuple[int, ...]
-    note: str = ""
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`convert` did, for tables and summaries."""
-
-    mode: str
-    sampler: str
-    keep_first: int
-    density: int | None
-    layers: list[LayerRecord] = field(default_factory=list)
-    steps: int = 0
-    final_submaps: int = 1
-    averaged_at: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def converted_layers(self) -> int:
-        return sum(record.converted for record in self.layers)
-
-    @property
-    def kept_layers(self) -> int:
-        return len(self.layers) - self.converted_layers
-
-    def warn(self, message: str) -> None:
-        """Log ``message`` as a warning and keep it here (once)."""
-        if message not in self.warnings:
-            self.warnings.append(message)
-            logger.warning(message)
 
 
 # --------------------------------------------------------------------------- API
@@ -105,6 +59,8 @@ def convert(
     seed: int | None = None,
     example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[type | str] = (),
+    edges: str | None = None,
+    dilation: str | None = None,
 ) -> fx.GraphModule:
     """Return a converted copy of ``model``; ``model`` itself is left untouched.
 
@@ -121,6 +77,15 @@ def convert(
             model still accepts any input size the original accepts.
         leaf_modules: module classes, class names or qualified names not to trace into (besides
             those registered with :func:`~ccnn_convert.core.register_notrace_module`).
+        edges: ``"exact"``: samples outside the image are padding for every later layer
+            (:mod:`.edges`); ``"reference"``: they are computed like the others, as the reference
+            implementation does. Default: ``"reference"`` for checkered, ``"exact"`` for dilated
+            (which is always exact).
+        dilation: how ``mode="dilated"`` is computed: ``"multisample"`` (submaps) or ``"native"``
+            (strides removed, later layers dilated: :func:`~ccnn_convert.core.dilation.convert_native`).
+            Default: native, which is faster (``docs/results.md``), falling back to multisample
+            (with a log line) where a dilation cannot express the model (a pool to a fixed size,
+            tokens folded from the map).
 
     Returns:
         A ``torch.fx.GraphModule`` with the same parameters as ``model``: same names, and the
@@ -128,14 +93,23 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    check_options(mode, sampler, keep_first, density, seed)
+    check_options(mode, sampler, keep_first, density, seed, edges, dilation)
+    if mode == "dilated" and dilation != "multisample":
+        try:
+            return convert_native(model, keep_first=keep_first, example_input=example_input,
+                                  leaf_modules=leaf_modules)
+        except NativeDilationError as error:
+            if dilation == "native":
+                raise
+            logger.info("%s: computing dilated mode with multisample submaps instead", error)
     leaf_modules = check_leaf_modules(leaf_modules)
-    report = ConversionReport(mode, sampler, keep_first, density)
+    report = ConversionReport(mode, sampler, keep_first, density, edges=default_edges(mode, edges),
+                              dilation="multisample" if mode == "dilated" else None)
     for leaf in unmatched_leaves(model, leaf_modules):
         report.warn(f"leaf module {leaf!r} matches nothing in the model")
 
-    model = _copy_structure(model)
-    graphs = _trace_both_modes(model, leaf_modules, analysis_input(example_input))
+    model = copy_structure(model)
+    graphs = trace_both_modes(model, leaf_modules, analysis_input(example_input))
     rewriter = _Rewriter(model, dict(model.named_modules()), report, seed)
     for training in sorted(graphs):  # eval first: its report is the one we keep
         rewriter.rewrite(graphs[training], record=not training)
@@ -154,111 +128,6 @@ def convert(
     return result
 
 
-def conversion_report(model: nn.Module) -> ConversionReport:
-    """The :class:`ConversionReport` of a model returned by :func:`convert`."""
-    meta = getattr(model, "meta", {})  # any module may be passed: only ours has the report
-    if "ccnn_report" not in meta:
-        raise ConversionError("this model was not produced by ccnn_convert.convert")
-    return meta["ccnn_report"]
-
-
-def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, density: int | None = None,
-                  seed: int | None = None) -> None:
-    """Validate :func:`convert`'s options; an option that would do nothing is an error, not ignored."""
-    if mode not in CONVERSION_MODES:
-        raise ParameterError("mode", f"unknown {{param}} {mode!r}; choose one of {', '.join(CONVERSION_MODES)}")
-    if sampler not in SEQUENCES:
-        raise ParameterError("sampler", f"unknown {{param}} {sampler!r}; choose one of {', '.join(SEQUENCES)}")
-    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
-        raise ParameterError("keep_first", f"{{param}} must be a non-negative integer, got {keep_first!r}")
-    if density is not None:
-        if isinstance(density, bool) or not isinstance(density, int) or density < 1:
-            raise ParameterError("density", f"{{param}} must be a positive integer, got {density!r}")
-        if mode != "checkered":
-            raise ParameterError("density", f"{{param}} sets the samples per window of checkered mode "
-                                            f"(1 = traditional, k*k = dilated); it does nothing with mode {mode!r}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ParameterError("seed", f"{{param}} must be a non-negative integer, got {seed!r}")
-        if sampler != "random" or mode != "checkered":
-            raise ParameterError("seed", "{param} only seeds the random sampler of checkered mode "
-                                         f"(mode {mode!r}, sampler {sampler!r})")
-
-
-# --------------------------------------------------------------------------- trace and analyse
-
-
-def _copy_structure(model: nn.Module) -> nn.Module:
-    """Copy the module tree (so rewriting never touches ``model``) but share its tensors,
-    as torchvision's create_feature_extractor does: no second copy of the weights."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo=shared)
-
-
-def _trace_both_modes(model: nn.Module, leaf_modules: Sequence[type | str],
-                      example: torch.Tensor) -> dict[bool, fx.Graph]:
-    """The train (True) and eval (False) graphs, shape-annotated; one graph if they are the same."""
-    was_training = model.training
-    graphs = {}
-    for training in (True, False):
-        model.train(training)
-        graphs[training] = trace(model, leaf_modules)
-    if _same_code(graphs[True], graphs[False]):
-        graphs = {False: graphs[False]}  # one graph serves both modes
-    # Shapes first, for every graph: rewriting replaces modules they share.
-    for graph in graphs.values():
-        graph_module = fx.GraphModule(model, graph)
-        graph_module.eval()  # shapes only: never touch BatchNorm running statistics
-        propagate_shapes(graph_module, example, model)
-    model.train(was_training)
-    return graphs
-
-
-def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
-    return a.python_code("self").src == b.python_code("self").src
-
-
-# --------------------------------------------------------------------------- steps
-
-
-def _batch_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on the model input (per-image data, not weights)."""
-    batch: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(arg in batch for arg in node.all_input_nodes):
-            batch.add(node)
-    return batch
-
-
-def _group_steps(graph: fx.Graph, strided: dict[fx.Node, Strided], batch: set[fx.Node]) -> list[list[Strided]]:
-    """Group strided layers whose outputs meet into steps, in data-flow order."""
-    parent = {node: node for node in strided}
-
-    def find(node: fx.Node) -> fx.Node:
-        while parent[node] is not node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    front: dict[fx.Node, frozenset[fx.Node]] = {}
-    for node in graph.nodes:
-        if node not in batch:
-            continue
-        fronts = {front[arg] for arg in node.all_input_nodes if front.get(arg)}
-        merged = frozenset().union(*fronts)
-        if len(fronts) > 1:
-            first, *rest = merged
-            for other in rest:
-                parent[find(other)] = find(first)
-        front[node] = frozenset({node}) if node in strided else merged
-
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    groups: dict[fx.Node, list[Strided]] = {}
-    for node in sorted(strided, key=order.__getitem__):
-        groups.setdefault(find(node), []).append(strided[node])
-    return sorted(groups.values(), key=lambda members: order[members[0].node])
-
-
 # --------------------------------------------------------------------------- the rewrite
 
 
@@ -270,14 +139,16 @@ class _Rewriter:
         self.root, self.originals, self.report, self.seed = root, originals, report, seed
 
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
-        batch = _batch_nodes(graph)
+        batch = batch_nodes(graph)
         strided = {}
         for node in graph.nodes:
             if node in batch and (found := find_strided(node, self.originals)) and not is_whole_map_pool(found):
                 strided[node] = found
-        steps = _group_steps(graph, strided, batch)
+        steps = group_steps(graph, strided, batch)
         plan = self._plan(steps)
         submaps = self._propagate(graph, batch, strided, plan, record)
+        if plan and self.report.edges == "exact":
+            apply_exact_edges(graph, self.root, self.report.warn)
         if record:
             self.report.steps = len(steps)
             self.report.final_submaps = max(submaps.values(), default=1)

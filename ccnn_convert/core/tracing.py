@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import itertools
 import warnings
@@ -30,8 +31,9 @@ from .._helpers import first_line
 from ..errors import ConversionError, ParameterError
 
 __all__ = [
-    "ANALYSIS_BATCH", "UntraceableError", "analysis_input", "check_leaf_modules", "on_meta", "propagate_shapes",
-    "register_notrace_function", "register_notrace_module", "trace", "unmatched_leaves",
+    "ANALYSIS_BATCH", "UntraceableError", "analysis_input", "check_leaf_modules", "copy_structure", "on_meta",
+    "propagate_shapes", "register_notrace_function", "register_notrace_module", "trace", "trace_both_modes",
+    "unmatched_leaves",
 ]
 
 ANALYSIS_BATCH = 2  # batch used for shape analysis: tells per-image tensors from others
@@ -202,3 +204,36 @@ def _failing_node(graph_module: fx.GraphModule) -> str:
                 return f"at {node.target} ({type(graph_module.get_submodule(node.target)).__name__}): "
             return f"at {node.name}: "
     return ""
+
+
+# --------------------------------------------------------------------------- trace and analyse
+
+
+def copy_structure(model: nn.Module) -> nn.Module:
+    """Copy the module tree (so rewriting never touches ``model``) but share its tensors,
+    as torchvision's create_feature_extractor does: no second copy of the weights."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=shared)
+
+
+def trace_both_modes(model: nn.Module, leaf_modules: Sequence[type | str],
+                      example: torch.Tensor) -> dict[bool, fx.Graph]:
+    """The train (True) and eval (False) graphs, shape-annotated; one graph if they are the same."""
+    was_training = model.training
+    graphs = {}
+    for training in (True, False):
+        model.train(training)
+        graphs[training] = trace(model, leaf_modules)
+    if _same_code(graphs[True], graphs[False]):
+        graphs = {False: graphs[False]}  # one graph serves both modes
+    # Shapes first, for every graph: rewriting replaces modules they share.
+    for graph in graphs.values():
+        graph_module = fx.GraphModule(model, graph)
+        graph_module.eval()  # shapes only: never touch BatchNorm running statistics
+        propagate_shapes(graph_module, example, model)
+    model.train(was_training)
+    return graphs
+
+
+def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
+    return a.python_code("self").src == b.python_code("self").src
