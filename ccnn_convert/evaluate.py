@@ -255,6 +255,7 @@ def evaluate_model(
     model: str | ResolvedModel, data: str | os.PathLike, *, labels: str | os.PathLike | None = None,
     modes: Sequence[str] | None = None, sampler: str | None = None, keep_first: int | None = None,
     density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] = (),
+    edges: str | None = None, dilation: str | None = None,
     weights: str = "DEFAULT", arch: str | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, limit: int | None = None, batch_size: int = 32,
     forward_batch: int | None = None, workers: int = 2, device: str = "auto", amp: bool = False,
@@ -266,7 +267,8 @@ def evaluate_model(
     ``model`` is a MODEL string (a name, a checkpoint, a ``.py:factory``, a ccnn-convert artifact
     or an ``.onnx`` file, which runs as it is) or a :class:`~ccnn_convert.models.ResolvedModel`.
     ``modes`` defaults to original and checkered; for an artifact, original and its own mode.
-    ``sampler``, ``keep_first``, ``density`` and ``seed`` left at None take the artifact's value
+    ``sampler``, ``keep_first``, ``density``, ``seed``, ``edges`` (checkered: exact | reference)
+    and ``dilation`` (dilated: multisample | native) left at None take the artifact's value
     (when its mode is evaluated), else the default; an artifact's ``leaf_modules`` always carry
     over. ``seed`` also places the two shift-consistency crops (``consistency``). ``limit``
     picks images round-robin over classes. ``on_start`` receives the data description (a dict
@@ -281,7 +283,8 @@ def evaluate_model(
         modes = _modes(modes, resolved, onnx=resolved is None)
         specs = _conversion_specs(modes, resolved.conversion if resolved else None, sampler=sampler,
                                   keep_first=keep_first, density=density, seed=seed,
-                                  leaf_modules=leaf_modules, consistency=consistency)
+                                  leaf_modules=leaf_modules, edges=edges, dilation=dilation,
+                                  consistency=consistency)
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
@@ -324,7 +327,8 @@ def evaluate_model(
         raise DataError(f"no image could be decoded: all {len(report.skipped)} selected files were skipped")
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
-        "leaf_modules": list(leaf_modules), "weights": weights, "arch": arch,
+        "edges": edges, "dilation": dilation, "leaf_modules": list(leaf_modules),
+        "weights": weights, "arch": arch,
         "preprocessing": pre.to_dict(), "limit": limit, "batch_size": batch_size, "workers": workers,
         "device": str(target), "forward_batch": forward_batch or default_forward_batch(target),
         "amp": amp, "consistency": consistency,
@@ -386,10 +390,11 @@ def _modes(modes: Sequence[str] | None, resolved: ResolvedModel | None, onnx: bo
 
 
 def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, sampler, keep_first,
-                      density, seed, leaf_modules, consistency: bool) -> dict[str, ConversionSpec]:
+                      density, seed, leaf_modules, consistency: bool, edges: str | None = None,
+                      dilation: str | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
     check_checkered_options_used(modes, sampler=sampler, density=density,
-                                 seed=None if consistency else seed)
+                                 seed=None if consistency else seed, edges=edges, dilation=dilation)
     converted = [m for m in modes if m != ORIGINAL]
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
@@ -398,7 +403,8 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
     specs = {}
     for mode in converted:
         spec = ConversionSpec.build(mode, base, sampler=sampler, keep_first=keep_first,
-                                    density=density, leaf_modules=leaf_modules)
+                                    density=density, leaf_modules=leaf_modules, edges=edges,
+                                    dilation=dilation)
         if seed is not None and spec.mode == "checkered" and spec.sampler == "random":
             spec = dataclasses.replace(spec, seed=seed)
         specs[mode] = spec

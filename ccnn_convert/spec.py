@@ -1,8 +1,9 @@
 """One conversion spec, shared by every command, the artifact format and the ONNX metadata.
 
 A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
-model: mode, sampler, keep_first, density, seed and the leaf modules that make the model
-traceable. It is built from a command's options, from an artifact, or from both
+model: mode, sampler, keep_first, density, seed, the edge rule (``edges``), how dilated mode is
+computed (``dilation``) and the leaf modules that make the model traceable. It is built from a
+command's options, from an artifact, or from both
 (:meth:`ConversionSpec.build`: explicit values win over the artifact's, which win over the
 defaults), is validated when made, and travels as plain data (:meth:`to_dict`).
 """
@@ -22,7 +23,8 @@ __all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used"
 
 ORIGINAL = "original"  # the model as it was resolved, not traced
 MODES = (ORIGINAL, *CONVERSION_MODES)  # what every command can run
-_CHECKERED_ONLY = ("sampler", "density", "seed")  # shape the checkered submaps only
+_CHECKERED_ONLY = ("sampler", "density", "seed", "edges")  # shape the checkered submaps only
+_DILATED_ONLY = ("dilation",)  # how dilated mode is computed
 
 
 @dataclass(frozen=True)
@@ -35,34 +37,43 @@ class ConversionSpec:
     density: int | None = None
     seed: int | None = None
     leaf_modules: tuple[str, ...] = field(default=())
+    edges: str | None = None
+    dilation: str | None = None  # None: native where a dilation can express the model
 
     def __post_init__(self) -> None:
         leaves = self.leaf_modules
         if isinstance(leaves, str) or not all(isinstance(name, str) and name for name in leaves):
             raise ParameterError("leaf_modules", "{param} must be a list of module class or qualified names")
         object.__setattr__(self, "leaf_modules", tuple(leaves))
-        check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed)
+        check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
+                      self.dilation)
 
     @classmethod
     def build(cls, mode: str, base: "ConversionSpec | None" = None, *, sampler: str | None = None,
               keep_first: int | None = None, density: int | None = None, seed: int | None = None,
-              leaf_modules: Iterable[str] | None = None) -> "ConversionSpec":
+              leaf_modules: Iterable[str] | None = None, edges: str | None = None,
+              dilation: str | None = None) -> "ConversionSpec":
         """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
 
-        ``base``'s sampler, density and seed count only when ``mode`` is ``base``'s own mode, and
-        the checkered-only options (sampler, density, seed) are dropped for the other modes, so
-        one set of options can serve several modes (see :func:`check_checkered_options_used`).
+        ``base``'s sampler, density, seed, edges and dilation count only when ``mode`` is
+        ``base``'s own mode; the checkered-only options (sampler, density, seed, edges) are
+        dropped for the other modes and ``dilation`` for modes other than dilated, so one set
+        of options can serve several modes (see :func:`check_checkered_options_used`).
         ``base``'s leaf modules always carry over: they describe the model, not the mode.
         """
         values: dict[str, Any] = {}
         if base is not None:
             values["keep_first"] = base.keep_first
             if base.mode == mode:
-                values.update(sampler=base.sampler, density=base.density, seed=base.seed)
-        given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed)
+                values.update(sampler=base.sampler, density=base.density, seed=base.seed, edges=base.edges,
+                              dilation=base.dilation)
+        given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed, edges=edges,
+                     dilation=dilation)
         values.update({k: v for k, v in given.items() if v is not None})
         if mode != "checkered":
             values = {k: v for k, v in values.items() if k not in _CHECKERED_ONLY}
+        if mode != "dilated":
+            values = {k: v for k, v in values.items() if k not in _DILATED_ONLY}
         leaves = list(base.leaf_modules) if base is not None else []
         leaves += [name for name in (leaf_modules or ()) if name not in leaves]
         return cls(mode=mode, leaf_modules=tuple(leaves), **values)
@@ -102,19 +113,25 @@ class ConversionSpec:
         """``sampler=lattice, keep_first=0``: the options that matter for this mode."""
         shown = asdict(self)
         shown.pop("mode")
-        if self.mode != "checkered":
-            for key in _CHECKERED_ONLY:
-                shown.pop(key)
-        parts = [f"{k}={v}" for k, v in shown.items() if v not in (None, ())]
+        hidden = ((_CHECKERED_ONLY if self.mode != "checkered" else ())
+                  + (_DILATED_ONLY if self.mode != "dilated" else ()))
+        for key in hidden:
+            shown.pop(key)
         if self.leaf_modules:
-            parts[-1] = f"leaf_modules={','.join(self.leaf_modules)}"
-        return ", ".join(parts)
+            shown["leaf_modules"] = ",".join(self.leaf_modules)
+        return ", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, (), ""))
 
 
 def check_checkered_options_used(modes: Sequence[str], **given: Any) -> None:
-    """Refuse sampler/density/seed when no requested mode is checkered (they would do nothing)."""
+    """Refuse sampler/density/seed/edges when no requested mode is checkered, and dilation when
+    none is dilated (they would do nothing). ``edges="exact"`` is also right for dilated mode."""
+    if given.get("dilation") is not None and "dilated" not in modes:
+        raise ParameterError("dilation", f"{{param}} only applies to mode dilated; no dilated mode among "
+                                         f"{', '.join(modes)}")
     if "checkered" in modes:
         return
+    if given.get("edges") == "exact" and "dilated" in modes:
+        given = {k: v for k, v in given.items() if k != "edges"}
     for name in _CHECKERED_ONLY:
         if given.get(name) is not None:
             raise ParameterError(name, f"{{param}} only shapes checkered submaps; no checkered mode among "

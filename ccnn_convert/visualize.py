@@ -43,13 +43,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from .core import conversion_report
+from .core.features import DenseMap, create_feature_extractor, graph_node_names
 from .core.sequences import Offset, sampler_sequence
 from .errors import CCNNError, ParameterError
 from .plotting import pyplot, save_png
 from .spec import ConversionSpec
 
-__all__ = ["DEFAULT_KINDS", "KINDS", "StepRow", "compose_offsets", "feature_submaps", "input_position",
-           "plot_feature_submaps", "plot_positions", "sampling_map", "step_table", "submap_offsets",
+__all__ = ["DEFAULT_KINDS", "KINDS", "StepRow", "compose_offsets", "dense_feature_map", "feature_submaps",
+           "input_position", "plot_dense_maps", "plot_feature_submaps", "plot_positions", "sampling_map", "step_table", "submap_offsets",
            "submap_resolution"]
 
 KINDS = ("traditional", "naive", "lattice", "random", "dilated")
@@ -359,4 +360,65 @@ def plot_feature_submaps(path: str | Path, image: Tensor, maps: Tensor, title: s
         ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85 if rows == 1 else 0.9, wspace=0.05, hspace=0.2)
+    return _save(plt, fig, path, force)
+
+
+# --------------------------------------------------------------------------- dense maps
+
+
+def dense_feature_map(model: nn.Module, image: Tensor, step: int,
+                      conversion: ConversionSpec | str = "checkered") -> DenseMap:
+    """The feature map entering step ``step + 1``, as one dense map on the input grid.
+
+    The same map :func:`feature_submaps` shows submap by submap, put back together by
+    :func:`ccnn_convert.core.features.create_feature_extractor`: every submap at the positions it
+    samples (``mask`` True there), so checkered and dilated can be compared position by position.
+    """
+    spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    if x.shape[0] != 1:
+        raise ParameterError("image", "dense_feature_map takes one image as {param}")
+    converted = spec.apply(model, tuple(x.shape[-2:]))
+    report = conversion_report(converted)
+    if not 1 <= step < report.steps:
+        raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
+                                     f"{{param}} must be between 1 and {report.steps - 1}")
+    target = next(layer.name for layer in report.layers if layer.step == step + 1)
+    layer = next(node for node in converted.graph.nodes
+                 if node.op in ("call_module", "call_function") and target in _node_names(node))
+    source = layer.args[0] if layer.args else layer.kwargs["input"]
+    name = graph_node_names(converted.graph)[source]
+    extractor = create_feature_extractor(model, [name], example_input=x, **spec.convert_kwargs()).eval()
+    with torch.no_grad():
+        return extractor(x)[name]
+
+
+def plot_dense_maps(path: str | Path, image: Tensor, maps: Sequence[tuple[str, DenseMap]], title: str,
+                    mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                    panel_inches: float = 2.6, dpi: int = 100, *, force: bool = False) -> Path:
+    """The input image and each dense map's channel-mean magnitude, positions no submap samples
+    in grey. One colour scale for all maps (1st-99th percentile of their filled values); the
+    picture's pixel size depends only on the number of panels."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(panel_inches * (len(maps) + 1), panel_inches + 0.5),
+                             dpi=dpi, squeeze=False)
+    shown = image.detach().cpu().float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    axes[0][0].imshow(shown.clamp(0, 1).permute(1, 2, 0).numpy())
+    axes[0][0].set_title("input", fontsize=8)
+    magnitudes = [dense.values[0].detach().float().abs().mean(dim=0).cpu() for _, dense in maps]
+    filled = torch.cat([m[dense.mask.cpu()] for m, (_, dense) in zip(magnitudes, maps)])
+    low, high = (float(v) for v in torch.quantile(filled[:2**24], torch.tensor([0.01, 0.99])))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0.85, 0.85, 0.85))
+    for ax, magnitude, (label, dense) in zip(axes[0][1:], magnitudes, maps):
+        data = np.ma.masked_array(magnitude.numpy(), mask=~dense.mask.cpu().numpy())
+        ax.imshow(data, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        filled_share = dense.mask.float().mean().item()
+        ax.set_title(f"{label}\n{tuple(dense.mask.shape)}, stride {dense.stride}, {filled_share:.0%} filled",
+                     fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.78, wspace=0.05)
     return _save(plt, fig, path, force)

@@ -42,9 +42,10 @@ class Tiny(nn.Module):
 # (384 MACs = 768 FLOPs); the linear layer 2*3 = 6 MACs = 12 FLOPs.
 CONV_FLOPS, FC_FLOPS = 768, 12
 # Checkered keeps 2 samples per 2x2 window: 2 submaps of 4x4, so the conv runs twice; the pool
-# averages over positions and submaps, so the classifier runs once. Dilated keeps all 4.
+# averages over positions and submaps, so the classifier runs once. Dilated (native, the default)
+# is the conv without its stride: 2 x 7 x 7 outputs of 12 multiply-adds (2352 FLOPs).
 FLOPS_PER_IMAGE = {"original": CONV_FLOPS + FC_FLOPS, "checkered": 2 * CONV_FLOPS + FC_FLOPS,
-                   "dilated": 4 * CONV_FLOPS + FC_FLOPS}
+                   "dilated": 2 * 7 * 7 * 12 * 2 + FC_FLOPS}
 PARAMS = 3 * 2 * 2 * 2 + 2 * 3  # conv weight + linear weight
 
 
@@ -60,7 +61,7 @@ def test_flops_params_submaps_and_ratios_of_a_tiny_model():
         assert m.params == PARAMS and m.param_ratio == 1.0  # converted models share the weights
         assert len(m.times_s) == 2 and len(m.cpu_times_s) == 2 and m.median_s > 0
         assert m.time_ratio == pytest.approx(m.median_s / by_mode["original"].median_s)
-    assert [by_mode[m].submaps for m in ("original", "checkered", "dilated")] == [1, 2, 4]
+    assert [by_mode[m].submaps for m in ("original", "checkered", "dilated")] == [1, 2, 1]  # native: one map
     assert by_mode["checkered"].steps == 1
     assert by_mode["original"].time_ratio == 1.0
 

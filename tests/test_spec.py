@@ -54,6 +54,10 @@ def test_tampered_dicts_are_refused_naming_the_parameter(data, parameter):
     (dict(mode="dilated", density=4), "density"),
     (dict(mode="checkered", sampler="lattice", seed=3), "seed"),
     (dict(mode="dilated", sampler="random", seed=3), "seed"),
+    (dict(mode="dilated", edges="reference"), "edges"),
+    (dict(mode="traditional", edges="exact"), "edges"),
+    (dict(mode="checkered", dilation="native"), "dilation"),
+    (dict(mode="dilated", dilation="sideways"), "dilation"),
 ])
 def test_options_that_would_do_nothing_are_errors(kwargs, parameter):
     with pytest.raises(ParameterError) as info:
@@ -94,3 +98,41 @@ def test_apply_equals_convert_with_the_same_arguments():
     expected = convert(model, mode="checkered", sampler="random", seed=4,
                        example_input=torch.zeros(1, 3, 32, 32)).eval()(x)
     assert torch.equal(spec.apply(model, 32)(x), expected)
+
+
+def test_edges_and_dilation_travel_with_the_spec():
+    artifact = ConversionSpec("dilated", keep_first=2, dilation="native")
+    assert ConversionSpec.build("dilated", artifact) == artifact
+    assert ConversionSpec.build("dilated", artifact, dilation="multisample").dilation == "multisample"
+    # dilation only shapes dilated mode, edges only checkered mode: dropped for the others
+    assert ConversionSpec.build("checkered", artifact, dilation="native") == ConversionSpec("checkered", keep_first=2)
+    assert ConversionSpec.build("dilated", edges="reference").edges is None
+    checkered = ConversionSpec.build("checkered", edges="exact")
+    assert ConversionSpec.from_dict(checkered.to_dict()) == checkered
+    assert ConversionSpec.from_dict(artifact.to_dict()) == artifact
+    old = {"mode": "dilated", "sampler": "lattice", "keep_first": 1, "density": None, "seed": None,
+           "leaf_modules": []}  # an artifact written before edges/dilation existed
+    assert ConversionSpec.from_dict(old) == ConversionSpec("dilated", keep_first=1)
+    assert checkered.describe() == "sampler=lattice, keep_first=0, edges=exact"
+    assert artifact.describe() == "keep_first=2, dilation=native"
+    assert {"edges", "dilation"} <= set(artifact.convert_kwargs())
+
+
+def test_dilation_and_edges_need_their_modes():
+    check_checkered_options_used(["original", "dilated"], edges="exact", dilation="native")
+    with pytest.raises(ParameterError) as info:
+        check_checkered_options_used(["original", "checkered"], dilation="native")
+    assert info.value.parameter == "dilation"
+    with pytest.raises(ParameterError) as info:
+        check_checkered_options_used(["dilated"], edges="reference")
+    assert info.value.parameter == "edges"
+
+
+def test_apply_with_native_dilation_equals_multisample():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 30, 30)
+    native = ConversionSpec("dilated", dilation="native").apply(model, 30)
+    assert torch.allclose(native(x), ConversionSpec("dilated").apply(model, 30)(x), rtol=1e-5, atol=1e-6)
+    assert native.meta["ccnn_report"].final_submaps == 1

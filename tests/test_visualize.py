@@ -329,3 +329,62 @@ def test_cli_features_artifact_factory_runs_only_with_trust_and_keeps_its_leaves
     result = runner.invoke(app, [*args, "--trust-factory"])  # no --leaf: the artifact's list is used
     assert result.exit_code == 0, result.output
     assert sentinel.exists() and out.exists()
+
+
+# --------------------------------------------------------------------------- dense maps
+
+
+@pytest.mark.parametrize("mode, filled", [("checkered", 32), ("dilated", 64)])
+def test_dense_feature_map_puts_each_sample_where_it_was_taken(mode, filled):
+    from ccnn_convert.visualize import dense_feature_map
+
+    image = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8).repeat(3, 1, 1)  # value = y*8 + x
+    dense = dense_feature_map(MeanThenPick(), image, step=1, conversion=ConversionSpec(mode, sampler="naive")
+                              if mode == "checkered" else ConversionSpec(mode))
+    assert dense.values.shape == (1, 1, 8, 8) and dense.stride == 1
+    assert int(dense.mask.sum()) == filled
+    if mode == "checkered":  # the naive sampler's positions, drawn by hand above
+        assert torch.equal(dense.mask, torch.from_numpy(sampling_map("naive", 8, 1) != _))
+    # Every filled position holds the image value sampled there; the rest is 0.
+    expected = torch.arange(64, dtype=torch.float32).reshape(8, 8) * dense.mask
+    torch.testing.assert_close(dense.values[0, 0], expected)
+
+
+SMALL_FACTORY = """
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))
+"""
+
+
+def _small(tmp_path):
+    (tmp_path / "small.py").write_text(SMALL_FACTORY)
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (200, 30, 90)).save(image)
+    return f"{tmp_path / 'small.py'}:make", image
+
+
+def test_cli_features_dense_shows_checkered_beside_dilated(tmp_path):
+    model, image = _small(tmp_path)
+    out = tmp_path / "dense.png"
+    args = ["features", model, "--image", str(image), "--step", "2", "--dense", "--weights", "none"]
+    result = runner.invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    # 224 crop: 224 -> 112 -> 56 entering step 3; 4 checkered submaps of 56x56 on the 224x224 grid.
+    size, sub = 224, 56
+    assert f"{size}x{size} dense map, stride 1, {4 * sub * sub} of {size * size} positions filled" in result.stdout
+    assert f"{size * size} of {size * size} positions filled" in result.stdout
+    with Image.open(out) as png:
+        assert png.size == (780, 310)  # fixed pixel size: 3 panels of 2.6 x 3.1 inches at 100 dpi
+
+
+def test_cli_features_dilation_applies_to_the_dilated_panel_only(tmp_path):
+    model, image = _small(tmp_path)
+    args = ["features", model, "--image", str(image), "--step", "2", "--weights", "none", "--dilation", "native"]
+    result = runner.invoke(app, [*args, "--dense", "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "b.png")])  # checkered alone: --dilation does nothing
+    _one_error_line(result, "--dilation")

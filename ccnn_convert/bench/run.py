@@ -43,7 +43,8 @@ class BenchOptions:
     """What to measure for every MODEL: which conversions, on what input, on which device.
 
     ``modes``: None for original, checkered and dilated; the original is always measured.
-    ``sampler``, ``keep_first``, ``seed``: None keeps the artifact's value (or the default);
+    ``sampler``, ``keep_first``, ``seed``, ``edges`` (checkered: exact | reference), ``dilation``
+    (dilated: multisample | native): None keeps the artifact's value (or the default);
     the random sampler gets seed 0 unless one is given. ``image_size``: None for each model's
     crop size. ``sweep``: also every keep_first from ``keep_first + 1`` to the number of steps.
     """
@@ -53,6 +54,8 @@ class BenchOptions:
     keep_first: int | None = None
     seed: int | None = None
     leaf_modules: tuple[str, ...] = ()
+    edges: str | None = None
+    dilation: str | None = None
     sweep: bool = False
     image_size: int | None = None
     device: str = "auto"
@@ -66,7 +69,8 @@ class BenchOptions:
         modes = measured_modes(self.modes)
         object.__setattr__(self, "modes", tuple(modes))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        check_checkered_options_used(modes, sampler=self.sampler, seed=self.seed)
+        check_checkered_options_used(modes, sampler=self.sampler, seed=self.seed, edges=self.edges,
+                                     dilation=self.dilation)
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ def conversion_specs(options: BenchOptions, base: ConversionSpec | None = None) 
         if mode == ORIGINAL:
             continue
         spec = ConversionSpec.build(mode, base, sampler=options.sampler, keep_first=options.keep_first,
-                                    seed=options.seed, leaf_modules=options.leaf_modules)
+                                    seed=options.seed, leaf_modules=options.leaf_modules, edges=options.edges,
+                                    dilation=options.dilation)
         if spec.sampler == "random" and spec.seed is None and spec.mode == "checkered":
             spec = dataclasses.replace(spec, seed=_RANDOM_DEFAULT_SEED)
         specs.append(spec)
@@ -159,6 +164,7 @@ def _option_settings(options: BenchOptions, command: str | None) -> dict:
     return {"modes": list(options.modes), "batch_size": timing.batch_size, "image_size": options.image_size,
             "repeats": timing.repeats, "warmup": timing.warmup, "keep_first": options.keep_first or 0,
             "sweep": options.sweep, "sampler": options.sampler or "lattice", "seed": options.seed,
+            "edges": options.edges, "dilation": options.dilation,
             "leaf_modules": list(options.leaf_modules), "weights": options.weights,
             "max_seconds": timing.max_seconds, "command": command}
 

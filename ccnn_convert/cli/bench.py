@@ -51,6 +51,8 @@ def bench_command(
     sweep: bool = typer.Option(False, "--sweep-keep-first", help="Also measure keep_first = N+1 .. all steps (cost vs top-1)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random [default: an artifact's, else lattice]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference [default: an artifact's, else reference; dilated is always exact]."),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: an artifact's, else native where a dilation can express the model, else multisample]."),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
@@ -69,7 +71,8 @@ def bench_command(
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
                            max_seconds=max_seconds)
     options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
-                           leaf_modules=tuple(leaf), sweep=sweep, image_size=size, device=device, weights=weights,
+                           leaf_modules=tuple(leaf), edges=edges, dilation=dilation, sweep=sweep,
+                           image_size=size, device=device, weights=weights,
                            trust_factory=trust_factory, timing=timing)
     top1 = _top1_options(data, labels, limit, eval_batch_size, workers)
     if out is not None:  # before any slow work

@@ -32,6 +32,11 @@ def main_command(
     keep_first: int = typer.Option(0, "--keep-first", help="Keep the first N subsampling steps traditional."),
     density: Optional[int] = typer.Option(None, help="Samples per window of checkered mode (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, help="Seed for the random sampler (checkered mode)."),
+    edges: Optional[str] = typer.Option(None, help="Checkered mode's edge rule: exact | reference "
+                                        "(dilated is always exact). [default: reference]"),
+    dilation: Optional[str] = typer.Option(None, help="How dilated mode is computed: multisample (submaps) | "
+                                           "native (strides removed, later layers dilated). [default: native where a "
+                                           "dilation can express the model, else multisample]"),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
     input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
@@ -43,9 +48,10 @@ def main_command(
 ) -> None:
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
-    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed)
+    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
+                                 dilation=dilation)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                                leaf_modules=leaf)
+                                leaf_modules=leaf, edges=edges, dilation=dilation)
     if output is not None:
         check_output(output, force=force)
     resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)

@@ -109,6 +109,8 @@ def eval_command(
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted (default: 0, or the artifact's)."),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler and the shift-consistency crops."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference (default: reference, or the artifact's; dilated is always exact)."),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native (default: the artifact's, else native where a dilation can express the model, else multisample)."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -133,7 +135,7 @@ def eval_command(
         check_output(json_path, force=force)  # fail now, not after a long evaluation
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
-        seed=seed, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+        seed=seed, edges=edges, dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
         preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
         workers=workers, device=device, amp=amp, consistency=consistency,
@@ -174,7 +176,8 @@ def run_with_progress(model: str, data: str, **options) -> EvalReport:
     try:
         return evaluate_model(model, data, on_batch=on_batch, on_skip=on_skip, on_start=on_start, **options)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # stopping a bar never shown would print a blank line
+            progress.stop()
 
 
 def main() -> None:

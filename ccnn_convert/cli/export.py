@@ -98,6 +98,8 @@ def export_command(
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling steps unconverted [default: 0, or the artifact's]."),
     density: Optional[int] = typer.Option(None, "--density", help="Samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference [default: reference, or the artifact's; dilated is always exact]."),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: the artifact's, else native where a dilation can express the model, else multisample]."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type or name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -135,7 +137,8 @@ def export_command(
     bench_options = BenchmarkOptions(**_given(batch=bench_batch, repeats=bench_repeats)) if benchmark else None
     try:
         result = export(model, output, mode=mode, sampler=sampler, keep_first=keep_first, density=density,
-                        seed=seed, leaf_modules=leaf or None, weights=weights, arch=arch,
+                        seed=seed, leaf_modules=leaf or None, edges=edges, dilation=dilation,
+                        weights=weights, arch=arch,
                         trust_factory=trust_factory, preprocessing=preprocessing or None, input_size=input_size,
                         opset=opset, fp16=fp16, provider=provider, threads=threads, verify=verify_options,
                         benchmark=bench_options, force=force)

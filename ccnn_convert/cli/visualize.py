@@ -4,6 +4,7 @@ A thin typer front end over :mod:`ccnn_convert.visualize`; all logic lives there
 
     ccnn-visualize positions --size 16 --steps 3 --out positions.png
     ccnn-visualize features efficientnet_lite0 --image cat.jpg --step 2 --out features.png
+    ccnn-visualize features efficientnet_lite0 --image cat.jpg --step 3 --dense --out dense.png
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def features_command(
     mode: str = typer.Option("checkered", "--mode", help="checkered|dilated|traditional."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="naive|lattice|random [default: an artifact's, else lattice]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
+    dense: bool = typer.Option(False, "--dense", help="Show the submaps put back on the input grid: --mode's dense map beside the dilated one."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="exact|reference: what samples past the image edge are [default: the mode's]."),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="multisample|native: how dilated mode is computed [default: native where a dilation can express the model, else multisample]."),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
@@ -100,19 +104,25 @@ def features_command(
     """Per-submap mean activation of MODEL, converted and cut after STEP steps, on a real image."""
     from ..core import CONVERSION_MODES, conversion_report
     from ..models import resolve_model
-    from ..spec import ConversionSpec, check_modes
+    from ..spec import ConversionSpec, check_checkered_options_used, check_modes
     from ..visualize import feature_submaps, plot_feature_submaps
 
     mode = check_modes([mode], allowed=CONVERSION_MODES)[0]
+    shown = [mode, "dilated"] if dense else [mode]  # --dense adds a dilated panel
+    check_checkered_options_used(shown, edges=edges, dilation=dilation)
     if step < 1:
         raise ParameterError("step", "{param} must be at least 1")
     path = _check_png(out, force)
     picture = _load_image(image)
     resolved = resolve_model(model, weights=weights, trust_factory=trust_factory)
-    spec = ConversionSpec.build(mode, resolved.conversion, sampler=sampler, seed=seed, leaf_modules=leaf)
+    extra = _given(edges=edges, dilation=None if dense and mode != "dilated" else dilation)
+    spec = ConversionSpec.build(mode, resolved.conversion, sampler=sampler, seed=seed, leaf_modules=leaf, **extra)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
         spec = dataclasses.replace(spec, seed=_RANDOM_DEFAULT_SEED)
     x = resolved.preprocessing.transform()(picture)
+    if dense:
+        _dense_picture(path, resolved, x, step, spec, dilation, force)
+        return
     maps = feature_submaps(resolved.model, x, step, spec)
     reference = feature_submaps(resolved.model, x, step, ConversionSpec("traditional", leaf_modules=spec.leaf_modules))
     pre = resolved.preprocessing
@@ -123,6 +133,31 @@ def features_command(
     console.print(_steps_of(report, resolved.name, mode, x))
     console.print(Text(f"  shown: {maps.shape[0]} submaps of {maps.shape[1]}x{maps.shape[2]} entering step {step + 1}"),
                   soft_wrap=True)
+    console.print(Text(f"  wrote {path}"), soft_wrap=True)
+
+
+def _given(**options) -> dict:
+    """The options the user gave (the spec's defaults stay the spec's)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _dense_picture(path: Path, resolved, x, step: int, spec, dilation: Optional[str], force: bool) -> None:
+    """--dense: the mode's dense map beside the dilated one (--dilation applies to the latter)."""
+    from ..spec import ConversionSpec
+    from ..visualize import dense_feature_map, plot_dense_maps
+
+    specs = [spec]
+    if spec.mode != "dilated":
+        specs.append(ConversionSpec.build("dilated", resolved.conversion, keep_first=spec.keep_first,
+                                          leaf_modules=spec.leaf_modules, **_given(dilation=dilation)))
+    maps = [(f"{s.mode} ({s.describe()})", dense_feature_map(resolved.model, x, step, s)) for s in specs]
+    pre = resolved.preprocessing
+    title = f"{resolved.name}: channel-mean |activation| entering step {step + 1}, on the input grid"
+    plot_dense_maps(path, x, maps, title, pre.mean, pre.std, force=force)
+    for label, dense in maps:
+        filled = int(dense.mask.sum())
+        console.print(Text(f"  {label}: {dense.mask.shape[0]}x{dense.mask.shape[1]} dense map, stride "
+                           f"{dense.stride}, {filled} of {dense.mask.numel()} positions filled"), soft_wrap=True)
     console.print(Text(f"  wrote {path}"), soft_wrap=True)
 
 

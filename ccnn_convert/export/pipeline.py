@@ -64,7 +64,8 @@ class ExportResult:
 
 def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sampler: str | None = None,
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
-                    leaf_modules: Sequence[str] | None = None) -> ConversionSpec | None:
+                    leaf_modules: Sequence[str] | None = None, edges: str | None = None,
+                    dilation: str | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -75,19 +76,21 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
     if mode not in MODES:
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                   leaf_modules=leaf_modules or None)
+                   leaf_modules=leaf_modules or None, edges=edges, dilation=dilation)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
-    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed)
+    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
+                                 dilation=dilation)
     return ConversionSpec.build(mode, base=base, **options)
 
 
 def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | None = None, *,
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
+           edges: str | None = None, dilation: str | None = None,
            weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
@@ -111,7 +114,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
         _check_folder(verify.data)
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
-                           seed=seed, leaf_modules=leaf_modules)
+                           seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None
