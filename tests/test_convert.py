@@ -173,12 +173,16 @@ def test_exact_edges_small_net_matches_the_exact_reference(mode, keep_first):
     """Residual add, squeeze-excitation's global pool and a zero F.pad under exact edges."""
     net = _small_net()
     x = torch.randn(1, 3, 27, 37)
-    model = convert(net, mode=mode, keep_first=keep_first, edges="exact", example_input=x)
+    options = {"dilation": "multisample"} if mode == "dilated" else {}  # the reference reads the submaps
+    model = convert(net, mode=mode, keep_first=keep_first, edges="exact", example_input=x, **options)
     seqs = _sequences_of(model)
     with torch.no_grad():
         expected = small_net_exact_reference(net, x, seqs)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(small_net_reference(net, x, seqs), expected, rtol=1e-3, atol=1e-3)
+        if mode == "dilated":  # native dilation computes the same dense network
+            native = convert(net, mode=mode, keep_first=keep_first, dilation="native", example_input=x)
+            torch.testing.assert_close(native(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_training_mode_batchnorm_and_gradients():
@@ -244,10 +248,11 @@ def test_dilated_equals_torchvision_replace_stride_with_dilation(builder):
     dilated = builder(replace_stride_with_dilation=[True, True, True]).eval()
     dilated.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    converted = convert(model, mode="dilated", keep_first=2, example_input=x)
-    with torch.no_grad():
-        actual, expected = converted(x), dilated(x)
-    assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    for dilation in ("multisample", "native"):
+        converted = convert(model, mode="dilated", keep_first=2, dilation=dilation, example_input=x)
+        with torch.no_grad():
+            actual, expected = converted(x), dilated(x)
+        assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-5, dilation
 
 
 def test_steps_group_parallel_branches_and_keep_first_counts_steps():

@@ -132,7 +132,7 @@ def test_ceil_mode_pools_match_multisample_and_the_original_lattice(size):
     net = _CeilNet().eval()
     x = torch.randn(2, 3, size, size)
     native = convert_native(net, example_input=x)
-    multisample = convert(net, mode="dilated", example_input=x)
+    multisample = convert(net, mode="dilated", dilation="multisample", example_input=x)
     with torch.no_grad():
         assert _rel(native(x), multisample(x)) <= 1e-5
         features = convert_native(nn.Sequential(net.stem, net.pool1, net.conv, nn.ReLU(), net.pool2),
@@ -159,7 +159,8 @@ def test_keep_first_and_whole_map_pool():
     with torch.no_grad():
         for keep_first in (0, 1, 2):
             native = convert_native(net, keep_first=keep_first, example_input=x)
-            multisample = convert(net, mode="dilated", keep_first=keep_first, example_input=x)
+            multisample = convert(net, mode="dilated", dilation="multisample", keep_first=keep_first,
+                                  example_input=x)
             assert _rel(native(x), multisample(x)) <= 1e-5
     assert conversion_report(convert_native(net, keep_first=1, example_input=x)).converted_layers == 1
 
@@ -177,3 +178,54 @@ def test_cli_convert_takes_dilation_and_renders_misuse_with_the_flag():
     assert wrong.exit_code != 0 and "--dilation only applies to mode dilated" in wrong.output
     wrong = runner.invoke(app, ["resnet18", "--weights", "none", "--mode", "dilated", "--edges", "reference"])
     assert wrong.exit_code != 0 and "--edges" in wrong.output
+
+
+class PaddedNet(nn.Module):
+    """TF-style "same" padding done by hand (as EfficientNet-Lite does): a zero pad before a
+    strided conv and another before a stride-1 conv, as modules or as ``F.pad``."""
+
+    def __init__(self, modules: bool):
+        super().__init__()
+        self.modules_ = modules
+        self.pad1, self.pad2 = nn.ZeroPad2d((1, 2, 1, 2)), nn.ZeroPad2d(2)
+        self.down = nn.Conv2d(3, 4, 5, stride=2)
+        self.conv = nn.Conv2d(4, 4, 5)
+
+    def forward(self, x):
+        if self.modules_:
+            return self.conv(self.pad2(self.down(self.pad1(x)))).mean((2, 3))
+        x = self.down(F.pad(x, (1, 2, 1, 2)))
+        return self.conv(F.pad(x, (2, 2, 2, 2))).mean((2, 3))
+
+
+def _hand_dilated(net: PaddedNet, x: torch.Tensor) -> torch.Tensor:
+    """The dilated network written out: the strided conv without its stride, the later pad and
+    conv twice as wide."""
+    h = F.conv2d(F.pad(x, (1, 2, 1, 2)), net.down.weight, net.down.bias)
+    return F.conv2d(F.pad(h, (4, 4, 4, 4)), net.conv.weight, net.conv.bias, dilation=2).mean((2, 3))
+
+
+@pytest.mark.parametrize("size", [14, 15, 16])
+@pytest.mark.parametrize("modules", [True, False], ids=["ZeroPad2d", "F.pad"])
+@pytest.mark.parametrize("dilation", ["native", "multisample"])
+def test_explicit_zero_pads_equal_a_hand_written_dilated_network(dilation, modules, size):
+    torch.manual_seed(0)
+    net = PaddedNet(modules).eval()
+    x = torch.randn(2, 3, size, size + 1)
+    model = convert(net, mode="dilated", dilation=dilation, example_input=x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _hand_dilated(net, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,keep_first", [(224, 0), (193, 3)])
+def test_efficientnet_lite0_native_equals_multisample(size, keep_first):
+    """EfficientNet-Lite pads with nn.ZeroPad2d modules: native dilation scales them."""
+    from ccnn_convert.models import resolve_model
+
+    model = resolve_model("efficientnet_lite0", weights="none").model.eval()
+    x = torch.randn(1, 3, size, size)
+    native = convert(model, mode="dilated", dilation="native", keep_first=keep_first, example_input=x)
+    multisample = convert(model, mode="dilated", dilation="multisample", keep_first=keep_first, example_input=x)
+    assert conversion_report(native).final_submaps == 1
+    with torch.no_grad():
+        assert _rel(native(x), multisample(x)) <= 1e-5

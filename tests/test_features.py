@@ -45,6 +45,7 @@ def _rel_err(actual, expected):
 def _check_dilated_layer4(resnets, size, **kwargs):
     model, dilated = resnets
     x = torch.randn(1, 3, size, size)
+    kwargs.setdefault("dilation", "multisample")  # reassembled from submaps unless the caller says native
     extractor = create_feature_extractor(model, ["layer4"], mode="dilated", keep_first=2, **kwargs)
     with torch.no_grad():
         dense = extractor(x)["layer4"]
@@ -80,7 +81,7 @@ def test_multisample_dense_map_equals_native_dilation(resnets, size):
     x = torch.randn(1, 3, size, size)
     nodes = {"layer3.1.relu_1": "mid", "layer4": "out"}
     with torch.no_grad():
-        multi = create_feature_extractor(model, nodes, mode="dilated", keep_first=2)(x)
+        multi = create_feature_extractor(model, nodes, mode="dilated", keep_first=2, dilation="multisample")(x)
         native = create_feature_extractor(model, nodes, mode="dilated", keep_first=2, dilation="native")(x)
     for name in nodes.values():
         assert native[name].mask.all() and native[name].stride == multi[name].stride == 4
@@ -171,7 +172,7 @@ def test_checkered_filled_positions_equal_the_per_position_reference(sampler):
     torch.testing.assert_close(dense.values, expected, rtol=1e-4, atol=1e-5)
     # The same positions of the dilated map: a checkered submap is the dilated network on its lattice.
     with torch.no_grad():
-        full = create_feature_extractor(net, ["head"], mode="dilated")(x)["head"]
+        full = create_feature_extractor(net, ["head"], mode="dilated", dilation="multisample")(x)["head"]
     assert full.mask.all()
     torch.testing.assert_close(full.values[..., dense.mask], dense.values[..., dense.mask], rtol=1e-4, atol=1e-5)
 
@@ -181,8 +182,8 @@ def test_keep_first_counts_the_dense_stride_and_drops_far_edge_samples():
     net = ChainNet().eval()
     x = torch.randn(1, 3, 27, 27)  # 27 -> 14 -> 7 -> 4: the last step's far-edge samples fall outside
     with torch.no_grad():
-        dense = create_feature_extractor(net, ["head"], mode="dilated", keep_first=1)(x)["head"]
-        plain = create_feature_extractor(net, ["stem"], mode="dilated", keep_first=1)(x)["stem"]
+        dense = create_feature_extractor(net, ["head"], mode="dilated", dilation="multisample", keep_first=1)(x)["head"]
+        plain = create_feature_extractor(net, ["stem"], mode="dilated", dilation="multisample", keep_first=1)(x)["stem"]
     assert dense.stride == plain.stride == 2
     assert dense.values.shape[-2:] == plain.values.shape[-2:] == (14, 14)
     assert dense.mask.all()

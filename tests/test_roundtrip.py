@@ -88,7 +88,8 @@ def test_a_registered_module_is_a_leaf_without_being_named(project):
         convert(model, example_input=torch.zeros(1, 3, 32, 32))
     register_notrace_module(module.Gate)
     try:
-        converted = convert(model, mode="dilated", example_input=torch.zeros(1, 3, 32, 32)).eval()
+        converted = convert(model, mode="dilated", dilation="multisample",
+                            example_input=torch.zeros(1, 3, 32, 32)).eval()
     finally:
         sys.modules.pop("gated_for_registry", None)
     x = torch.rand(2, 3, 32, 32)  # Gate sees 16 columns per submap, as in the dense network

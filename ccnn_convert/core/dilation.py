@@ -42,7 +42,7 @@ from ..errors import ConversionError
 from .layers import pair
 from .options import check_options
 from .ops import ARG_NAMES, batch_nodes, call_args, find_strided, function_op, global_pool_kind, group_steps, \
-    is_whole_map_pool, permuted_axes, tensor_meta, VIEWS, tensor_metas
+    is_whole_map_pool, permuted_axes, tensor_meta, tensor_metas, VIEWS, zero_pads
 from .report import ConversionReport, LayerRecord
 from .tracing import ANALYSIS_BATCH, analysis_input, check_leaf_modules, copy_structure, propagate_shapes, \
     trace_both_modes, unmatched_leaves
@@ -237,9 +237,21 @@ class _Dilator:
                 continue
             if global_pool_kind(node, self.originals):
                 continue  # pools the whole (larger) map: factor 1 again
-            axes[node] = self._layout(node, inputs[0], axes[inputs[0]])
+            if (pads := zero_pads(node, self.originals)) is not None and axes[inputs[0]] == (2, 3):
+                self._scale_pad(node, pads, factor)  # "same" padding done by hand (TF-style models)
+                axes[node] = (2, 3)
+            else:
+                axes[node] = self._layout(node, inputs[0], axes[inputs[0]])
             factors[node] = factor
         return factors
+
+    def _scale_pad(self, node: fx.Node, pads: tuple[int, int, int, int], factor: Pair) -> None:
+        """A zero pad of a dilated map pads ``factor`` times as far, as the conv paddings do."""
+        left, right, top, bottom = pads
+        x = node.args[0] if node.args else node.kwargs["input"]
+        node.op, node.target = "call_function", F.pad
+        node.args = (x, (left * factor[1], right * factor[1], top * factor[0], bottom * factor[0]))
+        node.kwargs = {}
 
     def _meet(self, node: fx.Node, inputs: list[fx.Node], factors: dict, axes: dict) -> Pair:
         """The factor of the dilated inputs of ``node`` (they must agree); other feature maps
@@ -402,12 +414,18 @@ class _Dilator:
 
 
 class NativeDilationError(ConversionError):
-    """The model has a layer a dilation cannot express; multisample dilation still can."""
+    """The model has a layer a dilation cannot express; multisample dilation still can.
+
+    ``reason`` says what and where, without the advice the message adds.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; use dilation='multisample' for this model")
+        self.reason = reason
 
 
 def _cannot(node: fx.Node, what: str) -> NativeDilationError:
-    return NativeDilationError(f"native dilation cannot pass {node.name} ({what}); "
-                           "use dilation='multisample' for this model")
+    return NativeDilationError(f"native dilation cannot pass {node.name} ({what})")
 
 
 def _is_container(node: fx.Node) -> bool:

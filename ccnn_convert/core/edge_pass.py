@@ -10,7 +10,7 @@ that computes its :class:`~.edges.EdgeCounts` (plain Python at run time, from th
   average pools whose divisor depends on the edge get it from the counts;
 * global pools mask their input, and their submap reduction divides by the real positions of all
   submaps; the submap average before the classifier leaves out the positions outside the image;
-* zero ``F.pad`` adds its pad to the counts; other ops that change the map size or are opaque
+* a zero pad (``F.pad``, ``nn.ZeroPad2d``) adds its pad to the counts; other ops that change the map size or are opaque
   modules see a masked input; ops that keep the size keep the counts;
 * ``permute``/``transpose`` move the spatial axes (channels-last blocks, as in ConvNeXt): the pass
   follows them, and there ``nn.Linear``/``nn.LayerNorm`` over the channels act per position.
@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from . import edges, layers
 from .ops import ARG_NAMES, VIEWS, call_args, global_pool_kind, is_feature_map, permuted_axes, tensor_meta, \
-    tensor_metas
+    tensor_metas, zero_pads
 
 __all__ = ["EDGES", "apply_exact_edges"]
 
@@ -108,8 +108,13 @@ class _Pass:
                 self.pooled[node] = counts
             elif (layer := self._layer(node)) is not None:
                 self._spatial(node, layer, source, counts)
-            elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:
-                self._pad(node, source, counts)
+            elif source not in self.spatial and (pads := zero_pads(node, self.modules)) is not None:
+                # F.pad or nn.ZeroPad2d of an NCHW map
+                self._mask(node, source, counts, 0.0)
+                self.state[node] = self._after(node, edges.edges_pad, (counts, pads))
+            elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:  # reflect, replicate, a value
+                self._mask(node, source, counts, 0.0)
+                self.state[node] = self._after(node, edges.edges_reset, (counts, node))
             elif is_feature_map(node):
                 self._other(node, source, counts)
 
@@ -141,16 +146,6 @@ class _Pass:
         node.args = (node.args[0], counts, p["kernel_size"], p.get("stride"), p.get("padding", 0),
                      p.get("ceil_mode", False), p.get("count_include_pad", True), p.get("divisor_override"))
         node.kwargs = {}
-
-    def _pad(self, node: fx.Node, source: fx.Node, counts: fx.Node) -> None:
-        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        self._mask(node, source, counts, 0.0)
-        if mode == "constant" and not value and all(isinstance(p, int) and p >= 0 for p in pads):
-            self.state[node] = self._after(node, edges.edges_pad, (counts, tuple(pads)))
-        else:
-            self.state[node] = self._after(node, edges.edges_reset, (counts, node))
 
     def _other(self, node: fx.Node, source: fx.Node, counts: fx.Node) -> None:
         spatial = self.spatial.get(source, NCHW)

@@ -29,6 +29,7 @@ from .tracing import ANALYSIS_BATCH
 __all__ = [
     "ARG_NAMES", "Strided", "VIEWS", "batch_nodes", "call_args", "find_strided", "function_op", "global_pool_kind",
     "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "tensor_meta", "tensor_metas",
+    "zero_pads",
 ]
 
 # Ops that reshape without moving data: they may change the rank and keep the spatial dims last.
@@ -262,6 +263,25 @@ def permuted_axes(node: fx.Node, name: str, rank: int, spatial: IntPair) -> IntP
     a, b = (d % rank for d in args[:2])
     swap = {a: b, b: a}
     return tuple(swap.get(s, s) for s in spatial)
+
+
+def zero_pads(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int, int, int] | None:
+    """``(left, right, top, bottom)`` of a zero pad of the last two dims (``nn.ZeroPad2d``,
+    ``nn.ConstantPad2d(.., 0)``, ``F.pad(x, pads)``), else None."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        zero = isinstance(module, nn.ZeroPad2d) or (isinstance(module, nn.ConstantPad2d) and module.value == 0)
+        pads = tuple(module.padding) if zero else None
+    elif node.op == "call_function" and node.target in (F.pad, torch._C._nn.pad):
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        pads = tuple(pads) if mode == "constant" and not value and isinstance(pads, (list, tuple)) else None
+    else:
+        return None
+    if pads is None or len(pads) not in (2, 4) or not all(isinstance(p, int) and p >= 0 for p in pads):
+        return None
+    return (*pads, 0, 0) if len(pads) == 2 else pads
 
 
 # --------------------------------------------------------------------------- steps

@@ -101,7 +101,7 @@ def convert(
         except NativeDilationError as error:
             if dilation == "native":
                 raise
-            logger.info("%s: computing dilated mode with multisample submaps instead", error)
+            logger.info("%s: dilated mode uses multisample submaps instead", error.reason)
     leaf_modules = check_leaf_modules(leaf_modules)
     report = ConversionReport(mode, sampler, keep_first, density, edges=default_edges(mode, edges),
                               dilation="multisample" if mode == "dilated" else None)
