@@ -15,12 +15,16 @@ and the ratios to torchvision.
 
     python benchmarks/bench_dilation.py                    # batch 2, 224 px, 2 threads, 5 repeats
     python benchmarks/bench_dilation.py --errors           # also: errors at uneven sizes, keep_first 2-4
+
+Like the commands, it first calls ``ccnn_convert.use_huge_pages()``; ``--no-huge-pages``
+measures with 4 KiB pages (``docs/results.md`` has both).
     python benchmarks/bench_dilation.py --device cuda --batch 8 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +35,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ccnn_convert import convert
+from ccnn_convert.cpu_memory import SWITCH, use_huge_pages
 from ccnn_convert.bench.measure import forward_peak_bytes, time_interleaved
 
 
@@ -89,8 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-huge-pages", action="store_true", help="4 KiB pages instead of use_huge_pages()")
     parser.add_argument("--errors", action="store_true", help="also print errors at uneven sizes (CPU, a few minutes)")
     args = parser.parse_args(argv)
+    if args.no_huge_pages:
+        os.environ[SWITCH] = "0"
+    pages = "huge pages" if use_huge_pages() else "4 KiB pages"  # before any tensor is made
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = _models(device, args.size)
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = {label: statistics.median(c for _, c in passes) for label, passes in times.items()}
 
     print(f"\nResNet-50 dilated (keep_first=2 = replace_stride_with_dilation=[True]*3), batch {args.batch}, "
-          f"{args.size}x{args.size}, {device}, {args.threads} threads, median of {args.repeats} interleaved passes")
+          f"{args.size}x{args.size}, {device}, {args.threads} threads, {pages}, median of {args.repeats} interleaved passes")
     print(f"{'variant':12s} {'time s':>8s} {'ratio':>6s} {'CPU s':>8s} {'ratio':>6s} {'peak MiB':>9s} {'ratio':>6s}")
     for label in models:
         print(f"{label:12s} {wall[label]:8.3f} {wall[label] / wall['torchvision']:6.2f} "
