@@ -298,6 +298,22 @@ def _node_names(node: fx.Node) -> set[str]:
     return names
 
 
+def _converted_up_to(model: nn.Module, image: Tensor, step: int, conversion: ConversionSpec | str, caller: str):
+    """``(spec, x, converted, target)``: the one image as a batch, the converted model and the name
+    of the first layer of step ``step + 1``, whose input the caller shows."""
+    spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    if x.shape[0] != 1:
+        raise ParameterError("image", f"{caller} takes one image as {{param}}")
+    converted = spec.apply(model, tuple(x.shape[-2:]))
+    report = conversion_report(converted)
+    if not 1 <= step < report.steps:
+        raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
+                                     f"{{param}} must be between 1 and {report.steps - 1}")
+    target = next(layer.name for layer in report.layers if layer.step == step + 1)
+    return spec, x, converted, target
+
+
 def feature_submaps(model: nn.Module, image: Tensor, step: int,
                     conversion: ConversionSpec | str = "checkered") -> Tensor:
     """Per-submap channel-mean activation of ``model`` converted, truncated after ``step`` steps.
@@ -307,16 +323,7 @@ def feature_submaps(model: nn.Module, image: Tensor, step: int,
     step ``step + 1`` and the feature map entering it is returned as ``(S, h, w)``: the mean
     over channels of each of its ``S`` submaps.
     """
-    spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
-    x = image.unsqueeze(0) if image.dim() == 3 else image
-    if x.shape[0] != 1:
-        raise ParameterError("image", "feature_submaps takes one image as {param}")
-    converted = spec.apply(model, tuple(x.shape[-2:]))
-    report = conversion_report(converted)
-    if not 1 <= step < report.steps:
-        raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
-                                     f"{{param}} must be between 1 and {report.steps - 1}")
-    target = next(layer.name for layer in report.layers if layer.step == step + 1)
+    spec, x, converted, target = _converted_up_to(model, image, step, conversion, "feature_submaps")
     with torch.no_grad():
         try:
             _StopAt(converted, target).run(x)
@@ -374,16 +381,7 @@ def dense_feature_map(model: nn.Module, image: Tensor, step: int,
     :func:`ccnn_convert.core.features.create_feature_extractor`: every submap at the positions it
     samples (``mask`` True there), so checkered and dilated can be compared position by position.
     """
-    spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
-    x = image.unsqueeze(0) if image.dim() == 3 else image
-    if x.shape[0] != 1:
-        raise ParameterError("image", "dense_feature_map takes one image as {param}")
-    converted = spec.apply(model, tuple(x.shape[-2:]))
-    report = conversion_report(converted)
-    if not 1 <= step < report.steps:
-        raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
-                                     f"{{param}} must be between 1 and {report.steps - 1}")
-    target = next(layer.name for layer in report.layers if layer.step == step + 1)
+    spec, x, converted, target = _converted_up_to(model, image, step, conversion, "dense_feature_map")
     layer = next(node for node in converted.graph.nodes
                  if node.op in ("call_module", "call_function") and target in _node_names(node))
     source = layer.args[0] if layer.args else layer.kwargs["input"]

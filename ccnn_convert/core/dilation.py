@@ -41,8 +41,8 @@ from torchvision.models.feature_extraction import DualGraphModule
 from ..errors import ConversionError
 from .layers import pair
 from .options import check_options
-from .ops import ARG_NAMES, batch_nodes, call_args, find_strided, function_op, global_pool_kind, group_steps, \
-    is_whole_map_pool, permuted_axes, tensor_meta, tensor_metas, VIEWS, zero_pads
+from .ops import ARG_NAMES, VIEWS, call_args, function_op, global_pool_kind, permuted_axes, strided_steps, \
+    tensor_meta, tensor_metas, zero_pads
 from .report import ConversionReport, LayerRecord
 from .tracing import ANALYSIS_BATCH, analysis_input, check_leaf_modules, copy_structure, propagate_shapes, \
     trace_both_modes, unmatched_leaves
@@ -189,12 +189,7 @@ class _Dilator:
         self.done: dict[str, tuple] = {}  # module target -> the change made to it
 
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
-        batch = batch_nodes(graph)
-        strided = {}
-        for node in graph.nodes:
-            if node in batch and (found := find_strided(node, self.originals)) and not is_whole_map_pool(found):
-                strided[node] = found
-        steps = group_steps(graph, strided, batch)
+        batch, _, steps = strided_steps(graph, self.originals)
         converted = {m.node for index, members in enumerate(steps, start=1)
                      if self._converts(members, index, record) for m in members}
         factors = self._propagate(graph, batch, converted)

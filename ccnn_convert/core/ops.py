@@ -28,8 +28,8 @@ from .tracing import ANALYSIS_BATCH
 
 __all__ = [
     "ARG_NAMES", "Strided", "VIEWS", "batch_nodes", "call_args", "find_strided", "function_op", "global_pool_kind",
-    "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "tensor_meta", "tensor_metas",
-    "zero_pads",
+    "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "strided_steps", "tensor_meta",
+    "tensor_metas", "zero_pads",
 ]
 
 # Ops that reshape without moving data: they may change the rank and keep the spatial dims last.
@@ -323,3 +323,15 @@ def group_steps(graph: fx.Graph, strided: dict[fx.Node, Strided], batch: set[fx.
     for node in sorted(strided, key=order.__getitem__):
         groups.setdefault(find(node), []).append(strided[node])
     return sorted(groups.values(), key=lambda members: order[members[0].node])
+
+
+def strided_steps(graph: fx.Graph, modules: dict[str, nn.Module]
+                  ) -> tuple[set[fx.Node], dict[fx.Node, Strided], list[list[Strided]]]:
+    """The per-image nodes of ``graph``, its strided layers, and those grouped into steps
+    (whole-map pools are global pools, not steps)."""
+    batch = batch_nodes(graph)
+    strided = {}
+    for node in graph.nodes:
+        if node in batch and (found := find_strided(node, modules)) and not is_whole_map_pool(found):
+            strided[node] = found
+    return batch, strided, group_steps(graph, strided, batch)

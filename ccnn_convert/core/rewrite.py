@@ -34,8 +34,8 @@ from .dilation import NativeDilationError, convert_native
 from .edge_pass import apply_exact_edges
 from .report import ConversionReport, LayerRecord, conversion_report
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
-from .ops import ARG_NAMES, Strided, batch_nodes, call_args, find_strided, global_pool_kind, group_steps, \
-    is_feature_map, is_whole_map_pool, tensor_meta, tensor_metas
+from .ops import ARG_NAMES, Strided, call_args, global_pool_kind, is_feature_map, strided_steps, tensor_meta, \
+    tensor_metas
 from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_both_modes, unmatched_leaves
 
 __all__ = [
@@ -139,12 +139,7 @@ class _Rewriter:
         self.root, self.originals, self.report, self.seed = root, originals, report, seed
 
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
-        batch = batch_nodes(graph)
-        strided = {}
-        for node in graph.nodes:
-            if node in batch and (found := find_strided(node, self.originals)) and not is_whole_map_pool(found):
-                strided[node] = found
-        steps = group_steps(graph, strided, batch)
+        batch, strided, steps = strided_steps(graph, self.originals)
         plan = self._plan(steps)
         submaps = self._propagate(graph, batch, strided, plan, record)
         if plan and self.report.edges == "exact":
