@@ -63,6 +63,8 @@ def main_command(
     example = torch.zeros(1, 3, input_size, input_size)
     converted = spec.apply(resolved.model, input_size)
     report = conversion_report(converted)
+    if spec.mode == "dilated" and spec.dilation is None:  # the artifact says which one was used
+        spec = dataclasses.replace(spec, dilation=report.dilation)
     console.print(layer_table(report, resolved.name))
     print_summary(report, resolved.model, converted, example)
     if output is not None:
@@ -71,7 +73,9 @@ def main_command(
 
 
 def layer_table(report: ConversionReport, name: str) -> Table:
-    table = Table(title=f"{name}: {report.mode} ({report.sampler}), keep_first={report.keep_first}")
+    how = {"checkered": f" ({report.sampler}, {report.edges} edges)",
+           "dilated": f" ({report.dilation})"}.get(report.mode, "")
+    table = Table(title=f"{name}: {report.mode}{how}, keep_first={report.keep_first}")
     for column in ("step", "layer", "op", "kernel/stride", "submaps in -> out", "output size", "status"):
         table.add_column(column, justify="right" if column in ("step", "output size") else "left")
     for record in report.layers:
