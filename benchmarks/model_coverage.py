@@ -5,7 +5,8 @@ of ``tests/pyconv_resnet.py`` (random weights: coverage is about architecture, n
 this script
 
 1. finds the smallest input (of 64, 96, 128, 224, 299 px) the original model accepts,
-2. converts it with ``convert(model, mode=m, example_input=x)`` for m in checkered and dilated,
+2. converts it with ``convert(model, mode=m, example_input=x)`` for m in checkered and dilated
+   (dilated with ``dilation="multisample"``: the table counts its submaps),
 3. counts FLOPs of original and converted models with ``ccnn_convert.count_flops``, on the
    ``meta`` device (shapes only, so even vit_h_14 dilated costs nothing to count; note that on
    CPU, eval-mode ``nn.MultiheadAttention`` takes a fused kernel the FLOP counter cannot see),
@@ -37,6 +38,7 @@ from ccnn_convert.models import list_model_names, resolve_model  # noqa: E402
 from ccnn_convert.outputs import atomic_path  # noqa: E402
 
 MODES = ("checkered", "dilated")
+_OPTIONS = {"dilated": {"dilation": "multisample"}}  # the table counts submaps; native has one map
 SIZES = (64, 96, 128, 224, 299)
 DOC = ROOT / "docs" / "models.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -126,7 +128,7 @@ def convert_at(name: str, model: torch.nn.Module, size: int) -> Row:
     errors = []
     for mode in MODES:
         try:
-            converted = convert(model, mode=mode, example_input=x)
+            converted = convert(model, mode=mode, example_input=x, **_OPTIONS.get(mode, {}))
             report = conversion_report(converted)
             row.found = len(report.layers)
             row.converted[mode] = report.converted_layers
@@ -149,7 +151,7 @@ def real_check(name: str, row: Row, budget: float) -> str:
     with torch.no_grad():
         expected = model(x).shape
         for mode in cheap:
-            out = convert(model, mode=mode, example_input=x)(x)
+            out = convert(model, mode=mode, example_input=x, **_OPTIONS.get(mode, {}))(x)
             if out.shape != expected or not torch.isfinite(out).all():
                 raise RuntimeError(f"{mode}: output {tuple(out.shape)} vs {tuple(expected)} or not finite")
     return "cpu" if len(cheap) == len(row.ratio) else "cpu: " + ", ".join(cheap)

@@ -14,6 +14,8 @@ full-resolution map per image.
   ``count_include_pad=False`` the divisor is the same convolution of a ones-map. A converted
   ``ceil_mode`` max pool is padded with -inf at the far edge so that every window that starts
   inside the map is kept, as ceil mode keeps it.
+* **Zero pads** (``F.pad``, ``nn.ZeroPad2d``: "same" padding done by hand) seeing factor ``f``
+  pad ``f`` times as far, like the paddings of the layers.
 * **Global pools** stay as they are (they now pool the larger map); a pool whose fixed window is
   the whole map becomes an adaptive pool to 1x1.
 * Anything that depends on the spatial layout in another way (a non-global adaptive pool, a
@@ -135,7 +137,7 @@ def _ceil_extra(size: int, kernel: int, padding: int, dilation: int, factor: int
 def convert_native(model: nn.Module, keep_first: int = 0, example_input: torch.Tensor | None = None,
                    leaf_modules: Sequence[type | str] = ()) -> fx.GraphModule:
     """Dilated mode as a dilated network: same steps and results as
-    ``convert(model, mode="dilated")``, one full-resolution map per image.
+    ``convert(model, mode="dilated", dilation="multisample")``, one full-resolution map per image.
 
     ``model`` is left untouched; the result shares its parameters (same ``state_dict``). Its
     :func:`~ccnn_convert.core.conversion_report` has ``final_submaps == 1``.
