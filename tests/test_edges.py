@@ -271,6 +271,7 @@ def test_exact_edges_add_no_tensor_op_where_sizes_divide(resnet50, monkeypatch):
     ({"mode": "traditional", "edges": "exact"}, "edges"),
     ({"mode": "checkered", "edges": "fuzzy"}, "edges"),
     ({"mode": "checkered", "dilation": "native"}, "dilation"),
+    ({"mode": "checkered", "dilation": "multisample"}, "dilation"),  # checkered is not a dilation
     ({"mode": "dilated", "dilation": "atrous"}, "dilation"),
 ])
 def test_edge_and_dilation_options_are_checked(kwargs, parameter):

@@ -54,5 +54,5 @@ def _check_edges(mode: str, edges: str | None, dilation: str | None) -> None:
             raise ParameterError("edges", f"{{param}} does nothing with mode {mode!r}")
     if dilation is not None and dilation not in DILATIONS:
         raise ParameterError("dilation", f"unknown {{param}} {dilation!r}; choose one of {', '.join(DILATIONS)}")
-    if dilation == "native" and mode != "dilated":
+    if dilation is not None and mode != "dilated":
         raise ParameterError("dilation", f"{{param}} {dilation!r} only applies to mode 'dilated', not {mode!r}")
