@@ -43,15 +43,15 @@ import torch
 from torch import Tensor, fx, nn
 
 from .core import conversion_report
-from .core.features import DenseMap, create_feature_extractor, graph_node_names
+from .core.features import DenseMap, extract_features, graph_node_names
 from .core.sequences import Offset, sampler_sequence
 from .errors import CCNNError, ParameterError
 from .plotting import pyplot, save_png
 from .spec import ConversionSpec
 
 __all__ = ["DEFAULT_KINDS", "KINDS", "StepRow", "compose_offsets", "dense_feature_map", "feature_submaps",
-           "input_position", "plot_dense_maps", "plot_feature_submaps", "plot_positions", "sampling_map", "step_table", "submap_offsets",
-           "submap_resolution"]
+           "input_position", "plot_dense_maps", "plot_feature_submaps", "plot_positions", "sampling_map", "step_table",
+           "submap_offsets", "submap_resolution"]
 
 KINDS = ("traditional", "naive", "lattice", "random", "dilated")
 DEFAULT_KINDS = ("traditional", "naive", "lattice", "random")
@@ -299,7 +299,7 @@ def _node_names(node: fx.Node) -> set[str]:
 
 
 def _converted_up_to(model: nn.Module, image: Tensor, step: int, conversion: ConversionSpec | str, caller: str):
-    """``(spec, x, converted, target)``: the one image as a batch, the converted model and the name
+    """``(x, converted, target)``: the one image as a batch, the converted model and the name
     of the first layer of step ``step + 1``, whose input the caller shows."""
     spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
     x = image.unsqueeze(0) if image.dim() == 3 else image
@@ -311,7 +311,7 @@ def _converted_up_to(model: nn.Module, image: Tensor, step: int, conversion: Con
         raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
                                      f"{{param}} must be between 1 and {report.steps - 1}")
     target = next(layer.name for layer in report.layers if layer.step == step + 1)
-    return spec, x, converted, target
+    return x, converted, target
 
 
 def feature_submaps(model: nn.Module, image: Tensor, step: int,
@@ -323,7 +323,7 @@ def feature_submaps(model: nn.Module, image: Tensor, step: int,
     step ``step + 1`` and the feature map entering it is returned as ``(S, h, w)``: the mean
     over channels of each of its ``S`` submaps.
     """
-    spec, x, converted, target = _converted_up_to(model, image, step, conversion, "feature_submaps")
+    x, converted, target = _converted_up_to(model, image, step, conversion, "feature_submaps")
     with torch.no_grad():
         try:
             _StopAt(converted, target).run(x)
@@ -381,12 +381,12 @@ def dense_feature_map(model: nn.Module, image: Tensor, step: int,
     :func:`ccnn_convert.core.features.create_feature_extractor`: every submap at the positions it
     samples (``mask`` True there), so checkered and dilated can be compared position by position.
     """
-    spec, x, converted, target = _converted_up_to(model, image, step, conversion, "dense_feature_map")
+    x, converted, target = _converted_up_to(model, image, step, conversion, "dense_feature_map")
     layer = next(node for node in converted.graph.nodes
                  if node.op in ("call_module", "call_function") and target in _node_names(node))
     source = layer.args[0] if layer.args else layer.kwargs["input"]
     name = graph_node_names(converted.graph)[source]
-    extractor = create_feature_extractor(model, [name], example_input=x, **spec.convert_kwargs()).eval()
+    extractor = extract_features(converted, [name]).eval()  # the model converted above, not again
     with torch.no_grad():
         return extractor(x)[name]
 

@@ -9,7 +9,7 @@ later layers), :mod:`.dilation` (dilated mode as a real dilated network) and :mo
 (dense feature maps from a converted model).
 """
 
-from .features import DenseMap, FeatureExtractor, create_feature_extractor, graph_node_names
+from .features import DenseMap, FeatureExtractor, create_feature_extractor, extract_features, graph_node_names
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options
 from .report import ConversionReport, LayerRecord, conversion_report
 from .rewrite import convert
@@ -17,6 +17,7 @@ from .tracing import register_notrace_function, register_notrace_module
 
 __all__ = [
     "CONVERSION_MODES", "ConversionReport", "DILATIONS", "DenseMap", "EDGES", "FeatureExtractor", "LayerRecord",
-    "check_options", "conversion_report", "convert", "create_feature_extractor", "graph_node_names",
+    "check_options", "conversion_report", "convert", "create_feature_extractor", "extract_features",
+    "graph_node_names",
     "register_notrace_function", "register_notrace_module",
 ]

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import edges, layers
-from .ops import ARG_NAMES, VIEWS, call_args, global_pool_kind, is_feature_map, permuted_axes, tensor_meta, \
-    tensor_metas, zero_pads
+from .ops import ARG_NAMES, VIEWS, call_args, function_op, global_pool_kind, is_feature_map, permuted_axes, \
+    tensor_meta, tensor_metas, zero_pads
 
 __all__ = ["EDGES", "apply_exact_edges"]
 
@@ -39,19 +39,12 @@ _POINTWISE_MODULES = (
     nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Flatten,
 )
-_SPATIAL_MODULES = {
+_SPATIAL_MODULES = {  # exact types: a subclass may override forward
     nn.Conv2d: "conv2d", nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d",
-    layers.MultisampleConv2d: "conv2d", layers.MultisampleMaxPool2d: "max_pool2d",
-    layers.MultisampleAvgPool2d: "avg_pool2d",
+    **{cls: op for op, cls in layers.MULTISAMPLE_MODULES.items()},
 }
-_SPATIAL_FUNCTIONS = {
-    F.conv2d: "conv2d", torch.conv2d: "conv2d", F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d",
-    F.avg_pool2d: "avg_pool2d", torch._C._nn.avg_pool2d: "avg_pool2d",
-}
-_MULTISAMPLE_FUNCTIONS = {
-    layers.multisample_conv2d: "conv2d", layers.multisample_max_pool2d: "max_pool2d",
-    layers.multisample_avg_pool2d: "avg_pool2d",
-}
+_MULTISAMPLE_FUNCTIONS = {function: op for op, function in layers.MULTISAMPLE_FUNCTIONS.items()}
+_MULTISAMPLE_CLASSES = tuple(layers.MULTISAMPLE_MODULES.values())
 _PAD_FUNCTIONS = (F.pad, torch._C._nn.pad)
 _PERMUTES = ("permute", "transpose", "swapaxes")
 NCHW = (2, 3)  # where the spatial axes of a feature map are unless a permute moved them
@@ -204,29 +197,25 @@ class _Pass:
                       if hasattr(module, name)}
             kernel = module.kernel_size
             params.setdefault("kernel_size", kernel)
-            sampler = node.args[1] if isinstance(module, tuple(_multisample_modules())) else None
-            return _Layer(op, params, sampler, edges._pair(kernel))
+            sampler = node.args[1] if type(module) in _MULTISAMPLE_CLASSES else None
+            return _Layer(op, params, sampler, edges.pair(kernel))
         if node.op != "call_function":
             return None
         if (op := _lookup(_MULTISAMPLE_FUNCTIONS, node.target)) is not None:
             names = [n for n in ARG_NAMES[op][1:] if n != "return_indices"]
             params = dict(zip(names, node.args[2:]))
             return _Layer(op, params, node.args[1], _kernel(op, params))
-        if (op := _lookup(_SPATIAL_FUNCTIONS, node.target)) is not None:
+        if (op := function_op(node.target)) is not None:
             params = call_args(node, op)
             return _Layer(op, params, None, _kernel(op, params))
         return None
-
-
-def _multisample_modules():
-    return (layers.MultisampleConv2d, layers.MultisampleMaxPool2d, layers.MultisampleAvgPool2d)
 
 
 def _kernel(op: str, params: dict[str, Any]) -> tuple[int, int]:
     if op == "conv2d":
         weight = tensor_meta(params["weight"])
         return tuple(weight.shape[2:4]) if weight is not None else (1, 1)
-    return edges._pair(params["kernel_size"])
+    return edges.pair(params["kernel_size"])
 
 
 def _lookup(table: dict, target: Any) -> str | None:

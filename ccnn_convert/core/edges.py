@@ -36,7 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "AxisGeometry", "EdgeCounts", "counted_map", "edges_after", "edges_input", "edges_pad", "edges_reset",
-    "exact_avg_pool2d", "first_tensor", "geometry", "global_submap_mean", "mask_edges", "masked_submap_mean",
+    "exact_avg_pool2d", "first_tensor", "geometry", "pair", "global_submap_mean", "mask_edges", "masked_submap_mean",
 ]
 
 
@@ -90,9 +90,17 @@ class AxisGeometry(NamedTuple):
         return min(out, max(0, -(-limit // self.stride)))
 
 
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """``3 -> (3, 3)``, ``[3] -> (3, 3)``, ``(3, 5) -> (3, 5)``: PyTorch's size arguments as a pair."""
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+
+
 def geometry(kernel, stride, padding, dilation=(1, 1), ceil_mode: bool = False) -> tuple[AxisGeometry, AxisGeometry]:
     """Both axes of a layer from PyTorch's arguments (``padding`` may be ``"same"``/``"valid"``)."""
-    kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
+    kernel, stride, dilation = pair(kernel), pair(stride), pair(dilation)
     axes = []
     for a in (0, 1):
         if padding == "valid":
@@ -101,16 +109,9 @@ def geometry(kernel, stride, padding, dilation=(1, 1), ceil_mode: bool = False) 
             total = dilation[a] * (kernel[a] - 1)
             before, after = total // 2, total - total // 2
         else:
-            before = after = _pair(padding)[a]
+            before = after = pair(padding)[a]
         axes.append(AxisGeometry(kernel[a], stride[a], dilation[a], before, after, bool(ceil_mode)))
     return axes[0], axes[1]
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
 # --------------------------------------------------------------------------- propagation
@@ -235,9 +236,9 @@ def exact_avg_pool2d(x: Tensor, edges: EdgeCounts, kernel_size, stride=None, pad
     stride = kernel_size if stride is None or stride == [] or stride == () else stride
     if edges.full or divisor_override:
         return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    pad = _pair(padding)
+    pad = pair(padding)
     summed = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, True, divisor_override=1)
-    size = (edges.height + 2 * pad[0] + _pair(kernel_size)[0], edges.width + 2 * pad[1] + _pair(kernel_size)[1])
+    size = (edges.height + 2 * pad[0] + pair(kernel_size)[0], edges.width + 2 * pad[1] + pair(kernel_size)[1])
     counted = counted_map(edges, pad, size, count_include_pad, x.dtype, x.device)
     counts = F.avg_pool2d(counted, kernel_size, stride, 0, ceil_mode, divisor_override=1)
     counts = counts[..., : summed.shape[-2], : summed.shape[-1]].clamp(min=1)

@@ -36,10 +36,10 @@ from ..errors import ConversionError, ParameterError
 from .ops import find_strided, is_whole_map_pool, tensor_meta
 from .rewrite import convert
 
-__all__ = ["DenseMap", "FeatureExtractor", "create_feature_extractor", "graph_node_names"]
+__all__ = ["DenseMap", "FeatureExtractor", "create_feature_extractor", "extract_features", "graph_node_names"]
 
-_SAMPLED_MODULES = (layers.MultisampleConv2d, layers.MultisampleMaxPool2d, layers.MultisampleAvgPool2d)
-_SAMPLED_FUNCTIONS = (layers.multisample_conv2d, layers.multisample_max_pool2d, layers.multisample_avg_pool2d)
+_SAMPLED_MODULES = tuple(layers.MULTISAMPLE_MODULES.values())
+_SAMPLED_FUNCTIONS = tuple(layers.MULTISAMPLE_FUNCTIONS.values())
 _INSERTED_FUNCTIONS = (layers.submap_mean, layers.submap_amax, layers.submap_repeat)
 
 
@@ -274,18 +274,24 @@ def create_feature_extractor(model: nn.Module, return_nodes: Sequence[str] | Map
     ``create_feature_extractor`` takes them (a list, or a dict node name -> output name).
     The result's ``forward(x)`` returns ``{output name: DenseMap}``.
     """
-    queries = _queries(return_nodes)
     if convert_kwargs.get("mode") == "original":
         convert_kwargs["mode"] = "traditional"
-    converted = convert(model, **convert_kwargs)
+    return extract_features(convert(model, **convert_kwargs), return_nodes)
+
+
+def extract_features(converted: fx.GraphModule, return_nodes: Sequence[str] | Mapping[str, str]) -> FeatureExtractor:
+    """:func:`create_feature_extractor` for a model :func:`~ccnn_convert.core.convert` returned
+    (node names are still those of the original model)."""
+    queries = _queries(return_nodes)
+    model_name = type(converted).__name__
     if isinstance(converted, DualGraphModule):
         train, train_layouts = _extractor_graph(converted.train_graph, converted, queries)
         evaluate, eval_layouts = _extractor_graph(converted.eval_graph, converted, queries)
-        module = DualGraphModule(converted, train, evaluate, class_name=f"{type(model).__name__}Features")
+        module = DualGraphModule(converted, train, evaluate, class_name=f"{model_name}Features")
         layouts = {True: train_layouts, False: eval_layouts}
     else:
         graph, eval_layouts = _extractor_graph(converted.graph, converted, queries)
-        module = fx.GraphModule(converted, graph, class_name=f"{type(model).__name__}Features")
+        module = fx.GraphModule(converted, graph, class_name=f"{model_name}Features")
         layouts = {False: eval_layouts}
     module.meta = {"ccnn_report": converted.meta["ccnn_report"]}
     extractor = FeatureExtractor(module, layouts)

@@ -21,30 +21,22 @@ needed sample is computed exactly once.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import sequences
-from .edges import EdgeCounts, counted_map
+from .edges import EdgeCounts, counted_map, pair
 
 __all__ = [
     "IntPair", "MultisampleAvgPool2d", "MultisampleConv2d", "MultisampleMaxPool2d", "SubmapSampler",
-    "multisample_avg_pool2d", "multisample_conv2d", "multisample_max_pool2d", "pair", "pooled_size",
+    "MULTISAMPLE_FUNCTIONS", "MULTISAMPLE_MODULES", "multisample_avg_pool2d", "multisample_conv2d",
+    "multisample_max_pool2d", "pair", "pooled_size",
     "submap_amax", "submap_mean", "submap_repeat",
 ]
 
 IntPair = tuple[int, int]
-
-
-def pair(value: int | Sequence[int]) -> IntPair:
-    """``3 -> (3, 3)``, ``[3] -> (3, 3)``, ``(3, 5) -> (3, 5)``: PyTorch's size arguments as a pair."""
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
@@ -308,3 +300,11 @@ class MultisampleAvgPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+# The multisampling form of each strided op, as a function and as a module: the rewrite inserts
+# them, the edge pass and the feature extractor recognise them.
+MULTISAMPLE_FUNCTIONS = {"conv2d": multisample_conv2d, "max_pool2d": multisample_max_pool2d,
+                         "avg_pool2d": multisample_avg_pool2d}
+MULTISAMPLE_MODULES = {"conv2d": MultisampleConv2d, "max_pool2d": MultisampleMaxPool2d,
+                       "avg_pool2d": MultisampleAvgPool2d}

@@ -273,18 +273,15 @@ class _Rewriter:
     def _replace_strided(self, node: fx.Node, strided: Strided, sampler: fx.Node) -> None:
         x = node.args[0] if node.args else node.kwargs["input"]
         if node.op == "call_module":
-            replacements = {"conv2d": layers.MultisampleConv2d, "max_pool2d": layers.MultisampleMaxPool2d,
-                            "avg_pool2d": layers.MultisampleAvgPool2d}
+            replacements = layers.MULTISAMPLE_MODULES
             current = self.root.get_submodule(node.target)
             if not isinstance(current, tuple(replacements.values())):
                 _set_submodule(self.root, node.target, replacements[strided.op](current))
             node.args, node.kwargs = (x, sampler), {}
             return
         args = call_args(node, strided.op)
-        functions = {"conv2d": layers.multisample_conv2d, "max_pool2d": layers.multisample_max_pool2d,
-                     "avg_pool2d": layers.multisample_avg_pool2d}
         names = [name for name in ARG_NAMES[strided.op][1:] if name != "return_indices"]
-        node.target = functions[strided.op]
+        node.target = layers.MULTISAMPLE_FUNCTIONS[strided.op]
         node.args = (x, sampler, *(args[name] for name in names))
         node.kwargs = {}
 
