@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _pair(v):
@@ -45,6 +46,21 @@ def _shifted_padded(x, padding, dy, dx, fill, extra):
     return shifted, shifted_real
 
 
+def _window_output(op: str, window: torch.Tensor, count: int | None, **kw) -> torch.Tensor:
+    """One output position from its ``(B, C, kh, kw)`` window: the grouped convolution, the max,
+    or the sum over ``count`` positions (an all-padding window counts 1)."""
+    if op == "conv":
+        weight, bias, groups = kw["weight"], kw.get("bias"), kw["groups"]
+        b, kh, kw_ = window.shape[0], *window.shape[-2:]
+        win = window.reshape(b, groups, -1, kh, kw_)
+        wgt = weight.reshape(groups, -1, weight.shape[1], kh, kw_)
+        value = torch.einsum("bgcij,gocij->bgo", win, wgt).reshape(b, -1)
+        return value + (bias if bias is not None else 0)
+    if op == "max":
+        return window.amax(dim=(-1, -2))
+    return window.sum(dim=(-1, -2)) / max(count, 1)
+
+
 def sample(op: str, x: torch.Tensor, dy: int, dx: int, **kw) -> torch.Tensor:
     """One sample of one submap, position by position."""
     kh, kw_ = _pair(kw["kernel"])
@@ -56,30 +72,17 @@ def sample(op: str, x: torch.Tensor, dy: int, dx: int, **kw) -> torch.Tensor:
     extra = max(sh, sw) * 2 + max(kh * dh, kw_ * dw)
     shifted, real = _shifted_padded(x, padding, dy, dx, fill, extra)
     b = x.shape[0]
-    if op == "conv":
-        weight, bias, groups = kw["weight"], kw.get("bias"), kw["groups"]
-        out = torch.zeros(b, weight.shape[0], out_h, out_w, dtype=x.dtype)
-    else:
-        out = torch.zeros(b, x.shape[1], out_h, out_w, dtype=x.dtype)
+    channels = kw["weight"].shape[0] if op == "conv" else x.shape[1]
+    out = torch.zeros(b, channels, out_h, out_w, dtype=x.dtype)
     for oy in range(out_h):
         for ox in range(out_w):
             rows = [oy * sh + t * dh for t in range(kh)]
             cols = [ox * sw + t * dw for t in range(kw_)]
             window = shifted[:, :, rows][:, :, :, cols]
-            if op == "conv":
-                g = groups
-                win = window.reshape(b, g, -1, kh, kw_)
-                wgt = weight.reshape(g, -1, weight.shape[1], kh, kw_)
-                value = torch.einsum("bgcij,gocij->bgo", win, wgt).reshape(b, -1)
-                out[:, :, oy, ox] = value + (bias if bias is not None else 0)
-            elif op == "max":
-                out[:, :, oy, ox] = window.amax(dim=(-1, -2))
-            else:
-                if kw["count_include_pad"]:
-                    count = kh * kw_
-                else:
-                    count = max(1, int(real[rows][:, cols].sum()))  # all-fill window -> 0
-                out[:, :, oy, ox] = window.sum(dim=(-1, -2)) / count
+            count = None
+            if op == "avg":
+                count = kh * kw_ if kw["count_include_pad"] else int(real[rows][:, cols].sum())
+            out[:, :, oy, ox] = _window_output(op, window, count, **kw)
     return out
 
 
@@ -119,11 +122,8 @@ def sample_exact(op: str, x: torch.Tensor, dy: int, dx: int, real, **kw):
     big_h, big_w = h + 2 * ph + dy + sh * out_h + kh * dh, w + 2 * pw + dx + sw * out_w + kw_ * dw
     padded = torch.full((b, x.shape[1], big_h, big_w), fill, dtype=x.dtype)
     padded[:, :, ph:ph + r, pw:pw + c] = x[:, :, :r, :c]  # everything else is padding
-    if op == "conv":
-        weight, bias, groups = kw["weight"], kw.get("bias"), kw["groups"]
-        out = torch.zeros(b, weight.shape[0], out_h, out_w, dtype=x.dtype)
-    else:
-        out = torch.zeros(b, x.shape[1], out_h, out_w, dtype=x.dtype)
+    channels = kw["weight"].shape[0] if op == "conv" else x.shape[1]
+    out = torch.zeros(b, channels, out_h, out_w, dtype=x.dtype)
     real_rows = [_real_window(dy + oy * sh, kh, dh, r, ph, ceil) for oy in range(out_h)]
     real_cols = [_real_window(dx + ox * sw, kw_, dw, c, pw, ceil) for ox in range(out_w)]
     for oy in range(out_h):
@@ -131,19 +131,12 @@ def sample_exact(op: str, x: torch.Tensor, dy: int, dx: int, real, **kw):
             rows = [dy + oy * sh + t * dh for t in range(kh)]
             cols = [dx + ox * sw + t * dw for t in range(kw_)]
             window = padded[:, :, rows][:, :, :, cols]
-            if op == "conv":
-                win = window.reshape(b, groups, -1, kh, kw_)
-                wgt = weight.reshape(groups, -1, weight.shape[1], kh, kw_)
-                value = torch.einsum("bgcij,gocij->bgo", win, wgt).reshape(b, -1)
-                out[:, :, oy, ox] = value + (bias if bias is not None else 0)
-            elif op == "max":
-                out[:, :, oy, ox] = window.amax(dim=(-1, -2))
-            else:
-                if kw["count_include_pad"]:
-                    count = sum(1 for i in rows for j in cols if i < r + 2 * ph and j < c + 2 * pw)
-                else:
-                    count = sum(1 for i in rows for j in cols if ph <= i < ph + r and pw <= j < pw + c)
-                out[:, :, oy, ox] = window.sum(dim=(-1, -2)) / max(count, 1)
+            count = None
+            if op == "avg" and kw["count_include_pad"]:
+                count = sum(1 for i in rows for j in cols if i < r + 2 * ph and j < c + 2 * pw)
+            elif op == "avg":
+                count = sum(1 for i in rows for j in cols if ph <= i < ph + r and pw <= j < pw + c)
+            out[:, :, oy, ox] = _window_output(op, window, count, **kw)
     return out, (_prefix(real_rows), _prefix(real_cols))
 
 
@@ -182,3 +175,18 @@ def global_mean_exact(maps: list, reals: list) -> torch.Tensor:
 
 def global_max_exact(maps: list, reals: list) -> torch.Tensor:
     return torch.stack([m[:, :, :r, :c].amax(dim=(2, 3)) for m, (r, c) in zip(maps, reals)]).amax(0)
+
+
+# --------------------------------------------------------------------------- test models
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters far from the identity, so that a position or
+    a submap mixed up shows in the outputs (fresh torchvision models have mean 0, var 1)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model

@@ -231,20 +231,10 @@ def test_traditional_is_bit_for_bit_and_weights_are_unchanged():
         assert model(x).shape == net(x).shape == (2, 1000)
 
 
-def _randomize_batchnorm(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 @pytest.mark.parametrize("builder", [torchvision.models.resnet50, torchvision.models.resnext50_32x4d])
 def test_dilated_equals_torchvision_replace_stride_with_dilation(builder):
     torch.manual_seed(0)
-    model = _randomize_batchnorm(builder()).eval()
+    model = reference.randomize_batchnorm(builder()).eval()
     dilated = builder(replace_stride_with_dilation=[True, True, True]).eval()
     dilated.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 64, 64)

@@ -13,17 +13,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import reference
 from ccnn_convert import conversion_report, convert
 from ccnn_convert.core.dilation import convert_native
 from ccnn_convert.errors import ConversionError
-
-
-def _random_bn(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.3, 0.3)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,7 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def resnet50():
     torch.manual_seed(0)
-    return _random_bn(torchvision.models.resnet50())
+    return reference.randomize_batchnorm(torchvision.models.resnet50()).eval()
 
 
 # keep_first lines up with torchvision's per-stage flags: steps 1-2 are the stem conv and max pool.

@@ -189,20 +189,10 @@ def test_random_sampler_in_training_follows_each_draw():
 # --------------------------------------------------------------------------- torchvision's dilated ResNet
 
 
-def _randomize_batchnorm(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def resnet50():
     torch.manual_seed(0)
-    return _randomize_batchnorm(torchvision.models.resnet50()).eval()
+    return reference.randomize_batchnorm(torchvision.models.resnet50()).eval()
 
 
 # keep_first counts steps: stem conv 1, max pool 2, layer2/3/4 3-5 (torchvision's three flags).

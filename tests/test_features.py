@@ -18,21 +18,11 @@ from ccnn_convert.errors import ParameterError
 from ccnn_convert.visualize import input_position
 
 
-def _randomize_batchnorm(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def resnets():
     """A randomized-BatchNorm ResNet-50 and torchvision's dilated one with the same weights."""
     torch.manual_seed(0)
-    model = _randomize_batchnorm(torchvision.models.resnet50()).eval()
+    model = reference.randomize_batchnorm(torchvision.models.resnet50()).eval()
     dilated = torchvision.models.resnet50(replace_stride_with_dilation=[True, True, True]).eval()
     dilated.load_state_dict(model.state_dict())
     return model, dilated
@@ -90,7 +80,7 @@ def test_multisample_dense_map_equals_native_dilation(resnets, size):
 
 def test_traditional_returns_torchvisions_plain_maps_under_the_given_names():
     torch.manual_seed(0)
-    model = _randomize_batchnorm(torchvision.models.resnet18()).eval()
+    model = reference.randomize_batchnorm(torchvision.models.resnet18()).eval()
     x = torch.randn(2, 3, 64, 64)
     nodes = {"layer2": "c3", "layer3.0.relu_1": "mid"}
     for mode in ("traditional", "original"):

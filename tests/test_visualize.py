@@ -291,11 +291,16 @@ def make():
 """
 
 
-def _gated(tmp_path):
-    (tmp_path / "gated.py").write_text(GATED_FACTORY)
+def _factory_and_image(tmp_path, filename: str, source: str):
+    """A factory file (MODEL ``path.py:make``) and a 40x40 image beside it."""
+    (tmp_path / filename).write_text(source)
     image = tmp_path / "img.png"
     Image.new("RGB", (40, 40), (200, 30, 90)).save(image)
-    return f"{tmp_path / 'gated.py'}:make", image
+    return f"{tmp_path / filename}:make", image
+
+
+def _gated(tmp_path):
+    return _factory_and_image(tmp_path, "gated.py", GATED_FACTORY)
 
 
 def test_cli_features_leaf_makes_an_untraceable_model_usable(tmp_path):
@@ -361,10 +366,7 @@ def make():
 
 
 def _small(tmp_path):
-    (tmp_path / "small.py").write_text(SMALL_FACTORY)
-    image = tmp_path / "img.png"
-    Image.new("RGB", (40, 40), (200, 30, 90)).save(image)
-    return f"{tmp_path / 'small.py'}:make", image
+    return _factory_and_image(tmp_path, "small.py", SMALL_FACTORY)
 
 
 def test_cli_features_dense_shows_checkered_beside_dilated(tmp_path):
