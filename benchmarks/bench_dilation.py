@@ -39,13 +39,19 @@ from ccnn_convert.cpu_memory import SWITCH, use_huge_pages
 from ccnn_convert.bench.measure import forward_peak_bytes, time_interleaved
 
 
-def _models(device: torch.device, size: int) -> dict[str, torch.nn.Module]:
+def _random_resnet50() -> torch.nn.Module:
+    """ResNet-50 with seeded random weights and BatchNorm statistics, so that differences show."""
     torch.manual_seed(0)
     base = torchvision.models.resnet50().eval()
-    for module in base.modules():  # random statistics, so that differences show
+    for module in base.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.5, 1.5)
+    return base
+
+
+def _models(device: torch.device, size: int) -> dict[str, torch.nn.Module]:
+    base = _random_resnet50()
     reference = torchvision.models.resnet50(replace_stride_with_dilation=[True, True, True]).eval()
     reference.load_state_dict(base.state_dict())
     example = torch.zeros(1, 3, size, size)
@@ -66,12 +72,7 @@ def print_errors(sizes=((193, 193), (224, 224), (225, 225), (299, 299), (240, 32
 
     keep_first 2, 3, 4 line up with ``replace_stride_with_dilation`` [T, T, T], [F, T, T], [F, F, T].
     """
-    torch.manual_seed(0)
-    base = torchvision.models.resnet50().eval()
-    for module in base.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.3, 0.3)
-            module.running_var.uniform_(0.5, 1.5)
+    base = _random_resnet50()
     print("\nmax relative error of the logits vs torchvision's dilated ResNet-50 (batch 1)")
     print(f"{'input':>8s} {'keep_first':>10s} {'multisample':>12s} {'native':>8s}")
     for keep_first, flags in ((2, [True] * 3), (3, [False, True, True]), (4, [False, False, True])):
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     cpu = {label: statistics.median(c for _, c in passes) for label, passes in times.items()}
 
     print(f"\nResNet-50 dilated (keep_first=2 = replace_stride_with_dilation=[True]*3), batch {args.batch}, "
-          f"{args.size}x{args.size}, {device}, {args.threads} threads, {pages}, median of {args.repeats} interleaved passes")
+          f"{args.size}x{args.size}, {device}, {args.threads} threads, {pages}, "
+          f"median of {args.repeats} interleaved passes")
     print(f"{'variant':12s} {'time s':>8s} {'ratio':>6s} {'CPU s':>8s} {'ratio':>6s} {'peak MiB':>9s} {'ratio':>6s}")
     for label in models:
         print(f"{label:12s} {wall[label]:8.3f} {wall[label] / wall['torchvision']:6.2f} "

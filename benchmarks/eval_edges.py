@@ -25,6 +25,7 @@ from ccnn_convert.core import convert  # noqa: E402
 from ccnn_convert.data import DecodedImages, find_samples  # noqa: E402
 from ccnn_convert.evaluate import evaluate  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
+from eval_variants import markdown  # noqa: E402  (beside this script)
 
 
 def build_variants(model: torch.nn.Module, crop: int, keep_firsts: list[int], dilated: bool) -> dict:
@@ -37,17 +38,6 @@ def build_variants(model: torch.nn.Module, crop: int, keep_firsts: list[int], di
     if dilated:
         variants["dilated (exact)"] = convert(model, mode="dilated", example_input=example).eval()
     return variants
-
-
-def markdown(report) -> str:
-    lines = ["| variant | top-1 % | top-5 % | change | agreement % | images/s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for result in report.results:
-        change = report.top1_change(result)
-        lines.append(f"| {result.mode} | {result.top1:.1f} | {result.top5:.1f} | "
-                     f"{'' if change is None else f'{change:+.1f}'} | {result.agreement:.1f} | "
-                     f"{result.images_per_s:.1f} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

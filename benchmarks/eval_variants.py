@@ -40,13 +40,15 @@ def build_variants(model: torch.nn.Module, crop: int, samplers: list[str], keep_
 
 
 def markdown(report) -> str:
-    lines = ["| variant | top-1 % | top-5 % | change | agreement % | images/s | GFLOPs/image |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The report as a markdown table; a GFLOPs column when the report counted FLOPs."""
+    flops = any(result.flops is not None for result in report.results)
+    lines = ["| variant | top-1 % | top-5 % | change | agreement % | images/s |" + (" GFLOPs/image |" if flops else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if flops else "")]
     for result in report.results:
         change = report.top1_change(result)
         lines.append(f"| {result.mode} | {result.top1:.1f} | {result.top5:.1f} | "
                      f"{'' if change is None else f'{change:+.1f}'} | {result.agreement:.1f} | "
-                     f"{result.images_per_s:.1f} | {result.flops / 1e9:.2f} |")
+                     f"{result.images_per_s:.1f} |" + (f" {result.flops / 1e9:.2f} |" if flops else ""))
     return "\n".join(lines)
 
 
