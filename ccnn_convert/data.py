@@ -34,7 +34,7 @@ from .errors import DataError, DataParameterError
 
 __all__ = [
     "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "collate_items",
-    "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders",
+    "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders", "named_folder_mapper",
     "parse_label", "read_labels_file", "shard_indices", "stratified_indices", "wnid_to_index",
 ]
 
@@ -108,14 +108,33 @@ def map_wnid_folders(folders: Sequence[str]) -> dict[str, int]:
     return {f: table[f] for f in folders}
 
 
+def named_folder_mapper(class_names: Sequence[str]) -> Callable[[Sequence[str]], dict[str, int]]:
+    """Folder name -> its index in ``class_names`` (a model trained on its own classes, whose
+    artifact stores them); a folder that is not one of them is a DataError."""
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def mapper(folders: Sequence[str]) -> dict[str, int]:
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            raise DataError(f"class folders that are not among the model's {len(index)} classes: {shown}")
+        return {f: index[f] for f in folders}
+
+    return mapper
+
+
 def map_sorted_folders(folders: Sequence[str]) -> dict[str, int]:
     """torchvision's default: class index = rank of the folder name (for non-ImageNet models)."""
     return {f: i for i, f in enumerate(sorted(folders))}
 
 
 def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = None,
-                 imagenet_labels: bool = True) -> Samples:
-    """Scan DATA (and the labels file) into (path, target) pairs; layout errors are DataError."""
+                 imagenet_labels: bool = True, class_names: Sequence[str] | None = None) -> Samples:
+    """Scan DATA (and the labels file) into (path, target) pairs; layout errors are DataError.
+
+    Class folders map to ImageNet indices (``imagenet_labels``), to their index in
+    ``class_names`` when given (a model trained on its own classes), or to their sorted rank.
+    """
     root = Path(data)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -135,11 +154,12 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
         raise DataParameterError("labels", f"{root} is a flat folder of files: pass {{param}} "
                                             "(LOC_val_solution.csv or a filename,label CSV) or use "
                                             "<wnid>/<image> folders")
-    return _image_folder_samples(root, imagenet_labels)
+    if class_names is not None:
+        return _image_folder_samples(root, named_folder_mapper(class_names))
+    return _image_folder_samples(root, map_wnid_folders if imagenet_labels else map_sorted_folders)
 
 
-def _image_folder_samples(root: Path, imagenet_labels: bool) -> Samples:
-    mapper = map_wnid_folders if imagenet_labels else map_sorted_folders
+def _image_folder_samples(root: Path, mapper: Callable[[Sequence[str]], dict[str, int]]) -> Samples:
     folder = _StandardIndexImageFolder(str(root), mapper)
     if not folder.samples:
         raise DataError(f"no files in the class folders under {root}")

@@ -289,7 +289,8 @@ def evaluate_model(
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
         num_classes = resolved.num_classes if resolved else 1000
-        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000)
+        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000,
+                               class_names=resolved.class_names if resolved else None)
         too_big = [t for t in samples.targets if t >= num_classes]
         if too_big:
             raise DataError(f"label {max(too_big)} is out of range for a {num_classes}-class model")

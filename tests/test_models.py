@@ -29,9 +29,11 @@ from torchvision import transforms as T
 from ccnn_convert.errors import CCNNError, ModelResolutionError
 from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.models import (
+    Head,
     Preprocessing,
     build_from_spec,
     list_model_names,
+    replace_head,
     load_artifact,
     resolve_model,
     save_artifact,
@@ -368,13 +370,47 @@ def test_artifact_round_trip(tmp_path):
 
     raw = torch.load(path, weights_only=True)
     assert raw["conversion"]["leaf_modules"] == ["Fire"]  # the leaf list travels with the model
-    assert raw["format"] == "ccnn-convert-artifact" and raw["version"] == 2
+    assert raw["format"] == "ccnn-convert-artifact" and raw["version"] == 3
+    assert (raw["head"], raw["classes"], raw["training"]) == (None, None, None)  # no training here
     for loaded in (load_artifact(path), resolve_model(str(path))):
         assert_same_state(loaded.model.state_dict(), resolved.model.state_dict())
         assert loaded.spec == resolved.spec and loaded.conversion == CONVERSION
         assert loaded.preprocessing == resolved.preprocessing and loaded.preprocessing.crop == 192
         assert (loaded.name, loaded.weights, loaded.num_classes) == ("squeezenet1_1", "none", 1000)
         assert torch.allclose(outputs(loaded.model), outputs(resolved.model))
+
+
+def test_version_2_artifact_still_loads(tmp_path):
+    resolved = resolve_model("squeezenet1_1", weights="none")
+    save_artifact(tmp_path / "v3.pt", resolved, CONVERSION)
+    raw = torch.load(tmp_path / "v3.pt", weights_only=True)
+    for key in ("head", "classes", "training"):  # what version 3 added
+        del raw[key]
+    torch.save({**raw, "version": 2}, tmp_path / "v2.pt")
+    loaded = load_artifact(tmp_path / "v2.pt")
+    assert loaded.head is None and loaded.class_names is None and loaded.conversion == CONVERSION
+    assert_same_state(loaded.model.state_dict(), resolved.model.state_dict())
+
+
+def test_artifact_with_a_new_head_and_class_names_round_trips(tmp_path):
+    resolved = resolve_model("resnet18", weights="none")
+    head = replace_head(resolved.model, 3)
+    assert head == Head("fc", 3) and resolved.model.fc.out_features == 3
+    resolved.num_classes, resolved.head, resolved.class_names = 3, head, ("cat", "dog", "fox")
+    resolved.training = {"epochs": 1}
+    save_artifact(tmp_path / "a.pt", resolved, CONVERSION)
+    loaded = load_artifact(tmp_path / "a.pt")
+    assert (loaded.num_classes, loaded.head, loaded.class_names) == (3, head, ("cat", "dog", "fox"))
+    assert loaded.training == {"epochs": 1}
+    assert_same_state(loaded.model.state_dict(), resolved.model.state_dict())
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    for bad in ({"module": "layer4", "num_classes": 3}, {"module": "fc", "num_classes": 5}):
+        torch.save({**raw, "head": bad}, tmp_path / "bad.pt")
+        with pytest.raises(ModelResolutionError):
+            load_artifact(tmp_path / "bad.pt")
+    torch.save({**raw, "classes": ["cat", "cat", "fox"]}, tmp_path / "bad.pt")
+    with pytest.raises(ModelResolutionError, match="class names"):
+        load_artifact(tmp_path / "bad.pt")
 
 
 def test_artifact_write_is_atomic(tmp_path, monkeypatch):

@@ -108,7 +108,7 @@ def conversion_specs(options: BenchOptions, base: ConversionSpec | None = None) 
 
 
 def top1_evaluator(options: Top1Options, preprocessing, *, device: torch.device | str = "cpu",
-                   num_classes: int = 1000) -> tuple[Top1Fn, dict]:
+                   num_classes: int = 1000, class_names=None) -> tuple[Top1Fn, dict]:
     """A function {label: model} -> {label: top-1 %} over an image folder, and a description of the data.
 
     Uses :func:`ccnn_convert.evaluate.evaluate`: every image is decoded once and fed to every
@@ -117,7 +117,8 @@ def top1_evaluator(options: Top1Options, preprocessing, *, device: torch.device 
     from ..data import DecodedImages, find_samples, stratified_indices
     from ..evaluate import evaluate  # heavy; only needed with top-1
 
-    samples = find_samples(options.data, options.labels, imagenet_labels=num_classes == 1000)
+    samples = find_samples(options.data, options.labels, imagenet_labels=num_classes == 1000,
+                           class_names=class_names)
     indices = stratified_indices(samples.targets, options.limit)
     dataset = DecodedImages(samples.items, preprocessing.transform())
     info = {"data": str(options.data), "images": len(indices)}
@@ -149,7 +150,8 @@ def run_bench(models: Sequence[str], options: BenchOptions = BenchOptions(), top
     for r, conversions in zip(resolved, specs):
         scorer = None
         if top1 is not None:
-            scorer, info = top1_evaluator(top1, r.preprocessing, device=target, num_classes=r.num_classes)
+            scorer, info = top1_evaluator(top1, r.preprocessing, device=target, num_classes=r.num_classes,
+                                           class_names=r.class_names)
             settings.update(info)
         size = options.image_size or r.preprocessing.crop
         measurements += bench_model(r.name, r.model, conversions, image_size=size, device=target,

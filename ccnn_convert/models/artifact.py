@@ -13,9 +13,14 @@ with ``torch.load(weights_only=True)`` and unpickling runs no code:
     the original model's tensors and what is needed to use it.
 ``conversion``
     :meth:`ccnn_convert.spec.ConversionSpec.to_dict`, including the leaf modules.
+``head``, ``classes``, ``training`` (version 3, each optional)
+    a classifier replaced for transfer learning (:class:`~.head.Head`), the class names of a
+    model trained on its own classes, and ``ccnn-train``'s summary of the run. A trained
+    model's ``state_dict`` holds its trained weights: the artifact rebuilds the architecture,
+    replaces the head, then loads them.
 
 This module writes and validates that data; :func:`ccnn_convert.models.load_artifact` rebuilds
-the model from it. Version 1 (no leaf modules) is still read.
+the model from it. Versions 1 (no leaf modules) and 2 (no head, classes, training) are still read.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from .._helpers import first_line, package_version
 from ..errors import CCNNError, ModelResolutionError
 from ..outputs import atomic_path
 from ..spec import ConversionSpec
+from .head import Head
 from .preprocessing import Preprocessing
 from .record import ResolvedModel
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactData", "is_artifact", "read_artifact", "save_artifact"]
 
 ARTIFACT_FORMAT = "ccnn-convert-artifact"
-ARTIFACT_VERSION = 2  # 2: conversion is ConversionSpec.to_dict() (adds leaf_modules)
-_READABLE_VERSIONS = (1, 2)
+ARTIFACT_VERSION = 3  # 2: conversion is ConversionSpec.to_dict() (adds leaf_modules); 3: head, classes, training
+_READABLE_VERSIONS = (1, 2, 3)
 _SAVABLE_SOURCES = ("torchvision", "efficientnet_lite", "timm", "factory")
 
 
@@ -52,6 +58,9 @@ class ArtifactData:
     name: str
     weights: str
     num_classes: int
+    head: Head | None = None
+    class_names: tuple[str, ...] | None = None
+    training: dict | None = None
 
 
 def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, force: bool = False) -> None:
@@ -72,6 +81,9 @@ def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, 
         "preprocessing": resolved.preprocessing.to_dict(),
         "num_classes": int(resolved.num_classes),
         "ccnn_convert_version": package_version(),
+        "head": None if resolved.head is None else resolved.head.to_dict(),
+        "classes": None if resolved.class_names is None else list(resolved.class_names),
+        "training": resolved.training,
     }
     _check_plain(meta, "artifact")
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
@@ -109,8 +121,25 @@ def read_artifact(obj: dict, path: Path) -> ArtifactData:
         preprocessing = Preprocessing.from_dict(obj["preprocessing"])
     except ModelResolutionError as exc:
         raise ModelResolutionError(f"{path}: {exc}") from None
+    head = obj.get("head")
+    head = None if head is None else Head.from_dict(head, str(path))
+    if head is not None and head.num_classes != classes:
+        raise ModelResolutionError(f"{path}: head of {head.num_classes} classes in a {classes}-class artifact")
+    class_names = _class_names(obj.get("classes"), classes, path)
+    training = obj.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise ModelResolutionError(f"{path}: invalid training summary in artifact")
     return ArtifactData(dict(spec), state, _conversion(obj["conversion"], version, path), preprocessing,
-                        name, weights, classes)
+                        name, weights, classes, head, class_names, training)
+
+
+def _class_names(names: Any, classes: int, path: Path) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if (not isinstance(names, list) or len(names) != classes or len(set(names)) != len(names)
+            or not all(isinstance(n, str) and n for n in names)):
+        raise ModelResolutionError(f"{path}: invalid class names in artifact (need {classes} distinct names)")
+    return tuple(names)
 
 
 def _conversion(data: Any, version: int, path: Path) -> ConversionSpec:

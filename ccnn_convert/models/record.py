@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..spec import ConversionSpec
+from .head import Head
 from .preprocessing import Preprocessing, imagenet_preprocessing
 
 __all__ = ["ResolvedModel", "count_classes"]
@@ -18,6 +19,9 @@ class ResolvedModel:
 
     ``spec`` says how to rebuild the architecture (see :func:`ccnn_convert.models.build_from_spec`);
     ``conversion`` is set when the model came from an artifact, which stores how to convert it.
+    ``head`` records a classifier replaced for transfer learning, ``class_names`` the class
+    folder names of a model trained on its own classes (index order), and ``training`` what
+    ``ccnn-train`` reports about the run that produced the weights (all plain data).
     """
 
     model: nn.Module
@@ -27,6 +31,9 @@ class ResolvedModel:
     weights: str
     conversion: ConversionSpec | None = None
     num_classes: int = 1000
+    head: Head | None = None
+    class_names: tuple[str, ...] | None = None
+    training: dict | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str | None = None,

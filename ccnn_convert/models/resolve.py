@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ModelResolutionError
 from .artifact import is_artifact, read_artifact
 from .checkpoints import _is_default, _is_weights_path, _looks_like_file, extract_state_dict, load_checked, safe_load
+from .head import apply_head
 from .factory import build_trusted_factory, parse_factory, resolve_factory
 from .libraries import (LIBRARY_SOURCES, build_library_model, find_source, library_model_names,
                         resolve_library, resolve_library_checkpoint)
@@ -132,6 +133,8 @@ def _resolve_checkpoint(arch: str, path: Path, obj: Any, source: str | None = No
 def _from_artifact(obj: dict, path: Path, trust_factory: bool) -> ResolvedModel:
     data = read_artifact(obj, path)  # everything validated before any model is built
     model = build_from_spec(data.spec, trust_factory=trust_factory, where=str(path))
+    if data.head is not None:
+        apply_head(model, data.head, str(path))
     load_checked(model, data.state_dict, f"artifact {path}")
     return ResolvedModel(model.eval(), data.name, data.preprocessing, data.spec, data.weights,
-                         data.conversion, data.num_classes)
+                         data.conversion, data.num_classes, data.head, data.class_names, data.training)
