@@ -99,6 +99,13 @@ def parse_floats(text: str | None, flag: str, count: int = 3) -> tuple[float, ..
     return values
 
 
+def preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
+    """The preprocessing options a command was given (--resize, --crop, --mean, --std, --interpolation)."""
+    values = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
+              "std": parse_floats(std, "--std"), "interpolation": interpolation}
+    return {k: v for k, v in values.items() if v is not None}
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -43,5 +43,9 @@ def bench() -> None:
     _start("bench", runs_models=True)
 
 
+def train() -> None:
+    _start("train", runs_models=True)
+
+
 def visualize() -> None:
     _start("visualize", runs_models=False)

@@ -17,7 +17,7 @@ from rich.text import Text
 from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..outputs import check_output
-from ._common import console, err_console, parse_floats, parse_list, run_app, user_errors
+from ._common import console, err_console, parse_list, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -92,12 +92,6 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
         console.print(Text(f"  {note}"), soft_wrap=True)
 
 
-def _preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
-    values = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
-              "std": parse_floats(std, "--std"), "interpolation": interpolation}
-    return {k: v for k, v in values.items() if v is not None}
-
-
 @app.command()
 @user_errors(flags={"leaf_modules": "--leaf"})
 def eval_command(
@@ -136,7 +130,7 @@ def eval_command(
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
         seed=seed, edges=edges, dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
-        preprocessing=_preprocessing_overrides(resize, crop, mean, std, interpolation),
+        preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
         workers=workers, device=device, amp=amp, consistency=consistency,
     )

@@ -18,7 +18,7 @@ from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
-from ._common import console, err_console, parse_floats, run_app, user_errors
+from ._common import console, err_console, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -124,9 +124,7 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Export MODEL to ONNX (dynamic batch, metadata), verify it against PyTorch, optionally benchmark."""
-    preprocessing = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),
-                     "std": parse_floats(std, "--std"), "interpolation": interpolation}
-    preprocessing = {k: v for k, v in preprocessing.items() if v is not None}
+    preprocessing = preprocessing_overrides(resize, crop, mean, std, interpolation)
     verify_flags = {"--data": data, "--data-limit": data_limit, "--tolerance": tolerance}
     bench_flags = {"--bench-batch": bench_batch, "--bench-repeats": bench_repeats}
     if not verify:

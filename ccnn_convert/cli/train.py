@@ -1,0 +1,156 @@
+"""ccnn-train: fine-tune or train a converted model on DIR/train, validating on DIR/val.
+
+A thin typer front end over :func:`ccnn_convert.train.train_model`; all logic lives there.
+Under torchrun (``torchrun --nproc-per-node N ccnn-train ...``) every process trains its share
+of each global batch and rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich import box
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from .._helpers import format_bytes
+from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
+from ._common import console, err_console, preprocessing_overrides, run_app, user_errors
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    """One line per epoch: train loss and top-1, val loss, top-1 and top-5, speed, memory."""
+    val = ("val -" if record.val_top1 is None else
+           f"val loss {record.val_loss:.4f} top-1 {record.val_top1:.2f}% top-5 {record.val_top5:.2f}%")
+    skipped = f", {record.skipped} unreadable file(s) skipped" if record.skipped else ""
+    return (f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} top-1 {record.train_top1:.2f}% | "
+            f"{val} | lr {record.lr:.3g} | {record.images_per_s:.1f} img/s, {record.seconds:.1f} s, "
+            f"peak memory {format_bytes(record.peak_memory_bytes)}{skipped}")
+
+
+def summary_table(result: TrainResult) -> Table:
+    table = Table(title=f"{result.info.get('model')}: {result.info.get('mode')} "
+                        f"({result.info.get('conversion')})", title_justify="left", box=box.SIMPLE_HEAD)
+    for name in ("", "epoch", "train loss", "val top-1", "val top-5", "img/s"):
+        table.add_column(name, justify="left" if not name else "right")
+    rows = [("last", result.history[-1])] if result.history else []
+    if result.best is not None:
+        rows.append(("best", result.best))
+    for label, r in rows:
+        table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}", _pct(r.val_top1), _pct(r.val_top5),
+                      f"{r.images_per_s:.1f}")
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@app.command()
+@user_errors(flags={"leaf_modules": "--leaf"})
+def train_command(
+    model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), file.py:factory, a checkpoint with --arch, or a ccnn-convert/ccnn-train artifact."),
+    data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head)."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoint.pt, last.pt, best.pt, history.json and curves.png (created if missing)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="checkered | dilated | traditional (the network unconverted) [default: the artifact's, else checkered]."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive | lattice | random (redrawn on every training forward) [default: lattice]."),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Keep the first N subsampling steps traditional [default: 0]."),
+    density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact | reference [default: reference]."),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
+    leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
+    weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, a file, or none (train from scratch)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Replace the classifier head with one of N classes (N = the number of class folders)."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs to train."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Global batch size (split over torchrun processes)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (with Nesterov momentum) | adamw."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw]."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum [default: 0.9]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay, not applied to norm parameters and biases [default: 1e-4 for sgd, 0.05 for adamw]."),
+    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up (from 1% of --lr) before the cosine schedule."),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Label smoothing of the cross-entropy loss."),
+    augment: str = typer.Option("standard", "--augment", help="standard (random resized crop + flip) | flip | none."),
+    shift: int = typer.Option(0, "--shift", help="Also translate images randomly by up to N pixels (zero-padded)."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision: bfloat16 autocast on CPU, float16 with a grad scaler on CUDA."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="Recompute each block's activations in the backward pass (less memory, more time)."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="BatchNorm statistics over all processes (CUDA under torchrun)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for shuffling, augmentation and the random sampler."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Override the model's preprocessing: shorter side resized to this."),
+    crop: Optional[int] = typer.Option(None, "--crop", help="Override: the crop size trained and validated at."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Override: normalisation mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Override: normalisation std."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="Override: bilinear | bicubic | nearest."),
+    workers: int = typer.Option(2, "--workers", help="Data-loading worker processes."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue exactly from a run's OUT/checkpoint.pt (same model, conversion and recipe)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
+) -> None:
+    """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+                         augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
+                         seed=seed)
+    options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
+                   dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+                   num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
+                   trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device)
+    result = run_with_progress(model, data, out, **options)
+    if not result.is_main:
+        return
+    console.print(summary_table(result))
+    console.print(Text(f"  wrote {', '.join(str(p) for p in result.files.values())}"), soft_wrap=True)
+
+
+def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResult:
+    """train_model with a rich progress bar (loss, learning rate, images/s, ETA) and one line per epoch."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                        TextColumn("{task.fields[speed]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=True)
+    state: dict = {"task": None, "epochs": options["config"].epochs}
+
+    def on_start(info: dict) -> None:
+        where = f" on {info['world_size']} processes" if info["world_size"] > 1 else ""
+        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        err_console.print(Text(f"training {info['model']} ({info['mode']}: {info['conversion']}) on "
+                               f"{info['train_images']} images, validating on {info['val_images']}, "
+                               f"{info['classes']} classes, {info['device']}{where}{resumed}", style="dim"),
+                          soft_wrap=True)
+        state["steps"] = info["steps_per_epoch"]
+        progress.start()
+
+    def on_step(step: StepInfo) -> None:
+        if state["task"] is None or step.step == 1:
+            if state["task"] is not None:
+                progress.remove_task(state["task"])
+            state["task"] = progress.add_task(f"epoch {step.epoch + 1}/{state['epochs']}", total=step.steps,
+                                              loss="-", lr="-", speed="-")
+        task = progress.tasks[-1]
+        speed = step.images / task.elapsed if task.elapsed else None
+        progress.update(state["task"], completed=step.step, loss=f"{step.loss:.4f}", lr=f"{step.lr:.3g}",
+                        speed="-" if speed is None else f"{speed:.1f}")
+
+    def on_epoch(record: EpochRecord) -> None:
+        console.print(Text(epoch_line(record, state["epochs"])), soft_wrap=True)  # stdout, above the bar
+
+    try:
+        return train_model(model, data, out, on_start=on_start, on_step=on_step, on_epoch=on_epoch, **options)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+def main() -> None:
+    run_app(app, runs_models=True)
+
+
+if __name__ == "__main__":
+    main()
