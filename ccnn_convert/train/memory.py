@@ -16,6 +16,8 @@ sampler redraws the same table because ``checkpoint`` restores the RNG state.
 from __future__ import annotations
 
 import contextlib
+import copy
+import operator
 from typing import Any, Iterator
 
 import torch
@@ -28,6 +30,8 @@ from ..errors import ConversionError, ParameterError
 __all__ = ["CheckpointedBlock", "checkpoint_blocks", "out_of_memory_error", "is_out_of_memory"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
+                       operator.itruediv: operator.truediv}
 
 
 def _block_of(node: fx.Node) -> str | None:
@@ -93,6 +97,32 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
                     getattr(norm, name).copy_(value)
 
 
+def _without_inplace(model: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph (sharing the modules) whose in-place ops write new tensors instead.
+
+    A block's inputs are saved for its recomputation; an in-place ReLU or ``+=`` on a block
+    input would change what was saved (autograd refuses to go on). Modules with ``inplace=True``
+    are replaced by shallow copies without it, so the original model is left as it was.
+    """
+    graph = fx.Graph()
+    output = graph.graph_copy(model.graph, {})
+    graph.output(output)
+    copied = fx.GraphModule(model, graph)
+    for index, node in enumerate(graph.nodes):
+        if node.op == "call_module" and getattr(copied.get_submodule(node.target), "inplace", False) is True:
+            module = copy.copy(copied.get_submodule(node.target))
+            module.inplace = False
+            name = f"ccnn_out_of_place_{index}"
+            copied.add_module(name, module)
+            node.target = name
+        elif node.op == "call_function" and node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_function" and node.target in _IN_PLACE_OPERATORS:
+            node.target = _IN_PLACE_OPERATORS[node.target]
+    copied.recompile()
+    return copied
+
+
 def checkpoint_blocks(model: fx.GraphModule) -> fx.GraphModule:
     """The training graph of ``model`` split into checkpointed blocks; shares its parameters.
 
@@ -103,6 +133,7 @@ def checkpoint_blocks(model: fx.GraphModule) -> fx.GraphModule:
         raise ParameterError("checkpointing", "{param} needs a traced (converted) model, not "
                                               f"{type(model).__name__}")
     model.train()  # a DualGraphModule switches to its training graph
+    model = _without_inplace(model)
     parts = _partition(model.graph)
     if len(set(parts.values())) < 2:
         raise ConversionError("checkpointing found a single block in the model: nothing to recompute")
