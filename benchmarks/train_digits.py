@@ -165,7 +165,7 @@ def accuracy_table(args, data) -> list[dict]:
 
 
 def cost_one(name: str, sampler: str, checkpointing: bool, batch: int, epochs: int) -> dict:
-    """Run in a fresh process: s/epoch, RSS high-water mark before training and after it."""
+    """Run in a fresh process: s/epoch, resident memory before training and its peak during training."""
     train_set, test_set = digits_sets()
     model = build(name, sampler, 0)
     trainer = Trainer(model, train_set, test_set, config_for(epochs, batch, 0, checkpointing),
@@ -279,7 +279,7 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3, 4],
                         help="comma-separated seeds (default 0,1,2,3,4)")
     parser.add_argument("--threads", type=int, default=1)

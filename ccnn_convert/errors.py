@@ -53,15 +53,20 @@ class ParameterError(CCNNError):
     lets the CLI put its flag there instead.
     """
 
-    def __init__(self, parameter: str, template: str):
+    def __init__(self, parameter: str, template: str, also: tuple[str, ...] = ()):
         if _PLACEHOLDER not in template:
             template = f"{_PLACEHOLDER}: {template}"
         self.parameter = parameter
         self.template = template
+        self.also = also  # other parameters the message names, as {param:NAME}
         super().__init__(self.render(parameter))
 
-    def render(self, name: str) -> str:
-        return self.template.replace(_PLACEHOLDER, name)
+    def render(self, name: str, others: dict[str, str] | None = None) -> str:
+        """The message with ``name`` for the parameter and ``others[NAME]`` for ``{param:NAME}``."""
+        text = self.template
+        for other in self.also:
+            text = text.replace(f"{{param:{other}}}", (others or {}).get(other, other))
+        return text.replace(_PLACEHOLDER, name)
 
 
 class ModelParameterError(ParameterError, ModelResolutionError):

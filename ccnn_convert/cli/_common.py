@@ -143,7 +143,8 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
             try:
                 return command(*args, **kwargs)
             except ParameterError as exc:
-                raise fail(exc.render(flag_for(exc.parameter, command, flags))) from None
+                others = {name: flag_for(name, command, flags) for name in exc.also}
+                raise fail(exc.render(flag_for(exc.parameter, command, flags), others)) from None
             except CCNNError as exc:
                 raise fail(str(exc)) from None
             except FileNotFoundError as exc:

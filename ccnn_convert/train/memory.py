@@ -153,6 +153,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory_error(per_process_batch: int, checkpointing: bool) -> ParameterError:
-    hint = "" if checkpointing else " or turn on activation checkpointing (--checkpointing)"
+    hint = "" if checkpointing else " or turn on {param:checkpointing}"
     return ParameterError("batch_size", f"a batch of {per_process_batch} images per process does not fit in "
-                                        f"memory: lower {{param}}{hint}")
+                                        f"memory: lower {{param}}{hint}", also=("checkpointing",))
