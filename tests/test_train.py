@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from typer.testing import CliRunner
 from ccnn_convert.cli.eval import app as eval_app
 from ccnn_convert.cli.export import app as export_app
 from ccnn_convert.cli.train import app as train_app
-from ccnn_convert.errors import CCNNError, DataError, ParameterError
+from ccnn_convert.errors import CCNNError, ParameterError
 from ccnn_convert.models import load_artifact
 from ccnn_convert.train import TrainConfig, build_scheduler, parameter_groups, train_model
 from ccnn_convert.train.data import GlobalBatchSampler

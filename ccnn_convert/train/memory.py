@@ -40,7 +40,7 @@ def _block_of(node: fx.Node) -> str | None:
     stack = list(node.meta.get("nn_module_stack", {}).values())
     if not stack:
         return node.target if node.op == "call_module" else None
-    for (path, kind), child in zip(stack, stack[1:] + [None]):
+    for (_, kind), child in zip(stack, stack[1:] + [None]):
         if isinstance(kind, type) and issubclass(kind, _CONTAINERS) and child is not None:
             return child[0]
     return stack[0][0]

@@ -59,7 +59,7 @@ class TrainResult:
 
 def train_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *,
-    config: TrainConfig = TrainConfig(), mode: str | None = None, sampler: str | None = None,
+    config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
@@ -77,6 +77,7 @@ def train_model(
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
     files there need ``force``. Under torchrun, every process calls this; rank 0 writes.
     """
+    config = config if config is not None else TrainConfig()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     folder = check_output_dir(out, list(OUTPUT_FILES.values()), force=force or resume is not None)
