@@ -133,6 +133,8 @@ before = {k: v.clone() for k, v in net.state_dict().items()}
 model = convert(net, mode="checkered", sampler="lattice", example_input=images[:1])
 config = TrainConfig(epochs=1, batch_size=8, lr=0.1, augment="none", label_smoothing=0.0)
 with distributed_from_env("cpu") as ctx:
+    if ctx.active:  # and recompute blocks in backward: still the same steps
+        config = TrainConfig(**{**config.__dict__, "checkpointing": True})
     trainer = Trainer(model, TensorDataset(images, labels), None, config, device="cpu", ctx=ctx)
     assert len(trainer.batches) == 3 and trainer.batches.world_size == ctx.world_size
     trainer.fit()
@@ -148,6 +150,7 @@ def _free_port() -> int:
 
 
 def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
+    """One process with batch 8 against two with 4 each (and block checkpointing), after 3 steps."""
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -304,3 +307,46 @@ def test_a_batch_that_does_not_fit_names_the_flags(project, monkeypatch):
 def test_num_classes_must_match_the_class_folders(project):
     with pytest.raises(ParameterError, match="num_classes is 5 but the data has 3 class folders"):
         _train(project, "run", _options(epochs=1), num_classes=5)
+
+
+# --------------------------------------------------------------------------------------------
+# a stop while an epoch is written
+
+
+STOP_RUNNER = '''
+import os, sys, time
+real_replace, calls = os.replace, []
+
+def replace(src, dst):  # epoch 1 writes five files; hold the first write of epoch 2
+    calls.append(dst)
+    if len(calls) == 6:
+        print("ready", flush=True)
+        time.sleep(120)
+    real_replace(src, dst)
+
+os.replace = replace
+sys.argv = ["ccnn-train", *sys.argv[1:]]
+from ccnn_convert.cli import entry
+entry.train()
+'''
+
+
+@pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])
+def test_a_stop_while_writing_an_epoch_keeps_the_previous_epoch_whole(project, signum, code, word):
+    args = ["net.py:make", "--data", "data", "--out", "run", "--epochs", "2", "--batch-size", "8", "--workers", "0",
+            "--resize", "32", "--crop", "32", "--device", "cpu"]
+    process = subprocess.Popen([sys.executable, "-c", STOP_RUNNER, *args], cwd=project, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.strip() == "ready":
+            break
+    assert any(name.startswith(".last.pt.") for name in os.listdir(project / "run"))  # epoch 2, half written
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"error: {word}"
+    assert sorted(os.listdir(project / "run")) == sorted(["best.pt", "checkpoint.pt", "curves.png", "history.json",
+                                                          "last.pt"])  # no temporary left
+    assert torch.load(project / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert load_artifact(project / "run" / "last.pt", trust_factory=True).training["epochs"] == 1
