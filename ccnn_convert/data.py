@@ -34,8 +34,8 @@ from .errors import DataError, DataParameterError
 
 __all__ = [
     "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "collate_items",
-    "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders", "named_folder_mapper",
-    "parse_label", "read_labels_file", "shard_indices", "stratified_indices", "wnid_to_index",
+    "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders",
+    "named_folder_mapper", "parse_label", "read_labels_file", "shard_indices", "stratified_indices", "wnid_to_index",
 ]
 
 KAGGLE_HEADER = ("imageid", "predictionstring")

@@ -108,7 +108,7 @@ def conversion_specs(options: BenchOptions, base: ConversionSpec | None = None) 
 
 
 def top1_evaluator(options: Top1Options, preprocessing, *, device: torch.device | str = "cpu",
-                   num_classes: int = 1000, class_names=None) -> tuple[Top1Fn, dict]:
+                   num_classes: int = 1000, class_names: Sequence[str] | None = None) -> tuple[Top1Fn, dict]:
     """A function {label: model} -> {label: top-1 %} over an image folder, and a description of the data.
 
     Uses :func:`ccnn_convert.evaluate.evaluate`: every image is decoded once and fed to every

@@ -85,6 +85,8 @@ class Trainer:
 
     ``train_set`` and ``val_set`` yield ``(image, target)`` pairs or :class:`~ccnn_convert.data.Item`
     (a decoded file; unreadable files are skipped and counted). ``val_set`` may be None.
+    Seeds torch's generator with ``config.seed`` (plus the rank), as a training script does.
+    Validation runs under the same autocast as training (``config.amp``).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig, *,
@@ -167,6 +169,9 @@ class Trainer:
     def validate(self) -> tuple[float, float, float, float, int]:
         """-> (loss sum, top-1 correct, top-5 correct, images, skipped) of this process's shard."""
         self.model.eval()
+        if self.ctx.active:  # every process validates (and rank 0 saves) rank 0's BatchNorm statistics
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
         totals = torch.zeros(5, dtype=torch.float64)
         if self.val_set is None:
             return tuple(totals.tolist())  # type: ignore[return-value]
