@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -171,25 +170,35 @@ def cost_one(name: str, sampler: str, checkpointing: bool, batch: int, epochs: i
     trainer = Trainer(model, train_set, test_set, config_for(epochs, batch, 0, checkpointing),
                       device="cpu", workers=0)
     reset = reset_peak_rss()
-    baseline = current_rss_bytes() if reset else process_peak_rss_bytes()
+    baseline = proc_status_bytes("VmRSS") if reset else process_peak_rss_bytes()
     records = trainer.fit()
+    trainer_peak = max(r.peak_memory_bytes for r in records)
     return {"s_per_epoch": statistics.mean(r.seconds for r in records), "baseline": baseline,
-            "peak": max(r.peak_memory_bytes for r in records), "peak_reset": reset}
+            "peak": proc_status_bytes("VmHWM") if reset else trainer_peak, "trainer_peak": trainer_peak,
+            "peak_reset": reset}
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0: ``/proc/self/clear_refs`` 5), so that
-    the imports' and the conversion's transient peaks do not hide training's; False where it can't."""
+    """Reset this process's RSS high-water mark (VmHWM; Linux >= 4.0: ``/proc/self/clear_refs`` 5),
+    so that the imports' and the conversion's transient peaks do not hide training's.
+
+    VmHWM, not ``ru_maxrss`` (``EpochRecord.peak_memory_bytes``): a child that ``subprocess``
+    starts with vfork + exec inherits its parent's high-water mark in ``ru_maxrss``, and the
+    reset does not clear it. False where there is no /proc (then the Trainer's peak is used).
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+        return proc_status_bytes("VmHWM") <= proc_status_bytes("VmRSS") + 2**20
+    except (OSError, ValueError):
         return False
-    return process_peak_rss_bytes() <= current_rss_bytes() + 2**20
 
 
-def current_rss_bytes() -> int:
-    """Resident memory now (Linux ``/proc/self/statm``)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (VmRSS: resident now, VmHWM: its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise ValueError(f"no {field} in /proc/self/status")
 
 
 def cost_table(args) -> list[dict]:
@@ -239,6 +248,18 @@ def cost_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def cost_note(rows: list[dict]) -> str:
+    if not all(row["peak_reset"] for row in rows):
+        return ("s/epoch: mean of the epochs' training seconds. /proc/self/clear_refs was unavailable: peak RSS is "
+                "the Trainer's peak_memory_bytes (ru_maxrss) and baseline its value before training.")
+    trainer_peaks = ", ".join(mib(row["trainer_peak"]) for row in rows)
+    return ("s/epoch: mean of the epochs' training seconds. Baseline: resident memory (VmRSS) just before "
+            "training, after resetting the high-water mark (/proc/self/clear_refs 5) so that the imports' "
+            "transient peak does not hide training's. Peak RSS: VmHWM after training (training + validation). "
+            "The Trainer's own peak_memory_bytes (ru_maxrss) is not used: a subprocess started with vfork + exec "
+            f"carries the parent's high-water mark in it (its values, in row order: {trainer_peaks}).")
+
+
 def report(args, accuracy: list[dict], cost: list[dict], wall: float) -> str:
     train_size = len(digits_sets()[0])
     test_size = 1797 - train_size
@@ -259,12 +280,7 @@ def report(args, accuracy: list[dict], cost: list[dict], wall: float) -> str:
     if cost:
         lines += [
             f"## Cost (batch {args.cost_batch}, {args.cost_epochs} epochs, each row a fresh process)", "",
-            ("s/epoch: mean of the epochs' training seconds. Peak RSS: the Trainer's peak_memory_bytes "
-             "(process RSS high-water mark). Baseline: resident memory just before training, after "
-             "resetting the high-water mark (/proc/self/clear_refs), so that the imports' transient "
-             "peak does not hide training's" + ("" if all(r["peak_reset"] for r in cost)
-                                               else " (reset failed in some rows: baseline = high-water mark)")
-             + "."), "",
+            cost_note(cost), "",
             *cost_markdown(cost), "",
         ]
     return "\n".join(lines)
