@@ -6,7 +6,8 @@ job and measures time and memory the same way:
 * :func:`resolve_device` turns ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a ``torch.device``;
 * :func:`distributed_from_env` joins the job that torchrun describes in the environment;
 * :func:`synchronize` is the fence before reading a clock (CUDA runs asynchronously);
-* :func:`process_peak_rss_bytes` is the CPU-side memory high-water mark;
+* :func:`process_peak_rss_bytes` is the CPU-side memory high-water mark, and
+  :func:`reset_peak_rss` / :func:`peak_rss_since_reset` measure one phase of a process (Linux);
 * :func:`default_forward_batch` is how many images one forward pass takes on a device.
 """
 
@@ -29,7 +30,9 @@ __all__ = [
     "DistributedContext",
     "default_forward_batch",
     "distributed_from_env",
+    "peak_rss_since_reset",
     "process_peak_rss_bytes",
+    "reset_peak_rss",
     "resolve_device",
     "synchronize",
 ]
@@ -71,6 +74,32 @@ def process_peak_rss_bytes() -> int:
     """High-water mark of this process's resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark (Linux: ``/proc/self/clear_refs``); False where unsupported.
+
+    ``getrusage``'s ``ru_maxrss`` never goes down, and a process started with ``subprocess``
+    (vfork + exec) even inherits its parent's, so it cannot measure one phase of a run.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int:
+    """Resident high-water mark since :func:`reset_peak_rss` (``VmHWM``), else :func:`process_peak_rss_bytes`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return process_peak_rss_bytes()
 
 
 def default_forward_batch(device: torch.device) -> int | None:

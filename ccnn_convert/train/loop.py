@@ -25,7 +25,7 @@ from .._helpers import logits_of
 from ..data import Batch, Item, Skipped, collate_items, shard_indices
 from ..errors import DataError, ParameterError
 from ..metrics import topk_correct
-from ..runtime import DistributedContext, process_peak_rss_bytes, synchronize
+from ..runtime import DistributedContext, peak_rss_since_reset, reset_peak_rss, synchronize
 from .data import GlobalBatchSampler
 from .memory import checkpoint_blocks, is_out_of_memory, out_of_memory_error
 from .recipe import TrainConfig, build_optimizer, build_scheduler
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EpochRecord:
-    """What one epoch measured (losses are per image; top-k in %)."""
+    """What one epoch measured (losses are per image; top-k in %). ``peak_memory_bytes``: the
+    training pass's peak, CUDA memory allocated or (CPU) this process's resident high-water mark."""
 
     epoch: int
     train_loss: float
@@ -204,10 +205,12 @@ class Trainer:
     def run_epoch(self) -> EpochRecord:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()  # this epoch's high-water mark, not the process's
         lr = self.lr
         loss_sum, correct, images, skipped, seconds = self.train_epoch()
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
-                else process_peak_rss_bytes())
+                else peak_rss_since_reset())
         loss_sum, correct, images, skipped = self._summed([loss_sum, correct, images, skipped])
         v_loss, v_top1, v_top5, v_images, v_skipped = self._summed(list(self.validate()))
         has_val = v_images > 0
