@@ -16,7 +16,7 @@ images, no download):
   per axis (zero fill) to the training images, drawn with torch's global RNG;
 * accuracy: test error (100 - final-epoch val top-1) per seed, mean ± std (n-1) over seeds;
 * cost: seconds per epoch and peak RSS of each (model, checkpointing) pair at batch
-  ``--cost-batch``, each in a fresh subprocess (RSS high-water marks only grow), with the RSS
+  ``--cost-batch``, each in a fresh subprocess, with the resident memory
   before training, so that peak - baseline shows the training part.
 
 Prints a markdown report and writes it to ``--output`` (default /tmp/digits_results.md).
@@ -43,7 +43,7 @@ from torch.utils.data import Dataset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ccnn_convert import convert
-from ccnn_convert.runtime import process_peak_rss_bytes
+from ccnn_convert.runtime import peak_rss_since_reset, reset_peak_rss
 from ccnn_convert.train import TrainConfig, Trainer
 
 SIZE, PAD = 16, 4
@@ -164,41 +164,20 @@ def accuracy_table(args, data) -> list[dict]:
 
 
 def cost_one(name: str, sampler: str, checkpointing: bool, batch: int, epochs: int) -> dict:
-    """Run in a fresh process: s/epoch, resident memory before training and its peak during training."""
+    """Run in a fresh process: s/epoch, resident memory before training and the epochs' peak.
+
+    ``EpochRecord.peak_memory_bytes`` is each training pass's own high-water mark (VmHWM, reset
+    at the start of the epoch), so the imports' and the conversion's transient peaks do not count.
+    """
     train_set, test_set = digits_sets()
     model = build(name, sampler, 0)
     trainer = Trainer(model, train_set, test_set, config_for(epochs, batch, 0, checkpointing),
                       device="cpu", workers=0)
-    reset = reset_peak_rss()
-    baseline = proc_status_bytes("VmRSS") if reset else process_peak_rss_bytes()
+    reset_peak_rss()
+    baseline = peak_rss_since_reset()  # just reset: what is resident now
     records = trainer.fit()
-    trainer_peak = max(r.peak_memory_bytes for r in records)
     return {"s_per_epoch": statistics.mean(r.seconds for r in records), "baseline": baseline,
-            "peak": proc_status_bytes("VmHWM") if reset else trainer_peak, "trainer_peak": trainer_peak,
-            "peak_reset": reset}
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM; Linux >= 4.0: ``/proc/self/clear_refs`` 5),
-    so that the imports' and the conversion's transient peaks do not hide training's.
-
-    VmHWM, not ``ru_maxrss`` (``EpochRecord.peak_memory_bytes``): a child that ``subprocess``
-    starts with vfork + exec inherits its parent's high-water mark in ``ru_maxrss``, and the
-    reset does not clear it. False where there is no /proc (then the Trainer's peak is used).
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return proc_status_bytes("VmHWM") <= proc_status_bytes("VmRSS") + 2**20
-    except (OSError, ValueError):
-        return False
-
-
-def proc_status_bytes(field: str) -> int:
-    """A memory field of ``/proc/self/status`` (VmRSS: resident now, VmHWM: its high-water mark)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise ValueError(f"no {field} in /proc/self/status")
+            "peak": max(r.peak_memory_bytes for r in records)}
 
 
 def cost_table(args) -> list[dict]:
@@ -248,16 +227,10 @@ def cost_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def cost_note(rows: list[dict]) -> str:
-    if not all(row["peak_reset"] for row in rows):
-        return ("s/epoch: mean of the epochs' training seconds. /proc/self/clear_refs was unavailable: peak RSS is "
-                "the Trainer's peak_memory_bytes (ru_maxrss) and baseline its value before training.")
-    trainer_peaks = ", ".join(mib(row["trainer_peak"]) for row in rows)
-    return ("s/epoch: mean of the epochs' training seconds. Baseline: resident memory (VmRSS) just before "
-            "training, after resetting the high-water mark (/proc/self/clear_refs 5) so that the imports' "
-            "transient peak does not hide training's. Peak RSS: VmHWM after training (training + validation). "
-            "The Trainer's own peak_memory_bytes (ru_maxrss) is not used: a subprocess started with vfork + exec "
-            f"carries the parent's high-water mark in it (its values, in row order: {trainer_peaks}).")
+def cost_note() -> str:
+    return ("s/epoch: mean of the epochs' training seconds. Baseline: resident memory just before training. "
+            "Peak RSS: the largest of the epochs' training-pass high-water marks (EpochRecord.peak_memory_bytes: "
+            "VmHWM, reset at the start of each epoch; validation not included).")
 
 
 def report(args, accuracy: list[dict], cost: list[dict], wall: float) -> str:
@@ -275,12 +248,13 @@ def report(args, accuracy: list[dict], cost: list[dict], wall: float) -> str:
          f"per step, weight decay 1e-4, no label smoothing; seeds {','.join(map(str, args.seeds))}"),
         ("- test error = 100 − final-epoch test top-1; std is the sample std (n−1); "
          f"one test image = {100 / test_size:.2f} %"), "",
-        "## Accuracy", "", *accuracy_markdown(accuracy, len(args.seeds)), "",
     ]
+    if accuracy:
+        lines += ["## Accuracy", "", *accuracy_markdown(accuracy, len(args.seeds)), ""]
     if cost:
         lines += [
             f"## Cost (batch {args.cost_batch}, {args.cost_epochs} epochs, each row a fresh process)", "",
-            cost_note(cost), "",
+            cost_note(), "",
             *cost_markdown(cost), "",
         ]
     return "\n".join(lines)
@@ -305,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cost-epochs", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("/tmp/digits_results.md"))
     parser.add_argument("--skip-cost", action="store_true", help="only the accuracy runs")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the cost runs")
     parser.add_argument("--cost-one", choices=list(MODES), help=argparse.SUPPRESS)  # internal: one cost run
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -317,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(cost_one(args.cost_one, args.sampler, args.checkpointing, args.cost_batch, args.cost_epochs)))
         return
     start = time.perf_counter()
-    accuracy = accuracy_table(args, digits_sets())
+    accuracy = [] if args.skip_accuracy else accuracy_table(args, digits_sets())
     cost = [] if args.skip_cost else cost_table(args)
     text = report(args, accuracy, cost, time.perf_counter() - start)
     print(text)
