@@ -198,3 +198,43 @@ def test_block_checkpointing_changes_neither_gradients_nor_batchnorm_statistics(
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
     for name in state_a:  # running means, variances and batch counts included
         torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=0, msg=name)
+
+
+class _DropPathNet(nn.Module):
+    """A residual branch with EfficientNet-Lite's drop connect: a random mask made from the
+    input's batch size (traced, not a leaf), as many pretrained models train with."""
+
+    def __init__(self, drop: float):
+        super().__init__()
+        self.drop = drop
+        self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        branch = self.branch(x)
+        if self.training:
+            keep = 1 - self.drop
+            mask = torch.floor(keep + torch.rand([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device))
+            branch = branch / keep * mask
+        x = F.relu(self.down(x + branch))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("mode", ["checkered", "dilated"])
+def test_a_drop_path_made_from_the_batch_size_trains(mode):
+    """The mask's batch is read from a submapped tensor (S*B rows): it must not be repeated S
+    times again. With nothing dropped, training mode computes what eval mode does."""
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    net = _DropPathNet(drop=0.0)
+    converted = convert(net, mode=mode, example_input=x, **({"dilation": "multisample"} if mode == "dilated" else {}))
+    expected = converted.eval()(x)
+    torch.testing.assert_close(converted.train()(x), expected)
+    net.drop = 0.5
+    dropped = convert(net, mode=mode, example_input=x).train()
+    out = dropped(x)
+    out.sum().backward()
+    assert out.shape == (2, 3) and torch.isfinite(out).all() and net.branch.weight.grad is not None

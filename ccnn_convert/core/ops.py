@@ -15,8 +15,9 @@ Shapes come from :func:`~ccnn_convert.core.tracing.propagate_shapes` (``node.met
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,26 @@ def is_feature_map(node: fx.Node) -> bool:
     """True if every tensor this node outputs is per-image with spatial dims (rank >= 4)."""
     metas = tensor_metas(node)
     return bool(metas) and all(len(m.shape) >= 4 and m.shape[0] == ANALYSIS_BATCH for m in metas)
+
+
+def folded_batch_submaps(node: fx.Node, submaps: Mapping[fx.Node, int]) -> int:
+    """How many submaps a non-tensor value counts. A submapped tensor's batch size is S*B (its
+    submaps are folded into the batch), and so is the first entry of its shape: such a read
+    carries S, and so does arithmetic on it; spatial sizes, ``dim()`` and the rest carry 1."""
+    args = node.args
+    if node.op == "call_method" and node.target == "size" and args and args[0] in submaps:
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        return submaps[args[0]] if dim in (None, 0) else 1
+    if node.op == "call_function" and node.target is getattr and args[1] == "shape" and args[0] in submaps:
+        return submaps[args[0]]
+    if node.op == "call_function" and node.target is operator.getitem:
+        source, index = args
+        if isinstance(source, fx.Node) and source in submaps and tensor_metas(source) is None:
+            takes_batch = index == 0 or (isinstance(index, slice) and index.start in (None, 0) and index.stop != 0)
+            return submaps[source] if takes_batch else 1
+        return 1
+    counts = [submaps[arg] for arg in node.all_input_nodes if arg in submaps and tensor_metas(arg) is None]
+    return max(counts, default=1)
 
 
 def permuted_axes(node: fx.Node, name: str, rank: int, spatial: IntPair) -> IntPair:

@@ -34,8 +34,8 @@ from .dilation import NativeDilationError, convert_native
 from .edge_pass import apply_exact_edges
 from .report import ConversionReport, LayerRecord, conversion_report
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
-from .ops import ARG_NAMES, Strided, call_args, global_pool_kind, is_feature_map, strided_steps, tensor_meta, \
-    tensor_metas
+from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, \
+    strided_steps, tensor_meta, tensor_metas
 from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_both_modes, unmatched_leaves
 
 __all__ = [
@@ -209,7 +209,13 @@ class _Rewriter:
                 submaps[node] = submaps[source] * n
                 continue
             if tensor_metas(node) is None:
-                continue  # size(), shape, dim(): metadata reads of a submapped tensor stay as they are
+                # size(), shape, dim(): metadata reads of a submapped tensor stay as they are. A
+                # read of its batch size counts every submap (S*B): a tensor made from it (a drop
+                # path's random mask) already has S submaps, one draw per submap.
+                folded = folded_batch_submaps(node, submaps)
+                if folded > 1:
+                    submaps[node] = folded
+                continue
             pool = global_pool_kind(node, self.originals)
             count = max((submaps[arg] for arg in inputs), default=1)
             if pool and count > 1:
@@ -222,7 +228,7 @@ class _Rewriter:
             if count > 1 and not is_feature_map(node):
                 # The value leaves the spatial feature map: average the submaps first.
                 for arg in inputs:
-                    if submaps[arg] > 1:
+                    if submaps[arg] > 1 and tensor_metas(arg):
                         node.replace_input_with(arg, self._reduce(graph, arg, submaps, reduced, "mean", record))
                 submaps[node] = 1
                 continue
