@@ -103,9 +103,9 @@ def test_resume_continues_exactly(project):
 def test_resume_refuses_another_model_or_conversion(project):
     _train(project, "run", _options(epochs=1))
     state = project / "run" / "checkpoint.pt"
-    with pytest.raises(CCNNError, match="another conversion"):
+    with pytest.raises(CCNNError, match=r"another conversion \(sampler\): .lattice. there, .naive. now"):
         _train(project, "other", _options(epochs=1), sampler="naive", resume=state)
-    with pytest.raises(CCNNError, match="another recipe"):
+    with pytest.raises(CCNNError, match=r"another recipe \(lr\): 0.05 there, 0.2 now"):
         _train(project, "other", _options(epochs=1, lr=0.2), resume=state)
     with pytest.raises(CCNNError, match="not a ccnn-train checkpoint"):
         _train(project, "other", _options(epochs=1), resume=project / "run" / "last.pt")

@@ -62,9 +62,14 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | Path) -> None:
     """Refuse to resume a run of another model, conversion or recipe (names the first difference)."""
     for key in current:
-        if saved.get(key) != current[key]:
-            raise CCNNError(f"cannot resume from {path}: it was trained with another {key} "
-                            f"({_short(saved.get(key))} there, {_short(current[key])} now)")
+        before, now = saved.get(key), current[key]
+        if before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):  # name the entry that differs
+            entry = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+            key, before, now = f"{key} ({entry})", before.get(entry), now.get(entry)
+        raise CCNNError(f"cannot resume from {path}: it was trained with another {key}: "
+                        f"{_short(before)} there, {_short(now)} now")
 
 
 def _short(value: Any, limit: int = 120) -> str:
