@@ -350,3 +350,12 @@ def test_a_stop_while_writing_an_epoch_keeps_the_previous_epoch_whole(project, s
                                                           "last.pt"])  # no temporary left
     assert torch.load(project / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert load_artifact(project / "run" / "last.pt", trust_factory=True).training["epochs"] == 1
+
+
+def test_an_unreadable_image_is_skipped_and_counted(project):
+    (project / "data" / "train" / "cyan" / "broken.png").write_bytes(b"not a png")
+    # One global batch of all 25 files, so the broken one is surely drawn.
+    code, out = _cli(train_app, ["net.py:make", "--data", "data", "--out", "run", "--epochs", "1", "--batch-size", "25",
+                                 "--resize", "32", "--crop", "32", "--workers", "0", "--device", "cpu"])
+    assert code == 0, out
+    assert "1 unreadable file(s) skipped" in out
