@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from .errors import DataError, DataParameterError
 
 __all__ = [
-    "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "collate_items",
+    "Batch", "DecodedImages", "ImageNetClass", "Item", "Samples", "Skipped", "class_folder_names", "collate_items",
     "decode_rgb", "find_samples", "imagenet_classes", "map_sorted_folders", "map_wnid_folders",
     "named_folder_mapper", "parse_label", "read_labels_file", "shard_indices", "stratified_indices", "wnid_to_index",
 ]
@@ -93,9 +93,14 @@ class _StandardIndexImageFolder(ImageFolder):
                          allow_empty=True)
 
     def find_classes(self, directory):
-        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_hidden(e.name))
+        folders = class_folder_names(directory)
         mapping = self._map_classes(folders)
         return sorted(mapping, key=mapping.get), mapping
+
+
+def class_folder_names(directory: str | os.PathLike) -> list[str]:
+    """The class folders of an ImageFolder layout: its non-hidden subfolders, sorted."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_hidden(e.name))
 
 
 def map_wnid_folders(folders: Sequence[str]) -> dict[str, int]:

@@ -99,6 +99,13 @@ def parse_floats(text: str | None, flag: str, count: int = 3) -> tuple[float, ..
     return values
 
 
+def percent(value: float | None, signed: bool = False) -> str:
+    """A percentage for a table: two decimals, no % sign, "-" when unknown."""
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
 def preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
     """The preprocessing options a command was given (--resize, --crop, --mean, --std, --interpolation)."""
     values = {"resize": resize, "crop": crop, "mean": parse_floats(mean, "--mean"),

@@ -17,7 +17,7 @@ from rich.text import Text
 from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..outputs import check_output
-from ._common import console, err_console, parse_list, preprocessing_overrides, run_app, user_errors
+from ._common import console, err_console, parse_list, percent, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -28,12 +28,6 @@ class ImagesPerSecondColumn(ProgressColumn):
         if speed is None and task.elapsed:  # batches slower than rich's 30 s window: overall rate
             speed = task.completed / task.elapsed
         return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
-
-
-def _pct(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
 def results_table(report: EvalReport) -> Table:
@@ -50,9 +44,10 @@ def results_table(report: EvalReport) -> Table:
     for name in headers + ["img/s", "ms/batch", "memory", "FLOPs"]:
         table.add_column(name, justify="right", no_wrap=True)
     for r in report.results:
-        row = [r.mode, _pct(r.top1), _pct(r.top5), _pct(report.top1_change(r), signed=True), _pct(r.agreement)]
+        row = [r.mode, percent(r.top1), percent(r.top5), percent(report.top1_change(r), signed=True),
+               percent(r.agreement)]
         if consistency:
-            row.append(_pct(r.consistency))
+            row.append(percent(r.consistency))
         ms = None if r.seconds_per_batch is None else 1000 * r.seconds_per_batch
         row += [
             "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .._helpers import format_bytes
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
-from ._common import console, err_console, preprocessing_overrides, run_app, user_errors
+from ._common import console, err_console, percent, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -43,13 +43,9 @@ def summary_table(result: TrainResult) -> Table:
     if result.best is not None:
         rows.append(("best", result.best))
     for label, r in rows:
-        table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}", _pct(r.val_top1), _pct(r.val_top5),
+        table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}", percent(r.val_top1), percent(r.val_top5),
                       f"{r.images_per_s:.1f}")
     return table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 @app.command()

@@ -30,11 +30,10 @@ class Head:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "head") -> "Head":
-        module, classes = data.get("module") if isinstance(data, Mapping) else None, None
-        if isinstance(data, Mapping):
-            classes = data.get("num_classes")
+        fields = dict(data) if isinstance(data, Mapping) else {}
+        module, classes = fields.get("module"), fields.get("num_classes")
         if (not isinstance(module, str) or not module or isinstance(classes, bool)
-                or not isinstance(classes, int) or classes < 1 or set(data) != {"module", "num_classes"}):
+                or not isinstance(classes, int) or classes < 1 or set(fields) != {"module", "num_classes"}):
             raise ModelResolutionError(f"{where}: invalid head {data!r}")
         return cls(module, classes)
 

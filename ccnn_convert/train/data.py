@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from ..data import DecodedImages, find_samples, wnid_to_index
+from ..data import DecodedImages, class_folder_names, find_samples, shard_indices, wnid_to_index
 from ..errors import DataError, DataParameterError, ParameterError
 from ..models import Preprocessing
 from ..models.preprocessing import _ToRGB
@@ -45,7 +45,7 @@ def class_folders(data: str | os.PathLike) -> list[str]:
         folder = root / split
         if not folder.is_dir():
             raise DataError(f"no {split}/ folder in {root} (expected {root}/train/<class>/ and {root}/val/<class>/)")
-        found[split] = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        found[split] = class_folder_names(folder)
         if not found[split]:
             raise DataError(f"{folder} has no class folders (expected {folder}/<class>/<image>)")
     only_train = sorted(set(found["train"]) - set(found["val"]))
@@ -142,4 +142,4 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = torch.arange(self.length)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start:start + self.batch_size][self.rank::self.world_size].tolist()
+            yield shard_indices(order[start:start + self.batch_size].tolist(), self.rank, self.world_size)

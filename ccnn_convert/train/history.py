@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from ..outputs import atomic_path
 from ..plotting import pyplot, save_png
-from .loop import EpochRecord
+from .loop import EpochRecord, best_record
 
 __all__ = ["plot_curves", "write_history"]
 
@@ -17,10 +17,9 @@ __all__ = ["plot_curves", "write_history"]
 def write_history(path: str | Path, records: Sequence[EpochRecord], about: Mapping[str, Any]) -> None:
     """``{"run": about, "epochs": [...], "best": {...}}``, written atomically."""
     epochs = [asdict(r) for r in records]
-    scored = [r for r in records if r.val_top1 is not None]
-    best = asdict(max(scored, key=lambda r: r.val_top1)) if scored else None
+    best = best_record(list(records))
     with atomic_path(path, force=True) as tmp:
-        tmp.write_text(json.dumps({"run": dict(about), "epochs": epochs, "best": best}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"run": dict(about), "epochs": epochs, "best": best and asdict(best)}, indent=2) + "\n")
 
 
 def plot_curves(path: str | Path, records: Sequence[EpochRecord], title: str) -> None:

@@ -31,7 +31,7 @@ from .memory import checkpoint_blocks, is_out_of_memory, out_of_memory_error
 from .recipe import TrainConfig, build_optimizer, build_scheduler
 from .resume import restore_rng_states, rng_states
 
-__all__ = ["EpochRecord", "StepInfo", "Trainer"]
+__all__ = ["EpochRecord", "StepInfo", "Trainer", "best_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class StepInfo:
     loss: float
     lr: float
     images: int  # images trained on so far this epoch, over all processes
+
+
+def best_record(records: list[EpochRecord]) -> EpochRecord | None:
+    """The first epoch with the highest val top-1 (None without validation)."""
+    scored = [r for r in records if r.val_top1 is not None]
+    return max(scored, key=lambda r: r.val_top1) if scored else None
 
 
 def _as_batch(batch: Any) -> tuple[Tensor, Tensor, int]:

@@ -26,10 +26,10 @@ from ..errors import ParameterError
 from ..models import ResolvedModel, replace_head, resolve_model, save_artifact
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
-from ..spec import ConversionSpec
+from ..spec import ConversionSpec, check_checkered_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .history import plot_curves, write_history
-from .loop import EpochRecord, StepInfo, Trainer
+from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig
 from .resume import check_identity, load_training_state, save_training_state
 
@@ -53,8 +53,7 @@ class TrainResult:
 
     @property
     def best(self) -> EpochRecord | None:
-        scored = [r for r in self.history if r.val_top1 is not None]
-        return max(scored, key=lambda r: r.val_top1) if scored else None
+        return best_record(self.history)
 
 
 def train_model(
@@ -89,7 +88,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes)
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, leaf_modules=leaf_modules)
-        trained = _trained_record(resolved, labels, weights)
+        trained = _trained_record(resolved, labels)
         identity = _identity(trained, weights, spec, config)
         pre = trained.preprocessing
         converted = spec.apply(trained.model, pre.crop)
@@ -139,19 +138,14 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = {k: v for k, v in options.items() if k != "leaf_modules"}
-    if mode != "checkered":
-        for name in ("sampler", "density", "edges"):
-            if given[name] is not None and not (name == "edges" and given[name] == "exact" and mode == "dilated"):
-                raise ParameterError(name, f"{{param}} only shapes checkered submaps, not mode {mode}")
-    if mode != "dilated" and given["dilation"] is not None:
-        raise ParameterError("dilation", f"{{param}} only applies to mode dilated, not {mode}")
+    check_checkered_options_used([mode], **given)  # an option that would do nothing is an error
     spec = ConversionSpec.build(mode, base, leaf_modules=options["leaf_modules"], **given)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
         spec = dataclasses.replace(spec, seed=config.seed)  # the eval table, the same on every process
     return spec
 
 
-def _trained_record(resolved: ResolvedModel, labels: ClassLabels, weights: str) -> ResolvedModel:
+def _trained_record(resolved: ResolvedModel, labels: ClassLabels) -> ResolvedModel:
     """The record the artifacts describe: new head, class names; its model is trained in place."""
     head = resolved.head
     if labels.new_head is not None:
@@ -179,8 +173,7 @@ def _write_epoch(files: dict[str, Path], trainer: Trainer, trained: ResolvedMode
                "from_weights": identity["weights"]}
     artifact = dataclasses.replace(trained, training=summary)
     save_artifact(files["last"], artifact, spec, force=True)
-    earlier = [r.val_top1 for r in history[:-1] if r.val_top1 is not None]
-    if record.val_top1 is None or not earlier or record.val_top1 > max(earlier):
+    if best_record(history) is record or record.val_top1 is None:  # ties keep the earlier best
         save_artifact(files["best"], artifact, spec, force=True)
     write_history(files["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
                                               "recipe": identity["recipe"], "data": str(data)})
