@@ -274,7 +274,7 @@ class InceptionLike(nn.Module):
 
 
 def test_concatenated_branches_form_one_step_and_average_before_flatten():
-    torch.manual_seed(1)
+    torch.manual_seed(3)  # a seed where averaging after the classifier gives other numbers (checked below)
     net = InceptionLike().eval()
     x = torch.randn(2, 3, 15, 17)
     model = convert(net, mode="checkered", sampler="lattice", example_input=x)
@@ -286,6 +286,8 @@ def test_concatenated_branches_form_one_step_and_average_before_flatten():
     pool = _strided("max", [x], seq, kernel=3, stride=2, padding=0, dilation=1, ceil_mode=False)
     maps = [net.features(torch.cat(parts, 1)) for parts in zip(b1, b2, pool)]
     expected = net.head(torch.flatten(torch.stack(maps).mean(0), 1))  # VGG-style: average, then flatten
+    averaged_after = torch.stack([net.head(torch.flatten(m, 1)) for m in maps]).mean(0)
+    assert (expected - averaged_after).abs().max() > 1e-3  # the head's ReLU tells the two apart here
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
     assert any("features" in where for where in report.averaged_at)

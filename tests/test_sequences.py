@@ -88,3 +88,17 @@ def test_bad_sampler_and_density():
         sequences.sampler_sequence("fancy", 2, 2, 2)
     with pytest.raises(ConversionError, match="density"):
         sequences.deterministic_sampler(0, 2, 5)
+
+
+def test_lattice_rule_beyond_the_bundled_table_by_hand():
+    """1024 submaps is past the bundled table, so the rule floor(13 i / S) mod 2 applies. Written
+    as runs instead: value m mod 2 from i = ceil(m S / 13) up to the next boundary."""
+    submaps = 1024
+    boundaries = [-(-m * submaps // 13) for m in range(14)]
+    expected = [0] * submaps
+    for m in range(13):
+        for i in range(boundaries[m], min(boundaries[m + 1], submaps)):
+            expected[i] = m % 2
+    got = sequences.lattice_indices(submaps)
+    assert got == expected
+    assert got[78:80] == [0, 1] and got[157:159] == [1, 0]  # 13*79 = 1027 >= 1024; 13*158 = 2054 >= 2048
