@@ -134,6 +134,43 @@ def test_ceil_mode_pools_match_multisample_and_the_original_lattice(size):
         assert _rel(features[..., ::8, ::8], original) <= 1e-6
 
 
+class _GlobalMeanMax(nn.Module):
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+
+
+class _PaddedCeilNet(nn.Module):
+    """A padded ceil_mode max pool between two convolutions: its last window may start in the
+    right padding, which the dense pool must keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.pool(torch.tanh(self.stem(x))))
+
+
+@pytest.mark.parametrize("size", [16, 17, 20])
+def test_padded_ceil_mode_pool_matches_multisample_and_the_original_lattice(size):
+    torch.manual_seed(0)
+    net = _PaddedCeilNet().eval()
+    x = torch.randn(2, 3, size, size + 3)
+    pooled = nn.Sequential(net, _GlobalMeanMax())  # every position of the map counts
+    with torch.no_grad():
+        dense = convert_native(net, example_input=x)(x)
+        original = net(x)
+        native = convert_native(pooled, example_input=x)(x)
+        multisample = convert(pooled, mode="dilated", dilation="multisample", example_input=x)(x)
+    # the dense map holds the original every 2 positions, and its far edge (windows starting in
+    # the right padding) agrees with the multisample pass's exact edges
+    assert dense[..., ::2, ::2].shape == original.shape
+    assert _rel(dense[..., ::2, ::2], original) <= 1e-6
+    assert _rel(native, multisample) <= 1e-5
+
+
 def test_native_refuses_what_a_dilation_cannot_express():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(4), nn.Flatten())
     with pytest.raises(ConversionError, match="cannot pass .*fixed size"):
