@@ -136,28 +136,30 @@ def _reference_submaps(net, model, x):
     return [net.head(m) for m in maps], paths
 
 
-@pytest.mark.parametrize("sampler", ["lattice", "random"])
-def test_checkered_filled_positions_equal_the_per_position_reference(sampler):
+@pytest.mark.parametrize("sampler,size", [("lattice", (32, 32)), ("random", (32, 32)), ("lattice", (16, 24))])
+def test_checkered_filled_positions_equal_the_per_position_reference(sampler, size):
     torch.manual_seed(0)
     net = ChainNet().eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, *size)
+    height, width = size
+    rows, cols = height // 8, width // 8  # each submap after three stride-2 steps
     kwargs = {"seed": 5} if sampler == "random" else {}
     extractor = create_feature_extractor(net, ["head"], mode="checkered", sampler=sampler, **kwargs)
     model = convert(net, mode="checkered", sampler=sampler, **kwargs)  # same tables (same seed)
     with torch.no_grad():
         dense = extractor(x)["head"]
         submaps, paths = _reference_submaps(net, model, x)
-    assert dense.values.shape == (2, 5, 32, 32) and dense.stride == 1
+    assert dense.values.shape == (2, 5, height, width) and dense.stride == 1
     expected = torch.zeros_like(dense.values)
-    filled = torch.zeros(32, 32, dtype=torch.bool)
+    filled = torch.zeros(height, width, dtype=torch.bool)
     for submap, offsets in zip(submaps, paths):
-        for a in range(4):
-            for b in range(4):
+        for a in range(rows):
+            for b in range(cols):
                 y, x_ = input_position((a, b), offsets, [2, 2, 2])
                 assert not filled[y, x_]  # n-rooks: no two submaps share a position
                 filled[y, x_] = True
                 expected[:, :, y, x_] = submap[:, :, a, b]
-    assert dense.mask.sum() == 8 * 4 * 4  # submaps * h * w
+    assert dense.mask.sum() == 8 * rows * cols  # submaps * h * w
     assert torch.equal(dense.mask, filled)
     torch.testing.assert_close(dense.values, expected, rtol=1e-4, atol=1e-5)
     # The same positions of the dilated map: a checkered submap is the dilated network on its lattice.
