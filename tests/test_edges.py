@@ -276,3 +276,37 @@ def test_defaults_are_reference_for_checkered_and_exact_for_dilated():
     net, x = _exact_net(), torch.randn(1, 3, 37, 45)
     assert conversion_report(convert(net, mode="checkered", example_input=x)).edges == "reference"
     assert conversion_report(convert(net, mode="dilated", keep_first=3, example_input=x)).edges == "exact"
+
+
+class FlattenNet(nn.Module):
+    """A strided conv whose 13x13 map is flattened into a linear layer (no global pool): the
+    submap average before the classifier must count, at each position, only the submaps whose
+    sample there lies inside the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 13 * 13, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
+
+
+def test_flattened_dilated_map_averages_only_the_real_samples_of_each_position():
+    torch.manual_seed(0)
+    net = FlattenNet().eval()
+    x = torch.randn(2, 3, 25, 25)  # 25 -> 13: the samples at odd offsets have 12 real rows/columns
+    model = convert(net, mode="dilated", dilation="multisample", example_input=x)
+    seqs = _sequences_of(model, steps=1)
+    maps, reals = reference.multisample_exact("conv", [x], [(25, 25)], seqs[0], **_conv_kw(net.conv))
+    assert sorted(set(reals)) == [(12, 12), (12, 13), (13, 12), (13, 13)]
+    total = torch.zeros(2, 4, 13, 13)
+    count = torch.zeros(13, 13)
+    for m, (r, c) in zip(maps, reals):
+        total[:, :, :r, :c] += torch.tanh(m[:, :, :r, :c])
+        count[:r, :c] += 1
+    expected = net.fc(torch.flatten(total / count, 1))
+    plain_mean = net.fc(torch.flatten(torch.stack([torch.tanh(m) for m in maps]).mean(0), 1))
+    assert (expected - plain_mean).abs().max() > 1e-3  # the far-edge samples matter here
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
