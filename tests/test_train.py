@@ -309,49 +309,6 @@ def test_num_classes_must_match_the_class_folders(project):
         _train(project, "run", _options(epochs=1), num_classes=5)
 
 
-# --------------------------------------------------------------------------------------------
-# a stop while an epoch is written
-
-
-STOP_RUNNER = '''
-import os, sys, time
-real_replace, calls = os.replace, []
-
-def replace(src, dst):  # epoch 1 writes five files; hold the first write of epoch 2
-    calls.append(dst)
-    if len(calls) == 6:
-        print("ready", flush=True)
-        time.sleep(120)
-    real_replace(src, dst)
-
-os.replace = replace
-sys.argv = ["ccnn-train", *sys.argv[1:]]
-from ccnn_convert.cli import entry
-entry.train()
-'''
-
-
-@pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])
-def test_a_stop_while_writing_an_epoch_keeps_the_previous_epoch_whole(project, signum, code, word):
-    args = ["net.py:make", "--data", "data", "--out", "run", "--epochs", "2", "--batch-size", "8", "--workers", "0",
-            "--resize", "32", "--crop", "32", "--device", "cpu"]
-    process = subprocess.Popen([sys.executable, "-c", STOP_RUNNER, *args], cwd=project, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    for line in process.stdout:
-        if line.strip() == "ready":
-            break
-    assert any(name.startswith(".last.pt.") for name in os.listdir(project / "run"))  # epoch 2, half written
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == code and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == f"error: {word}"
-    assert sorted(os.listdir(project / "run")) == sorted(["best.pt", "checkpoint.pt", "curves.png", "history.json",
-                                                          "last.pt"])  # no temporary left
-    assert torch.load(project / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    assert load_artifact(project / "run" / "last.pt", trust_factory=True).training["epochs"] == 1
-
-
 def test_an_unreadable_image_is_skipped_and_counted(project):
     (project / "data" / "train" / "cyan" / "broken.png").write_bytes(b"not a png")
     # One global batch of all 25 files, so the broken one is surely drawn.
