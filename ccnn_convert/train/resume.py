@@ -43,8 +43,8 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 
 def save_training_state(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the state atomically (replacing the previous epoch's)."""
-    with atomic_path(path, force=True) as tmp:
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, tmp)
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as handle:
+        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

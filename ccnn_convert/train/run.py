@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .._helpers import first_line
-from ..errors import CCNNError, ParameterError
+from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
 from ..models import ResolvedModel, replace_head, resolve_model, save_artifact
 from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
@@ -103,7 +103,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes)
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, leaf_modules=leaf_modules)
-        trained = _trained_record(resolved, labels)
+        trained = _trained_record(resolved, labels, num_classes)
         identity = _identity(trained, weights, spec, config)
         pre = trained.preprocessing
         converted = spec.apply(trained.model, pre.crop)
@@ -207,11 +207,19 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     return spec
 
 
-def _trained_record(resolved: ResolvedModel, labels: ClassLabels) -> ResolvedModel:
+def _trained_record(resolved: ResolvedModel, labels: ClassLabels, num_classes: int | None) -> ResolvedModel:
     """The record the artifacts describe: new head, class names; its model is trained in place."""
     head = resolved.head
     if labels.new_head is not None:
-        head = replace_head(resolved.model, labels.new_head)
+        try:
+            head = replace_head(resolved.model, labels.new_head)
+        except ModelParameterError:
+            if num_classes is not None:
+                raise
+            raise ModelResolutionError(  # the head was the data's idea, not a flag's
+                f"{resolved.name} has {resolved.num_classes} outputs and no nn.Linear classifier to replace, so it "
+                f"cannot learn the data's own {labels.new_head} classes"
+                + (" (name the class folders by ImageNet wnid)" if resolved.num_classes == 1000 else "")) from None
     return dataclasses.replace(resolved, head=head, class_names=labels.class_names,
                                num_classes=labels.num_classes)
 
