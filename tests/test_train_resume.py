@@ -16,7 +16,7 @@ import torch
 
 from ccnn_convert.cli.train import app as train_app
 from ccnn_convert.models import load_artifact
-from test_train import _cli, project  # noqa: F401  (the fixture: a tiny net.py and data/)
+from test_train import NET, _cli, _write_images, project  # noqa: F401  (the fixture: a tiny net.py and data/)
 
 RUN_FILES = sorted(["best.pt", "checkpoint.pt", "curves.png", "history.json", "last.pt"])
 
@@ -220,19 +220,31 @@ TAMPERED = {
 }
 
 
-@pytest.fixture
-def stopped_run(project):
-    """run/ after epoch 1 of 3."""
-    _stop_after_first_epoch("run", 3)
-    return project / "run"
+@pytest.fixture(scope="module")
+def stopped_template(tmp_path_factory):
+    """A run stopped after epoch 1 of 3, made once for the module, in a project like `project`."""
+    root = tmp_path_factory.mktemp("template")
+    (root / "net.py").write_text(NET)
+    _write_images(root / "data", "train", per_class=8)
+    _write_images(root / "data", "val", per_class=4)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        _stop_after_first_epoch("run", 3)
+    finally:
+        os.chdir(cwd)
+    return root / "run"
 
 
 @pytest.mark.parametrize("case", list(TAMPERED))
-def test_a_tampered_checkpoint_is_one_line(stopped_run, case):
+def test_a_tampered_checkpoint_is_one_line(stopped_template, monkeypatch, case):
     change, message = TAMPERED[case]
+    monkeypatch.chdir(stopped_template.parent)  # the run's identity names its factory file's path
+    folder = f"run-{list(TAMPERED).index(case)}"
+    stopped_run = shutil.copytree(stopped_template, stopped_template.parent / folder)
     _tamper(stopped_run / "checkpoint.pt", change)
     before = {name: (stopped_run / name).read_bytes() for name in RUN_FILES}
-    code, out = _cli(train_app, _args("run", 3, "--resume", "run/checkpoint.pt"))
+    code, out = _cli(train_app, _args(folder, 3, "--resume", f"{folder}/checkpoint.pt"))
     assert code == 2, out
     assert "Traceback" not in out and message in out and len(out.strip().splitlines()) <= 2, out
     assert {name: (stopped_run / name).read_bytes() for name in RUN_FILES} == before

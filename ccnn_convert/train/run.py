@@ -130,7 +130,10 @@ def train_model(
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
-        trainer.fit(finish_epoch)
+        try:
+            trainer.fit(finish_epoch)
+        finally:
+            trainer.close()  # before distributed_from_env destroys the process group
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
 
 
