@@ -113,7 +113,7 @@ def test_a_partial_folder_says_in_one_line_that_it_must_start_over(project):
     assert sorted(os.listdir(project / "run")) == RUN_FILES
 
 
-def test_a_folder_whose_newer_files_outlived_a_stop_resumes_from_its_checkpoint(project):
+def test_a_folder_whose_newer_files_outlived_a_stop_resumes_from_its_checkpoint(project, caplog):
     """checkpoint.pt of epoch 1 with last.pt and history.json of epoch 2 (a hard kill between
     the renames): the folder is judged by checkpoint.pt and resumes from epoch 1."""
     code, out = _cli(train_app, _args("whole", 2))
@@ -125,6 +125,9 @@ def test_a_folder_whose_newer_files_outlived_a_stop_resumes_from_its_checkpoint(
     code, out = _cli(train_app, _args("run", 2, "--resume", "run/checkpoint.pt"))
     assert code == 0, out
     assert "resuming after epoch 1" in out and "epoch 2/2" in out
+    notes = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert notes == ["run holds a partial set of files beside checkpoint.pt; resuming from its whole epoch 1, "
+                     "whose files the next epoch replaces"]
     assert _epochs_in(project / "run") == (2, 2, 2)
 
 

@@ -102,7 +102,8 @@ def train_command(
     if not result.is_main:
         return
     console.print(summary_table(result))
-    console.print(Text(f"  wrote {', '.join(str(p) for p in result.files.values())}"), soft_wrap=True)
+    written = [str(p) for p in result.files.values() if p.exists()]  # best.pt may be missing after a resume
+    console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
 
 
 def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResult:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -112,6 +113,8 @@ def train_model(
                           on_step=on_step if ctx.is_main else None)
         if state is not None:
             _load_state(trainer, state, identity, resume)
+            if ctx.is_main and resume_folder == folder.resolve():
+                _note_unfinished_epoch(folder, trainer.epoch)
         info = {"model": trained.name, "conversion": spec.describe(), "mode": spec.mode, "device": str(target),
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
                 "val_images": len(val_set), "classes": labels.num_classes, "new_head": labels.new_head,
@@ -182,6 +185,19 @@ def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
         raise CCNNError(f"cannot resume from {path}: {first_line(exc, 200)}") from None
+
+
+def _note_unfinished_epoch(folder: Path, epoch: int) -> None:
+    """One line when the folder's other files are not checkpoint.pt's epoch (a hard kill while an
+    epoch was renamed into place): checkpoint.pt decides, and they are replaced."""
+    try:
+        recorded = len(json.loads((folder / OUTPUT_FILES["history"]).read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    missing = [name for name in OUTPUT_FILES.values() if not (folder / name).exists()]
+    if recorded != epoch or missing:
+        logger.warning(f"{folder} holds a partial set of files beside checkpoint.pt; resuming from its whole "
+                       f"epoch {epoch}, whose files the next epoch replaces")
 
 
 def _resolve(model, weights, arch, preprocessing, trust_factory) -> ResolvedModel:
