@@ -169,8 +169,9 @@ def _resume_path(resume) -> Path:
     if not path.exists() and path.name == OUTPUT_FILES["state"] and path.parent.is_dir():
         present = [name for name in OUTPUT_FILES.values() if (path.parent / name).exists()]
         if present:
-            raise CCNNError(f"cannot resume: {path.parent} holds {', '.join(present)} but no checkpoint.pt (a run "
-                            "stopped before its first epoch was saved); start it over (with --force)")
+            raise ParameterError("force", f"cannot resume: {path.parent} holds {', '.join(present)} but no "
+                                          "checkpoint.pt (a run stopped before its first epoch was saved); start it "
+                                          "over, without resuming, with {param}")
     return path
 
 
