@@ -102,6 +102,8 @@ def test_a_partial_folder_says_in_one_line_that_it_must_start_over(project):
     (project / "run").mkdir()
     for name in ("best.pt", "last.pt", "history.json"):
         shutil.copy(project / "done" / name, project / "run" / name)
+    (project / "run" / ".epoch.abc.staging").mkdir()  # what a hard kill leaves while an epoch is staged
+    shutil.copy(project / "done" / "last.pt", project / "run" / ".epoch.abc.staging" / "last.pt")
     code, out = _cli(train_app, _args("run", 1))
     assert code == 2 and "Traceback" not in out
     assert "no checkpoint.pt" in out and "start over with --force" in out
@@ -110,7 +112,7 @@ def test_a_partial_folder_says_in_one_line_that_it_must_start_over(project):
     assert "no checkpoint.pt" in out and "start it over" in out
     code, out = _cli(train_app, _args("run", 1, "--force"))
     assert code == 0, out
-    assert sorted(os.listdir(project / "run")) == RUN_FILES
+    assert sorted(os.listdir(project / "run")) == RUN_FILES  # the stale staging folder is gone too
 
 
 def test_a_folder_whose_newer_files_outlived_a_stop_resumes_from_its_checkpoint(project, caplog):

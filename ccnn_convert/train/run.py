@@ -259,6 +259,8 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
     with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
     the run resumed from another folder, copied while this folder has none."""
     folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
+    for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".epoch.", suffix=".staging", dir=folder))
     try:
         staged = {key: staging / name for key, name in OUTPUT_FILES.items()}
