@@ -100,3 +100,11 @@ def test_squeezenet_on_its_own_classes_does_not_blame_a_flag_that_was_not_given(
     code, out = _cli(train_app, _short_run("run", "squeezenet1_0", "--weights", "none"))
     assert code == 2 and "Traceback" not in out
     assert "--num-classes" not in out and "no nn.Linear classifier" in out and "3 classes" in out
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "1208925819614629174706176"])
+def test_a_seed_out_of_range_is_one_line_before_any_work(project, seed):
+    code, out = _cli(train_app, _short_run("run", "net.py:make", "--seed", seed))
+    assert code == 2 and "Traceback" not in out
+    assert out.strip() == f"error: --seed must be an integer from 0 to 2**32 - 1, got {seed}"
+    assert not (project / "run").exists()
