@@ -46,14 +46,19 @@ def check_output(path: str | os.PathLike, *, force: bool = False) -> Path:
 
 
 def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...] = (), *,
-                     force: bool = False) -> Path:
-    """Check a folder that will receive ``names`` (created if missing; its parent must exist)."""
+                     force: bool = False, parents: bool = False) -> Path:
+    """Check a folder that will receive ``names`` (created if missing; its parent must exist,
+    or with ``parents`` its nearest existing ancestor must be a writable folder)."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise CCNNError(f"cannot write to {folder}: it is a file, not a folder")
     parent = folder if folder.exists() else folder.parent
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise CCNNError(f"cannot write to {folder}: directory {parent} does not exist")
+        raise CCNNError(f"cannot write to {folder}: {'directory ' + str(parent) + ' does not exist' if not parent.exists() else str(parent) + ' is a file'}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CCNNError(f"cannot write to {folder}: directory {parent} is not writable")
     if folder.is_dir():
         for name in names:
             check_output(folder / name, force=force)

@@ -156,7 +156,11 @@ def distributed_from_env(device_choice: str | torch.device = "auto") -> Iterator
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    finished = False
     try:
         yield DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+        finished = True
     finally:
+        if finished:  # no process tears its connections down while another still uses them
+            dist.barrier()
         dist.destroy_process_group()

@@ -138,6 +138,7 @@ with distributed_from_env("cpu") as ctx:
     trainer = Trainer(model, TensorDataset(images, labels), None, config, device="cpu", ctx=ctx)
     assert len(trainer.batches) == 3 and trainer.batches.world_size == ctx.world_size
     trainer.fit()
+    trainer.close()  # the DDP wrapper lets go of the process group before it is destroyed
     if ctx.is_main:
         torch.save({"before": before, "after": net.state_dict()}, sys.argv[1])
 '''
@@ -155,7 +156,7 @@ def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
     script.write_text(DDP_WORKER)
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=base,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "two.pt")],
@@ -163,9 +164,17 @@ def test_two_gloo_processes_take_the_same_steps_as_one(tmp_path):
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    errors = []
+    try:
+        for proc in procs:  # generous: two processes and their gloo threads share a loaded machine
+            errors.append(proc.communicate(timeout=600)[1])
+    finally:
+        for proc in procs:  # never leave a child behind, whatever happened
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, err in zip(procs, errors):
+        assert proc.returncode == 0 and "terminate called" not in err, err
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for key in one["after"]:
         assert not torch.equal(one["after"][key], one["before"][key]), f"{key} did not train"
@@ -307,49 +316,6 @@ def test_a_batch_that_does_not_fit_names_the_flags(project, monkeypatch):
 def test_num_classes_must_match_the_class_folders(project):
     with pytest.raises(ParameterError, match="num_classes is 5 but the data has 3 class folders"):
         _train(project, "run", _options(epochs=1), num_classes=5)
-
-
-# --------------------------------------------------------------------------------------------
-# a stop while an epoch is written
-
-
-STOP_RUNNER = '''
-import os, sys, time
-real_replace, calls = os.replace, []
-
-def replace(src, dst):  # epoch 1 writes five files; hold the first write of epoch 2
-    calls.append(dst)
-    if len(calls) == 6:
-        print("ready", flush=True)
-        time.sleep(120)
-    real_replace(src, dst)
-
-os.replace = replace
-sys.argv = ["ccnn-train", *sys.argv[1:]]
-from ccnn_convert.cli import entry
-entry.train()
-'''
-
-
-@pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])
-def test_a_stop_while_writing_an_epoch_keeps_the_previous_epoch_whole(project, signum, code, word):
-    args = ["net.py:make", "--data", "data", "--out", "run", "--epochs", "2", "--batch-size", "8", "--workers", "0",
-            "--resize", "32", "--crop", "32", "--device", "cpu"]
-    process = subprocess.Popen([sys.executable, "-c", STOP_RUNNER, *args], cwd=project, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    for line in process.stdout:
-        if line.strip() == "ready":
-            break
-    assert any(name.startswith(".last.pt.") for name in os.listdir(project / "run"))  # epoch 2, half written
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == code and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == f"error: {word}"
-    assert sorted(os.listdir(project / "run")) == sorted(["best.pt", "checkpoint.pt", "curves.png", "history.json",
-                                                          "last.pt"])  # no temporary left
-    assert torch.load(project / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    assert load_artifact(project / "run" / "last.pt", trust_factory=True).training["epochs"] == 1
 
 
 def test_an_unreadable_image_is_skipped_and_counted(project):

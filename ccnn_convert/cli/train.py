@@ -78,7 +78,7 @@ def train_command(
     amp: bool = typer.Option(False, "--amp", help="Mixed precision: bfloat16 autocast on CPU, float16 with a grad scaler on CUDA."),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="Recompute each block's activations in the backward pass (less memory, more time)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="BatchNorm statistics over all processes (CUDA under torchrun)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for shuffling, augmentation and the random sampler."),
+    seed: int = typer.Option(0, "--seed", help="Seed (0 to 2**32 - 1) for every draw: initial weights of a new head or of --weights none, shuffling, augmentation, the random sampler."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Override the model's preprocessing: shorter side resized to this."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Override: the crop size trained and validated at."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Override: normalisation mean, e.g. 0.485,0.456,0.406."),
@@ -102,7 +102,8 @@ def train_command(
     if not result.is_main:
         return
     console.print(summary_table(result))
-    console.print(Text(f"  wrote {', '.join(str(p) for p in result.files.values())}"), soft_wrap=True)
+    written = [str(p) for p in result.files.values() if p.exists()]  # best.pt may be missing after a resume
+    console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
 
 
 def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResult:

@@ -88,8 +88,8 @@ def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, 
     _check_plain(meta, "artifact")
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
              for k, v in resolved.model.state_dict().items()}
-    with atomic_path(path, force=force) as tmp:
-        torch.save({**meta, "state_dict": state}, tmp)
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb") as handle:
+        torch.save({**meta, "state_dict": state}, handle)  # a file object: the same bytes whatever tmp's name
 
 
 def is_artifact(obj: Any) -> bool:

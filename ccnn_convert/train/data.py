@@ -112,8 +112,19 @@ def training_sets(data: str | os.PathLike, labels: ClassLabels, pre: Preprocessi
     for split, transform in (("train", train_transform(pre, config)), ("val", pre.transform())):
         samples = find_samples(root / split, imagenet_labels=labels.class_names is None,
                                class_names=labels.class_names)
+        if split == "train":
+            _warn_empty_classes(root / split, labels.folders, samples.items)
         sets.append(DecodedImages(samples.items, transform))
     return sets[0], sets[1]
+
+
+def _warn_empty_classes(folder: Path, classes: Sequence[str], items: Sequence[tuple[str, int]]) -> None:
+    """A class folder without a file is a class the model never sees in training: say so."""
+    present = {Path(path).parent.name for path, _ in items}
+    empty = [name for name in classes if name not in present]
+    if empty:
+        logger.warning(f"{len(empty)} class folder(s) of {folder} hold no file and are never trained: "
+                       f"{', '.join(ascii(name) for name in empty[:5])}{', ...' if len(empty) > 5 else ''}")
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -10,6 +10,7 @@ eval mode; counts are summed over processes. :meth:`Trainer.state_dict` is what
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -237,6 +238,13 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(record)
         return self.history
+
+    def close(self) -> None:
+        """Drop the DistributedDataParallel wrapper, and with it its hold on the process group,
+        so that destroying the group ends gloo's threads before the interpreter exits."""
+        if self.wrapped is not self.train_module:
+            self.wrapped = self.train_module
+            gc.collect()
 
     # ------------------------------------------------------------------ resume
 

@@ -75,6 +75,8 @@ class TrainConfig:
                                                   f"epochs, got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise ParameterError("label_smoothing", f"{{param}} must be in [0, 1), got {self.label_smoothing}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ParameterError("shift", f"{{param}} must be a number of pixels (0 or more), got {self.shift!r}")
 

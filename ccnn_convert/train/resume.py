@@ -11,6 +11,7 @@ continue the same run.
 
 from __future__ import annotations
 
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,8 +21,8 @@ from ..errors import CCNNError
 from ..models.checkpoints import safe_load
 from ..outputs import atomic_path
 
-__all__ = ["STATE_FORMAT", "check_identity", "load_training_state", "rng_states", "restore_rng_states",
-           "save_training_state"]
+__all__ = ["STATE_FORMAT", "check_identity", "check_training_state", "load_training_state", "rng_states",
+           "restore_rng_states", "save_training_state"]
 
 STATE_FORMAT = "ccnn-train-state"
 STATE_VERSION = 1
@@ -42,8 +43,8 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 
 def save_training_state(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the state atomically (replacing the previous epoch's)."""
-    with atomic_path(path, force=True) as tmp:
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, tmp)
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb") as handle:
+        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -53,10 +54,109 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     state = safe_load(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CCNNError(f"{path} is not a ccnn-train checkpoint (resume from OUT/checkpoint.pt)")
-    if state.get("version") != STATE_VERSION:
-        raise CCNNError(f"{path} is a version-{state.get('version')} training checkpoint; this ccnn-train "
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise CCNNError(f"{path} is a version-{_short(version, 20)} training checkpoint; this ccnn-train "
                         f"reads version {STATE_VERSION}")
+    missing = [key for key in _ENTRIES if key not in state]
+    if missing:
+        raise CCNNError(f"{path} is a damaged training checkpoint (no {missing[0]!r})")
+    if not isinstance(state["identity"], dict):
+        raise CCNNError(f"{path}: invalid identity in training checkpoint")
     return state
+
+
+_ENTRIES = ("identity", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history")
+
+
+def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_state: Mapping[str, torch.Tensor],
+                         param_group_sizes: list[int], epochs: int, steps_per_epoch: int,
+                         record_fields: tuple) -> None:
+    """Validate every entry of a loaded training state against the run it should continue,
+    before any of it is used; anything odd is one CCNNError line.
+
+    ``model_state`` is the model's own state dict (names, shapes and dtypes to match),
+    ``param_group_sizes`` the parameter count of each optimizer group, ``record_fields`` the
+    ``dataclasses.fields`` of an epoch record.
+    """
+    def bad(entry: str, why: str) -> CCNNError:
+        return CCNNError(f"cannot resume from {path}: invalid {entry} in training checkpoint ({why})")
+
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1 or epoch > epochs:
+        raise bad("epoch", f"{_short(epoch, 40)}; the run has epochs 1 to {epochs}")
+    if epoch == epochs:
+        raise CCNNError(f"cannot resume from {path}: that run is finished ({epochs} of {epochs} epochs); "
+                        "its last.pt and best.pt are the results")
+    _check_history(state["history"], epoch, record_fields, bad)
+    _check_model(state["model"], model_state, bad)
+    _check_optimizer(state["optimizer"], param_group_sizes, bad)
+    scheduler = state["scheduler"]
+    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != epoch * steps_per_epoch:
+        raise bad("scheduler", f"expected a schedule at step {epoch * steps_per_epoch}")
+    scaler = state["scaler"]
+    if not isinstance(scaler, dict) or not all(isinstance(k, str) and isinstance(v, (int, float, bool))
+                                               for k, v in scaler.items()):
+        raise bad("scaler", "expected a gradient scaler's numbers")
+    _check_rng(state["rng"], bad)
+
+
+def _check_history(history: Any, epoch: int, record_fields: tuple, bad) -> None:
+    if not isinstance(history, list) or len(history) != epoch:
+        raise bad("history", f"expected a list of {epoch} epoch record(s)")
+    names = {f.name for f in record_fields}
+    required = {f.name for f in record_fields if f.default is MISSING and f.default_factory is MISSING}
+    for number, record in enumerate(history, 1):
+        if not isinstance(record, dict) or not required <= set(record) or not set(record) <= names:
+            raise bad("history", f"record {number} does not have an epoch record's entries")
+        for key, value in record.items():
+            integral = key in ("epoch", "skipped", "peak_memory_bytes")
+            kinds = (int,) if integral else (int, float)
+            if value is None and key in ("val_loss", "val_top1", "val_top5", "peak_memory_bytes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise bad("history", f"record {number}: {key} is {_short(value, 40)}")
+        if record["epoch"] != number:
+            raise bad("history", f"record {number} is numbered {_short(record['epoch'], 40)}")
+
+
+def _check_model(saved: Any, expected: Mapping[str, torch.Tensor], bad) -> None:
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise bad("model", "expected a state dict of tensors")
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise bad("model", f"missing {missing[0]!r}" if missing else f"unexpected {_short(extra[0], 80)}")
+    for key, tensor in expected.items():
+        if saved[key].shape != tensor.shape or saved[key].dtype != tensor.dtype:
+            raise bad("model", f"{key} is {saved[key].dtype} {tuple(saved[key].shape)}, the model's is "
+                               f"{tensor.dtype} {tuple(tensor.shape)}")
+
+
+def _check_optimizer(saved: Any, group_sizes: list[int], bad) -> None:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(groups, list):
+        raise bad("optimizer", "expected an optimizer's state and parameter groups")
+    sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None for g in groups]
+    if sizes != group_sizes:
+        raise bad("optimizer", f"parameter groups of {sizes} parameters, this run's have {group_sizes}")
+    for index, value in saved["state"].items():
+        if not isinstance(value, dict) or not all(isinstance(v, (torch.Tensor, int, float, type(None))) for v in value.values()):
+            raise bad("optimizer", f"the state of parameter {_short(index, 20)} is not tensors and numbers")
+
+
+def _check_rng(saved: Any, bad) -> None:
+    size = torch.get_rng_state().numel()
+    if not isinstance(saved, list) or not saved:
+        raise bad("rng", "expected a list of RNG states, one per process")
+    for states in saved:
+        torch_state = states.get("torch") if isinstance(states, dict) else None
+        if not (isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8
+                and torch_state.shape == (size,)):
+            raise bad("rng", "expected torch generator states")
+        cuda = states.get("cuda", [])
+        if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda):
+            raise bad("rng", "expected CUDA generator states")
 
 
 def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | Path) -> None:

@@ -9,21 +9,35 @@ classes ask for one, converts it (the options of ``ccnn-convert``), trains it wi
                    ``ccnn-eval``, ``ccnn-export`` and ``ccnn-bench`` take as MODEL
 ``history.json``, ``curves.png``  the epochs so far
 
-Each file is replaced atomically, so a run stopped at any moment leaves the last finished
-epoch's files whole.
+An epoch's five files are one unit: they are written into a hidden staging folder in ``out``,
+then renamed into place with ``checkpoint.pt`` last, while SIGINT and SIGTERM wait (a few
+renames). A run stopped at any moment leaves the previous epoch's whole set or the new one,
+and ``checkpoint.pt`` says which epoch the folder holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import ParameterError
+import numpy as np
+import torch
+
+from .._helpers import first_line
+from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
 from ..models import ResolvedModel, replace_head, resolve_model, save_artifact
+from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_checkered_options_used
@@ -31,7 +45,7 @@ from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig
-from .resume import check_identity, load_training_state, save_training_state
+from .resume import check_identity, check_training_state, load_training_state, save_training_state
 
 __all__ = ["OUTPUT_FILES", "TrainResult", "train_model"]
 
@@ -79,16 +93,18 @@ def train_model(
     config = config if config is not None else TrainConfig()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
-    folder = check_output_dir(out, list(OUTPUT_FILES.values()), force=force or resume is not None)
+    folder = _check_out(out, resume, force)
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
-    state = load_training_state(resume) if resume is not None else None
+    state = load_training_state(_resume_path(resume)) if resume is not None else None
+    resume_folder = None if resume is None else Path(resume).expanduser().resolve().parent
+    _seed_everything(config.seed)  # before the first draw: a new head, --weights none, a factory's init
     with distributed_from_env(device) as ctx:
         target = resolve_device(device, ctx.local_rank)
         resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
         labels = _labels(resolved, class_folders(data), num_classes)
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, leaf_modules=leaf_modules)
-        trained = _trained_record(resolved, labels)
+        trained = _trained_record(resolved, labels, num_classes)
         identity = _identity(trained, weights, spec, config)
         pre = trained.preprocessing
         converted = spec.apply(trained.model, pre.crop)
@@ -96,8 +112,9 @@ def train_model(
         trainer = Trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
                           on_step=on_step if ctx.is_main else None)
         if state is not None:
-            check_identity(state["identity"], identity, resume)
-            trainer.load_state_dict(state)
+            _load_state(trainer, state, identity, resume)
+            if ctx.is_main and resume_folder == folder.resolve():
+                _note_unfinished_epoch(folder, trainer.epoch)
         info = {"model": trained.name, "conversion": spec.describe(), "mode": spec.mode, "device": str(target),
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
                 "val_images": len(val_set), "classes": labels.num_classes, "new_head": labels.new_head,
@@ -111,12 +128,77 @@ def train_model(
         def finish_epoch(record: EpochRecord) -> None:
             training_state = trainer.state_dict()  # every process: RNG states are gathered
             if ctx.is_main:
-                _write_epoch(files, trainer, trained, spec, identity, training_state, data)
+                best_source = None if resume_folder in (None, folder.resolve()) else resume_folder / OUTPUT_FILES["best"]
+                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source)
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
-        trainer.fit(finish_epoch)
+        try:
+            trainer.fit(finish_epoch)
+        finally:
+            trainer.close()  # before distributed_from_env destroys the process group
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (torch, numpy, Python's) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_out(out, resume, force: bool) -> Path:
+    """The output folder, checked before any work. A resume may replace the files of the folder
+    its checkpoint came from; any other folder's files need ``force``, as for a new run."""
+    folder = Path(out).expanduser()
+    own_folder = resume is not None and folder.resolve() == Path(resume).expanduser().resolve().parent
+    if folder.is_dir() and not (force or own_folder):
+        present = [name for name in OUTPUT_FILES.values() if (folder / name).exists()]
+        if present and OUTPUT_FILES["state"] not in present:
+            raise ParameterError("force", f"{folder} holds {', '.join(present)} but no checkpoint.pt (a run stopped "
+                                          "before its first epoch was saved): nothing to resume; start over with {param}")
+        if present:
+            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with resume "
+                                          f"{folder / OUTPUT_FILES['state']}, or replace it with {{param}}")
+    return check_output_dir(folder, list(OUTPUT_FILES.values()), force=force or own_folder, parents=True)
+
+
+def _resume_path(resume) -> Path:
+    """``resume``, or one line on what its folder holds when the checkpoint is not there."""
+    path = Path(resume).expanduser()
+    if not path.exists() and path.name == OUTPUT_FILES["state"] and path.parent.is_dir():
+        present = [name for name in OUTPUT_FILES.values() if (path.parent / name).exists()]
+        if present:
+            raise ParameterError("force", f"cannot resume: {path.parent} holds {', '.join(present)} but no "
+                                          "checkpoint.pt (a run stopped before its first epoch was saved); start it "
+                                          "over, without resuming, with {param}")
+    return path
+
+
+def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
+    """Check a loaded training state against this run, entry by entry, then restore it."""
+    check_identity(state["identity"], identity, path)
+    check_training_state(state, path, model_state=trainer.model.state_dict(),
+                         param_group_sizes=[len(g["params"]) for g in trainer.optimizer.param_groups],
+                         epochs=trainer.config.epochs, steps_per_epoch=len(trainer.batches),
+                         record_fields=dataclasses.fields(EpochRecord))
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
+        raise CCNNError(f"cannot resume from {path}: {first_line(exc, 200)}") from None
+
+
+def _note_unfinished_epoch(folder: Path, epoch: int) -> None:
+    """One line when the folder's other files are not checkpoint.pt's epoch (a hard kill while an
+    epoch was renamed into place): checkpoint.pt decides, and they are replaced."""
+    try:
+        recorded = len(json.loads((folder / OUTPUT_FILES["history"]).read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    missing = [name for name in OUTPUT_FILES.values() if not (folder / name).exists()]
+    if recorded != epoch or missing:
+        logger.warning(f"{folder} holds a partial set of files beside checkpoint.pt; resuming from its whole "
+                       f"epoch {epoch}, whose files the next epoch replaces")
 
 
 def _resolve(model, weights, arch, preprocessing, trust_factory) -> ResolvedModel:
@@ -145,11 +227,19 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     return spec
 
 
-def _trained_record(resolved: ResolvedModel, labels: ClassLabels) -> ResolvedModel:
+def _trained_record(resolved: ResolvedModel, labels: ClassLabels, num_classes: int | None) -> ResolvedModel:
     """The record the artifacts describe: new head, class names; its model is trained in place."""
     head = resolved.head
     if labels.new_head is not None:
-        head = replace_head(resolved.model, labels.new_head)
+        try:
+            head = replace_head(resolved.model, labels.new_head)
+        except ModelParameterError:
+            if num_classes is not None:
+                raise
+            raise ModelResolutionError(  # the head was the data's idea, not a flag's
+                f"{resolved.name} has {resolved.num_classes} outputs and no nn.Linear classifier to replace, so it "
+                f"cannot learn the data's own {labels.new_head} classes"
+                + (" (name the class folders by ImageNet wnid)" if resolved.num_classes == 1000 else "")) from None
     return dataclasses.replace(resolved, head=head, class_names=labels.class_names,
                                num_classes=labels.num_classes)
 
@@ -163,19 +253,70 @@ def _identity(trained: ResolvedModel, weights: str, spec: ConversionSpec, config
             "recipe": {k: v for k, v in config.to_dict().items() if k not in ("checkpointing", "amp")}}
 
 
-def _write_epoch(files: dict[str, Path], trainer: Trainer, trained: ResolvedModel, spec: ConversionSpec,
-                 identity: dict, training_state: dict, data) -> None:
-    files["state"].parent.mkdir(exist_ok=True)  # made at the first epoch's end, not for a run that fails early
-    history = trainer.history
-    record = history[-1]
-    summary = {"epochs": record.epoch, "val_top1": record.val_top1, "val_top5": record.val_top5,
-               "train_loss": record.train_loss, "data": str(data), "recipe": identity["recipe"],
-               "from_weights": identity["weights"]}
-    artifact = dataclasses.replace(trained, training=summary)
-    save_artifact(files["last"], artifact, spec, force=True)
-    if best_record(history) is record or record.val_top1 is None:  # ties keep the earlier best
-        save_artifact(files["best"], artifact, spec, force=True)
-    write_history(files["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
-                                              "recipe": identity["recipe"], "data": str(data)})
-    plot_curves(files["curves"], history, f"{trained.name}, {spec.mode} ({spec.describe()})")
-    save_training_state(files["state"], {"identity": identity, **training_state})
+def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: ConversionSpec, identity: dict,
+                 training_state: dict, data, best_source: Path | None) -> None:
+    """Write an epoch's files as one unit: into a staging folder, then renamed into ``folder``
+    with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
+    the run resumed from another folder, copied while this folder has none."""
+    folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
+    for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".epoch.", suffix=".staging", dir=folder))
+    try:
+        staged = {key: staging / name for key, name in OUTPUT_FILES.items()}
+        history = trainer.history
+        record = history[-1]
+        summary = {"epochs": record.epoch, "val_top1": record.val_top1, "val_top5": record.val_top5,
+                   "train_loss": record.train_loss, "data": str(data), "recipe": identity["recipe"],
+                   "from_weights": identity["weights"]}
+        artifact = dataclasses.replace(trained, training=summary)
+        save_artifact(staged["last"], artifact, spec)
+        best = best_record(history)
+        if best is record or record.val_top1 is None:  # ties keep the earlier best
+            save_artifact(staged["best"], artifact, spec)
+        elif not (folder / OUTPUT_FILES["best"]).exists():
+            _copy_best(best_source, best.epoch, staged["best"])
+        write_history(staged["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
+                                                   "recipe": identity["recipe"], "data": str(data)})
+        plot_curves(staged["curves"], history, f"{trained.name}, {spec.mode} ({spec.describe()})")
+        save_training_state(staged["state"], {"identity": identity, **training_state})
+        with _signals_held():
+            for key in sorted(staged, key=lambda k: k == "state"):  # checkpoint.pt last: it vouches for the rest
+                if staged[key].exists():
+                    os.replace(staged[key], folder / OUTPUT_FILES[key])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_best(source: Path | None, epoch: int, target: Path) -> None:
+    """The resumed run's best.pt, when it is the artifact of the best epoch so far."""
+    try:
+        saved = safe_load(source) if source is not None and source.is_file() else None
+    except CCNNError:
+        saved = None
+    training = saved.get("training") if isinstance(saved, dict) else None
+    if isinstance(training, dict) and training.get("epochs") == epoch and type(training.get("epochs")) is int:
+        shutil.copyfile(source, target)
+    else:
+        logger.warning(f"no best.pt of epoch {epoch} next to the resumed checkpoint: best.pt will be written "
+                       "when an epoch beats it")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM for the duration (a few renames), then deliver them."""
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.getsignal(kind) for kind in kinds} if threading.current_thread() is threading.main_thread() else {}
+    if not previous or any(handler is None for handler in previous.values()):
+        yield  # not the main thread, or handlers set outside Python: nothing to hold
+        return
+    caught: list[int] = []
+    for kind in kinds:
+        signal.signal(kind, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        if caught:
+            signal.raise_signal(caught[0])
