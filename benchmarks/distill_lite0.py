@@ -9,7 +9,8 @@ evaluated once by a model that never saw it. For each keep_first it compares:
 * ``original``: the pretrained model, unconverted;
 * ``converted``: checkered, no training;
 * ``recalibrated``: BatchNorm statistics re-estimated on the training fold (``recalibrate_model``,
-  one pass, no gradient);
+  one pass, no gradient), of every BatchNorm (``all``) or only of those after the first converted
+  step (``converted``);
 * ``distilled norm+head`` and ``distilled all``: ``train_model(..., distill=DistillConfig())``,
   the unconverted model as the teacher, no held-back part (the other fold is the test).
 
@@ -97,10 +98,13 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
               f"agreement {rows[name]['agree']}/{len(labels)}", flush=True)
 
     score("converted", spec.apply(resolve_model(MODEL).model))
-    start = time.perf_counter()
-    recalibrate_model(MODEL, data, work / "recalibrated.pt", images=len(train_paths), keep_first=keep_first,
-                      batch_size=args.bn_batch, workers=args.workers, device="cpu")
-    score("recalibrated", artifact_model(work / "recalibrated.pt"), seconds=time.perf_counter() - start)
+    for layers in ("all", "converted") if keep_first else ("all",):  # at keep_first 0 they are the same layers
+        start = time.perf_counter()
+        summary = recalibrate_model(MODEL, data, work / f"recalibrated_{layers}.pt", images=len(train_paths),
+                                    keep_first=keep_first, batch_size=args.bn_batch, layers=layers,
+                                    workers=args.workers, device="cpu")
+        score(f"recalibrated ({summary['layers']})", artifact_model(work / f"recalibrated_{layers}.pt"),
+              seconds=time.perf_counter() - start)
     for train_params in ("norm+head", "all"):
         config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
                              seed=args.seed, checkpointing=args.checkpointing)

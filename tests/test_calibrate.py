@@ -18,7 +18,7 @@ from ccnn_convert.cli.recalibrate import app as recalibrate_app
 from ccnn_convert.data import decode_rgb
 from ccnn_convert.models import load_artifact
 from ccnn_convert.models.preprocessing import imagenet_preprocessing
-from ccnn_convert.train.calibrate import recalibrate_batchnorm
+from ccnn_convert.train.calibrate import converted_batchnorm_layers, recalibrate_batchnorm
 
 
 def _net() -> nn.Sequential:
@@ -78,6 +78,27 @@ def test_recalibrated_statistics_equal_a_hand_computation_dilated(dilation):
     for name, param in net.named_parameters():  # no gradient, no change
         assert torch.equal(param, params[name]) and param.grad is None
     assert not converted.training and not any(m.training for m in converted.modules())
+
+
+def test_only_the_layers_after_the_first_converted_step_when_asked():
+    """keep_first=1: the first BatchNorm sees what it always saw and keeps its statistics; the
+    second, after the converted step (stride removed: a stride-1 conv), gets them by hand, with the
+    first one normalising by its running statistics (eval mode)."""
+    net = _net()
+    first = (net[1].running_mean.clone(), net[1].running_var.clone())
+    converted = convert(net, mode="dilated", keep_first=1, example_input=torch.zeros(1, 3, 16, 16))
+    chosen = converted_batchnorm_layers(net, converted, torch.zeros(1, 3, 16, 16))
+    assert chosen == [converted.get_submodule("4")]
+    x = _batches(count=1)[0]
+    recalibrate_batchnorm(converted, [x], layers=chosen)
+    assert torch.equal(net[1].running_mean, first[0]) and torch.equal(net[1].running_var, first[1])
+    with torch.no_grad():
+        y1 = F.conv2d(x, net[0].weight, net[0].bias, stride=2, padding=1)
+        h = F.relu(F.batch_norm(y1, first[0], first[1], net[1].weight, net[1].bias, False, 0.0, net[1].eps))
+        y2 = F.conv2d(h, net[3].weight, net[3].bias, stride=1, padding=1)
+    mean, var = _stats(y2)
+    torch.testing.assert_close(net[4].running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[4].running_var, var, rtol=1e-5, atol=1e-5)
 
 
 def test_recalibrated_statistics_are_those_of_the_checkered_samples():

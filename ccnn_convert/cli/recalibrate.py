@@ -35,6 +35,7 @@ def recalibrate_command(
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, or a file."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
+    layers: str = typer.Option("all", "--layers", help="all: every BatchNorm | converted: only those after the first converted step (their input changed)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (each batch's statistics count equally)."),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the images (and a random sampler's eval table)."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Override the model's preprocessing: shorter side resized to this."),
@@ -51,10 +52,10 @@ def recalibrate_command(
                                 density=density, edges=edges, dilation=dilation, seed=seed,
                                 leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
                                 preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
-                                trust_factory=trust_factory, batch_size=batch_size, workers=workers, device=device,
+                                trust_factory=trust_factory, batch_size=batch_size, layers=layers, workers=workers, device=device,
                                 force=force)
     skipped = f" ({summary['skipped']} unreadable file(s) skipped)" if summary["skipped"] else ""
-    console.print(f"recalibrated the BatchNorm statistics on {summary['images']} images{skipped}; "
+    console.print(f"recalibrated the BatchNorm statistics ({summary['layers']}) on {summary['images']} images{skipped}; "
                   f"saved [bold]{escape(str(output))}[/]")
 
 
