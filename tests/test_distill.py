@@ -4,6 +4,7 @@ one-line errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,11 +16,13 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from ccnn_convert import convert
+from ccnn_convert.cli.eval import app as eval_app
 from ccnn_convert.cli.train import app as train_app
 from ccnn_convert.models import ResolvedModel, load_artifact
-from ccnn_convert.train import TrainConfig, Trainer
+from ccnn_convert.models.preprocessing import imagenet_preprocessing
+from ccnn_convert.train import TrainConfig, Trainer, train_model
 from ccnn_convert.train.calibrate import recalibrate_batchnorm
-from ccnn_convert.train.distill import DistillConfig, DistillTrainer, build_teacher, distillation_loss
+from ccnn_convert.train.distill import DistillConfig, DistillTrainer, Teacher, build_teacher, distillation_loss
 from ccnn_convert.train.unlabelled import UNLABELLED
 
 
@@ -211,6 +214,43 @@ def test_labelled_data_reports_top1_and_agreement(project):
     assert "val loss" in out and "top-1" in out and "agreement" in out
     summary = load_artifact(project / "run" / "last.pt", trust_factory=True).training
     assert summary["distilled_from"]["weight"] == 0.5 and summary["recipe"]["train_params"] == "norm+head"
+    result = CliRunner().invoke(eval_app, ["run/last.pt", "--trust-factory", "--data", "data/val", "--workers", "0",
+                                           "--device", "cpu", "--json", "eval.json"])
+    assert result.exit_code == 0, result.output
+    top1 = {r["mode"]: r["top1"] for r in json.loads((project / "eval.json").read_text())["results"]}
+    assert top1["checkered"] == pytest.approx(summary["val_top1"])  # the artifact is the model that was validated
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(project):
+    """The teacher is rebuilt from MODEL's original weights, not from the student being resumed."""
+    for i in range(6):  # 5 to train on: one step of 4 per epoch
+        _png(project / "photos" / f"{i}.png", i)
+    common = dict(config=TrainConfig(epochs=2, batch_size=4, lr=0.05, augment="flip"),
+                  distill=DistillConfig(temperature=2.0), preprocessing={"resize": 32, "crop": 32}, workers=0,
+                  device="cpu")
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    whole = train_model("net.py:make", project / "photos", project / "whole", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train_model("net.py:make", project / "photos", project / "split", on_epoch=stop, **common)
+    resumed = train_model("net.py:make", project / "photos", project / "split",
+                          resume=project / "split" / "checkpoint.pt", **common)
+    assert [r.val_kl for r in resumed.history] == [r.val_kl for r in whole.history]
+    a = load_artifact(project / "whole" / "last.pt", trust_factory=True).model.state_dict()
+    b = load_artifact(project / "split" / "last.pt", trust_factory=True).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_teacher_sees_the_images_renormalised_to_its_own_preprocessing():
+    student, own = imagenet_preprocessing(), imagenet_preprocessing().with_overrides(mean=(0.5, 0.5, 0.5),
+                                                                                    std=(0.25, 0.5, 1.0))
+    teacher = Teacher(nn.Flatten(), "flat", 3 * 4, student, own)
+    raw = torch.rand(2, 3, 2, 2)
+    seen_by_student = (raw - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    expected = (raw - 0.5) / torch.tensor([0.25, 0.5, 1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(teacher(seen_by_student), expected.flatten(1))
 
 
 @pytest.mark.parametrize("case,message", [
