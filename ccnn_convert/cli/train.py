@@ -59,7 +59,7 @@ def summary_table(result: TrainResult) -> Table:
 @user_errors(flags={"leaf_modules": "--leaf"})
 def train_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), file.py:factory, a checkpoint with --arch, or a ccnn-convert/ccnn-train artifact."),
-    data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head)."),
+    data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head); with --distill, also any folder of images."),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoint.pt, last.pt, best.pt, history.json and curves.png (created if missing)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="checkered | dilated | traditional (the network unconverted) [default: the artifact's, else checkered]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive | lattice | random (redrawn on every training forward) [default: lattice]."),

@@ -43,7 +43,7 @@ def select_trainable(model: nn.Module, which: str) -> int:
     if "norm" in which:
         chosen.update((id(p), p) for m in norm_modules(model) for p in m.parameters())
     if "head" in which:
-        chosen.update((id(p), p) for p in find_classifier(model)[1].parameters())
+        chosen.update((id(p), p) for p in _classifier(model).parameters())
     if not chosen:
         raise ParameterError("train_params", f"{{param}} {which}: the model has no normalisation layer with "
                                              "parameters")
@@ -58,3 +58,11 @@ def hold_frozen_statistics(model: nn.Module, which: str) -> None:
         return
     for module in norm_modules(model):
         module.eval()
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    try:
+        return find_classifier(model)[1]
+    except ParameterError:
+        raise ParameterError("train_params", f"{{param}} head: the model has no nn.Linear classifier "
+                                             f"({type(model).__name__})") from None
