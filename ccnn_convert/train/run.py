@@ -29,8 +29,8 @@ from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_checkered_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
-from .history import plot_curves, write_history
 from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
+from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig
 from .resume import check_identity, load_training_state, save_training_state
@@ -66,8 +66,9 @@ def train_model(
     dilation: str | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
-    workers: int = 2, device: str = "auto", distill: DistillConfig | None = None, on_start: Callable[[dict], None] | None = None,
+    workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
+    distill: DistillConfig | None = None,
 ) -> TrainResult:
     """Resolve, convert and train ``model`` on ``data/train``, validating on ``data/val``.
 
