@@ -47,5 +47,9 @@ def train() -> None:
     _start("train", runs_models=True)
 
 
+def recalibrate() -> None:
+    _start("recalibrate", runs_models=True)
+
+
 def visualize() -> None:
     _start("visualize", runs_models=False)

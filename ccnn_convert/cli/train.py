@@ -18,18 +18,23 @@ from rich.table import Table
 from rich.text import Text
 
 from .._helpers import format_bytes
+from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
+from ..train.distill import DistillConfig
 from ._common import console, err_console, percent, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
 
-def epoch_line(record: EpochRecord, epochs: int) -> str:
+def epoch_line(record: EpochRecord, epochs: int, train_metric: str = "top-1") -> str:
     """One line per epoch: train loss and top-1, val loss, top-1 and top-5, speed, memory."""
     val = ("val -" if record.val_top1 is None else
            f"val loss {record.val_loss:.4f} top-1 {record.val_top1:.2f}% top-5 {record.val_top5:.2f}%")
+    if record.val_agreement is not None:  # distillation: agreement with the teacher
+        val = (val if record.val_top1 is not None else "val") + (
+            f" agreement {record.val_agreement:.2f}% KL {record.val_kl:.4f}")
     skipped = f", {record.skipped} unreadable file(s) skipped" if record.skipped else ""
-    return (f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} top-1 {record.train_top1:.2f}% | "
+    return (f"epoch {record.epoch}/{epochs}: train loss {record.train_loss:.4f} {train_metric} {record.train_top1:.2f}% | "
             f"{val} | lr {record.lr:.3g} | {record.images_per_s:.1f} img/s, {record.seconds:.1f} s, "
             f"peak memory {format_bytes(record.peak_memory_bytes)}{skipped}")
 
@@ -37,14 +42,16 @@ def epoch_line(record: EpochRecord, epochs: int) -> str:
 def summary_table(result: TrainResult) -> Table:
     table = Table(title=f"{result.info.get('model')}: {result.info.get('mode')} "
                         f"({result.info.get('conversion')})", title_justify="left", box=box.SIMPLE_HEAD)
-    for name in ("", "epoch", "train loss", "val top-1", "val top-5", "img/s"):
+    distilled = bool(result.info.get("distill"))
+    for name in ("", "epoch", "train loss", "val top-1", "val top-5", "img/s") + (("agreement", "KL") if distilled else ()):
         table.add_column(name, justify="left" if not name else "right")
     rows = [("last", result.history[-1])] if result.history else []
     if result.best is not None:
         rows.append(("best", result.best))
     for label, r in rows:
+        extra = (percent(r.val_agreement), "-" if r.val_kl is None else f"{r.val_kl:.4f}") if distilled else ()
         table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}", percent(r.val_top1), percent(r.val_top5),
-                      f"{r.images_per_s:.1f}")
+                      f"{r.images_per_s:.1f}", *extra)
     return table
 
 
@@ -52,7 +59,7 @@ def summary_table(result: TrainResult) -> Table:
 @user_errors(flags={"leaf_modules": "--leaf"})
 def train_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), file.py:factory, a checkpoint with --arch, or a ccnn-convert/ccnn-train artifact."),
-    data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head)."),
+    data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head); with --distill, also any folder of images."),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoint.pt, last.pt, best.pt, history.json and curves.png (created if missing)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="checkered | dilated | traditional (the network unconverted) [default: the artifact's, else checkered]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive | lattice | random (redrawn on every training forward) [default: lattice]."),
@@ -88,22 +95,43 @@ def train_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue exactly from a run's OUT/checkpoint.pt (same model, conversion and recipe)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
+    train_params: str = typer.Option("all", "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head."),
+    distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
+    distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
-                         seed=seed)
+                         seed=seed, train_params=train_params)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
                    dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
-                   trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device)
+                   trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,
+                   distill=distill_config(distill, teacher, temperature, distill_weight, val_fraction))
     result = run_with_progress(model, data, out, **options)
     if not result.is_main:
         return
     console.print(summary_table(result))
     written = [str(p) for p in result.files.values() if p.exists()]  # best.pt may be missing after a resume
     console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
+
+
+def distill_config(distill: bool, teacher, temperature, weight, val_fraction) -> DistillConfig | None:
+    """--distill's options as a DistillConfig; given without --distill they would do nothing: an error."""
+    given = {"--teacher": teacher, "--temperature": temperature, "--distill-weight": weight,
+             "--val-fraction": val_fraction}
+    if not distill:
+        unused = [flag for flag, value in given.items() if value is not None]
+        if unused:
+            raise CCNNError(f"{', '.join(unused)} only apply with --distill")
+        return None
+    chosen = {k: v for k, v in dict(teacher=teacher, temperature=temperature, weight=weight,
+                                     val_fraction=val_fraction).items() if v is not None}
+    return DistillConfig(**chosen)
 
 
 def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResult:
@@ -117,6 +145,10 @@ def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResu
     def on_start(info: dict) -> None:
         where = f" on {info['world_size']} processes" if info["world_size"] > 1 else ""
         resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        if info.get("distill"):
+            err_console.print(Text(f"distilling from {info['distill']['teacher']}", style="dim"), soft_wrap=True)
+            if not info["distill"]["labelled"]:  # unlabelled: train "top-1" is agreement with the teacher
+                state["train_metric"] = "agreement"
         err_console.print(Text(f"training {info['model']} ({info['mode']}: {info['conversion']}) on "
                                f"{info['train_images']} images, validating on {info['val_images']}, "
                                f"{info['classes']} classes, {info['device']}{where}{resumed}", style="dim"),
@@ -136,7 +168,7 @@ def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResu
                         speed="-" if speed is None else f"{speed:.1f}")
 
     def on_epoch(record: EpochRecord) -> None:
-        console.print(Text(epoch_line(record, state["epochs"])), soft_wrap=True)  # stdout, above the bar
+        console.print(Text(epoch_line(record, state["epochs"], state.get("train_metric", "top-1"))), soft_wrap=True)  # stdout, above the bar
 
     try:
         return train_model(model, data, out, on_start=on_start, on_step=on_step, on_epoch=on_epoch, **options)

@@ -32,6 +32,9 @@ def plot_curves(path: str | Path, records: Sequence[EpochRecord], title: str) ->
     if any(r.val_top1 is not None for r in records):
         loss_ax.plot(epochs, [r.val_loss for r in records], "s-", label="val")
         top1_ax.plot(epochs, [r.val_top1 for r in records], "s-", label="val")
+    if any(r.val_agreement is not None for r in records):  # distillation: against the teacher
+        loss_ax.plot(epochs, [r.val_kl for r in records], "^-", label="val KL to the teacher")
+        top1_ax.plot(epochs, [r.val_agreement for r in records], "^-", label="val agreement with the teacher")
     loss_ax.set(xlabel="epoch", ylabel="loss per image", title="loss")
     top1_ax.set(xlabel="epoch", ylabel="top-1 (%)", title="top-1")
     for ax in (loss_ax, top1_ax):

@@ -29,6 +29,7 @@ from ..metrics import topk_correct
 from ..runtime import DistributedContext, peak_rss_since_reset, reset_peak_rss, synchronize
 from .data import GlobalBatchSampler
 from .memory import checkpoint_blocks, is_out_of_memory, out_of_memory_error
+from .params import hold_frozen_statistics, select_trainable
 from .recipe import TrainConfig, build_optimizer, build_scheduler
 from .resume import restore_rng_states, rng_states
 
@@ -53,6 +54,8 @@ class EpochRecord:
     images_per_s: float
     peak_memory_bytes: int | None
     skipped: int = 0
+    val_agreement: float | None = None  # distillation: top-1 agreement with the teacher, %
+    val_kl: float | None = None  # distillation: mean KL(teacher || student) per image, at temperature 1
 
 
 @dataclass
@@ -68,9 +71,14 @@ class StepInfo:
 
 
 def best_record(records: list[EpochRecord]) -> EpochRecord | None:
-    """The first epoch with the highest val top-1 (None without validation)."""
-    scored = [r for r in records if r.val_top1 is not None]
-    return max(scored, key=lambda r: r.val_top1) if scored else None
+    """The first epoch with the highest val top-1, or agreement with the teacher without labels
+    (None without validation)."""
+    scored = [r for r in records if _score(r) is not None]
+    return max(scored, key=_score) if scored else None
+
+
+def _score(record: EpochRecord) -> float | None:
+    return record.val_top1 if record.val_top1 is not None else record.val_agreement
 
 
 def _as_batch(batch: Any) -> tuple[Tensor, Tensor, int]:
@@ -108,6 +116,7 @@ class Trainer:
         self.model = model.to(self.device)
         if config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        select_trainable(self.model, config.train_params)  # before DDP and the optimizer see the parameters
         self.train_module = checkpoint_blocks(self.model) if config.checkpointing else self.model
         self.wrapped = self._distributed(self.train_module)
         self.optimizer = build_optimizer(self.model, config)
@@ -152,6 +161,7 @@ class Trainer:
         """-> (loss sum, correct, images, skipped, seconds) of this process."""
         self.train_module.train()
         self.model.train()
+        hold_frozen_statistics(self.model, self.config.train_params)
         self.batches.set_epoch(self.epoch)
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, images, skipped
         start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ParameterError
+from .params import check_train_params
 
 __all__ = ["OPTIMIZERS", "AUGMENTATIONS", "TrainConfig", "build_optimizer", "build_scheduler",
            "parameter_groups"]
@@ -51,6 +52,7 @@ class TrainConfig:
     checkpointing: bool = False
     sync_bn: bool = False
     seed: int = 0
+    train_params: str = "all"  # all | norm | head | norm+head (.params)
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
@@ -77,6 +79,7 @@ class TrainConfig:
             raise ParameterError("label_smoothing", f"{{param}} must be in [0, 1), got {self.label_smoothing}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
+        object.__setattr__(self, "train_params", check_train_params(self.train_params))
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ParameterError("shift", f"{{param}} must be a number of pixels (0 or more), got {self.shift!r}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -42,10 +43,12 @@ from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_checkered_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
+from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig
 from .resume import check_identity, check_training_state, load_training_state, save_training_state
+from .unlabelled import is_labelled_layout, unlabelled_sets
 
 __all__ = ["OUTPUT_FILES", "TrainResult", "train_model"]
 
@@ -79,6 +82,7 @@ def train_model(
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
     workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
+    distill: DistillConfig | None = None,
 ) -> TrainResult:
     """Resolve, convert and train ``model`` on ``data/train``, validating on ``data/val``.
 
@@ -88,7 +92,8 @@ def train_model(
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
-    files there need ``force``. Under torchrun, every process calls this; rank 0 writes.
+    files there need ``force``. ``distill`` trains against a teacher (:mod:`.distill`); ``data``
+    may then be any folder of images. Under torchrun, every process calls this; rank 0 writes.
     """
     config = config if config is not None else TrainConfig()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -101,27 +106,40 @@ def train_model(
     with distributed_from_env(device) as ctx:
         target = resolve_device(device, ctx.local_rank)
         resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
-        labels = _labels(resolved, class_folders(data), num_classes)
+        labelled = distill is None or is_labelled_layout(data)  # distillation also takes any folder of images
+        if distill is not None:
+            check_distill_options(distill, labelled, num_classes)
+            teacher = build_teacher(distill, resolved, trust_factory=trust_factory)  # before training moves the weights
+        labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, leaf_modules=leaf_modules)
-        trained = _trained_record(resolved, labels, num_classes)
+        trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
+        if distill is not None:
+            check_teacher_classes(teacher, trained.num_classes)
+            identity["distill"] = {**distill.to_dict(), "teacher": teacher.name, "labelled": labelled}
         pre = trained.preprocessing
         converted = spec.apply(trained.model, pre.crop)
-        train_set, val_set = training_sets(data, labels, pre, config)
-        trainer = Trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
-                          on_step=on_step if ctx.is_main else None)
+        if labels is not None:
+            train_set, val_set = training_sets(data, labels, pre, config)
+        else:
+            train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
+        make_trainer = Trainer if distill is None else functools.partial(
+            DistillTrainer, teacher=teacher, distill=distill, labelled=labelled)
+        trainer = make_trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
+                               on_step=on_step if ctx.is_main else None)
         if state is not None:
             _load_state(trainer, state, identity, resume)
             if ctx.is_main and resume_folder == folder.resolve():
                 _note_unfinished_epoch(folder, trainer.epoch)
         info = {"model": trained.name, "conversion": spec.describe(), "mode": spec.mode, "device": str(target),
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
-                "val_images": len(val_set), "classes": labels.num_classes, "new_head": labels.new_head,
+                "val_images": len(val_set) if val_set is not None else 0, "classes": trained.num_classes,
+                "new_head": labels.new_head if labels is not None else None, "distill": identity.get("distill"),
                 "steps_per_epoch": len(trainer.batches), "epochs": config.epochs, "start_epoch": trainer.epoch}
         if on_start is not None and ctx.is_main:
             on_start(info)
-        if labels.new_head and ctx.is_main and state is None:
+        if labels is not None and labels.new_head and ctx.is_main and state is None:
             logger.info(f"new {labels.new_head}-class head: {trained.head.module}")
         start_epoch = trainer.epoch
 
@@ -268,11 +286,14 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
         record = history[-1]
         summary = {"epochs": record.epoch, "val_top1": record.val_top1, "val_top5": record.val_top5,
                    "train_loss": record.train_loss, "data": str(data), "recipe": identity["recipe"],
-                   "from_weights": identity["weights"]}
+                   "from_weights": identity["weights"], "images": len(trainer.train_set)}
+        if "distill" in identity:
+            summary.update(distilled_from=identity["distill"], val_agreement=record.val_agreement,
+                           val_kl=record.val_kl)
         artifact = dataclasses.replace(trained, training=summary)
         save_artifact(staged["last"], artifact, spec)
         best = best_record(history)
-        if best is record or record.val_top1 is None:  # ties keep the earlier best
+        if best is None or best is record:  # ties keep the earlier best
             save_artifact(staged["best"], artifact, spec)
         elif not (folder / OUTPUT_FILES["best"]).exists():
             _copy_best(best_source, best.epoch, staged["best"])

@@ -1,0 +1,199 @@
+"""Does distillation from the original win back what conversion costs? Cross-validated on the
+shared ImageNet sample, efficientnet_lite0, checkered (lattice) at keep_first 0 and 3.
+
+The 250 images (one per class) are split by image, with a seed, into two folds. For each fold,
+the other fold's images serve as *unlabelled* training data (a flat folder of symlinks: the class
+folders are not seen), and the fold itself is evaluated; then the folds swap, so every image is
+evaluated once by a model that never saw it. For each keep_first it compares:
+
+* ``original``: the pretrained model, unconverted;
+* ``converted``: checkered, no training;
+* ``recalibrated``: BatchNorm statistics re-estimated on the training fold (``recalibrate_model``,
+  one pass, no gradient), of every BatchNorm (``all``) or only of those after the first converted
+  step (``converted``);
+* ``distilled norm+head`` and ``distilled all``: ``train_model(..., distill=DistillConfig())``,
+  the unconverted model as the teacher, no held-back part (the other fold is the test).
+
+Every variant is an artifact (``last.pt`` / the recalibrated ``.pt``), reloaded and evaluated here
+on the test fold: top-1 against the folder labels, top-1 agreement with the original, and for the
+trained ones the seconds and peak memory (process RSS high-water mark) of an epoch. Top-1 and
+agreement are pooled over the two test folds (250 images). Run from the repository root::
+
+    python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 \
+        --keep-first 0,3 --epochs 0:1,3:3 --json distill_lite0.json
+
+``--limit N`` uses N images only (a smoke test; say so when quoting numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ccnn_convert import use_huge_pages
+from ccnn_convert.data import decode_rgb, wnid_to_index
+from ccnn_convert.models import load_artifact, resolve_model
+from ccnn_convert.spec import ConversionSpec
+from ccnn_convert.train import TrainConfig, train_model
+from ccnn_convert.train.calibrate import recalibrate_model
+from ccnn_convert.train.distill import DistillConfig
+from ccnn_convert.train.unlabelled import find_images
+
+MODEL = "efficientnet_lite0"
+
+
+def folds(root: Path, limit: int | None, seed: int) -> tuple[list[str], list[str]]:
+    paths = find_images(root)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    if limit is not None:
+        order = order[:limit]
+    half = len(order) // 2
+    return sorted(paths[i] for i in order[:half]), sorted(paths[i] for i in order[half:])
+
+
+def flat_folder(paths: list[str], folder: Path) -> Path:
+    """The training fold as an unlabelled flat folder (symlinks named so that no label shows)."""
+    folder.mkdir(parents=True)
+    for i, path in enumerate(paths):
+        os.symlink(Path(path).resolve(), folder / f"{i:04d}{Path(path).suffix}")
+    return folder
+
+
+def test_batch(paths: list[str], transform) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = wnid_to_index()
+    images = torch.stack([transform(decode_rgb(p)) for p in paths])
+    return images, torch.tensor([labels[Path(p).parent.name] for p in paths])
+
+
+@torch.no_grad()
+def predictions(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+
+
+def artifact_model(path: Path) -> torch.nn.Module:
+    resolved = load_artifact(path)
+    return resolved.conversion.apply(resolved.model, resolved.preprocessing.crop)
+
+
+def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, reference: torch.Tensor,
+             work: Path, args) -> dict[str, dict]:
+    """Every variant of one keep_first trained on ``train_paths`` and scored on ``test``."""
+    images, labels = test
+    data = flat_folder(train_paths, work / "train")
+    spec = ConversionSpec.build("checkered", keep_first=keep_first)
+    rows: dict[str, dict] = {}
+
+    def score(name: str, model: torch.nn.Module, **extra) -> None:
+        predicted = predictions(model, images, args.eval_batch)
+        rows[name] = {"correct": int(predicted.eq(labels).sum()), "agree": int(predicted.eq(reference).sum()),
+                      "images": len(labels), **extra}
+        print(f"  keep_first {keep_first}, {name}: top-1 {rows[name]['correct']}/{len(labels)}, "
+              f"agreement {rows[name]['agree']}/{len(labels)}", flush=True)
+
+    score("converted", spec.apply(resolve_model(MODEL).model))
+    for layers in ("all", "converted") if keep_first else ("all",):  # at keep_first 0 they are the same layers
+        start = time.perf_counter()
+        summary = recalibrate_model(MODEL, data, work / f"recalibrated_{layers}.pt", images=len(train_paths),
+                                    keep_first=keep_first, batch_size=args.bn_batch, layers=layers,
+                                    workers=args.workers, device="cpu")
+        score(f"recalibrated ({summary['layers']})", artifact_model(work / f"recalibrated_{layers}.pt"),
+              seconds=time.perf_counter() - start)
+    for train_params in ("norm+head", "all"):
+        config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
+                             seed=args.seed, checkpointing=args.checkpointing)
+        result = train_model(MODEL, data, work / train_params, config=config, keep_first=keep_first,
+                             workers=args.workers, device="cpu",
+                             distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
+        records = result.history
+        score(f"distilled {train_params}", artifact_model(work / train_params / "last.pt"),
+              seconds_per_epoch=sum(r.seconds for r in records) / len(records),
+              peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
+    return rows
+
+
+def parse_epochs(text: str, keep_firsts: list[int]) -> dict[int, int]:
+    if ":" not in text:
+        return {k: int(text) for k in keep_firsts}
+    given = {int(k): int(v) for k, v in (pair.split(":") for pair in text.split(","))}
+    return {k: given[k] for k in keep_firsts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images_root", type=Path, help="ImageNet-style <wnid>/<image> folder (the shared sample)")
+    parser.add_argument("--keep-first", default="0,3", help="comma-separated keep_first values")
+    parser.add_argument("--epochs", default="0:1,3:3", help="epochs for every keep_first (N), or per keep_first (K:N,...)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--bn-batch", type=int, default=32, help="batch of the BatchNorm recalibration")
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--limit", type=int, default=None, help="use this many images only (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    use_huge_pages()
+    torch.set_num_threads(args.threads)
+    keep_firsts = [int(k) for k in args.keep_first.split(",")]
+    epochs = parse_epochs(args.epochs, keep_firsts)
+    fold_a, fold_b = folds(args.images_root, args.limit, args.seed)
+    original = resolve_model(MODEL)
+    transform = original.preprocessing.transform()
+    began = time.perf_counter()
+    print(f"{len(fold_a) + len(fold_b)} images in two folds of {len(fold_a)} and {len(fold_b)}; torch "
+          f"{torch.__version__}, {args.threads} threads; epochs {epochs}", flush=True)
+    results: dict[int, list[dict]] = {k: [] for k in keep_firsts}
+    originals = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fold, (train_paths, test_paths) in enumerate(((fold_a, fold_b), (fold_b, fold_a))):
+            test = test_batch(test_paths, transform)
+            reference = predictions(original.model, test[0], args.eval_batch)
+            originals.append({"correct": int(reference.eq(test[1]).sum()), "agree": len(reference),
+                              "images": len(reference)})
+            for keep_first in keep_firsts:
+                work = Path(tmp) / f"fold{fold}_kf{keep_first}"
+                results[keep_first].append(run_fold(keep_first, epochs[keep_first], train_paths, test, reference,
+                                                    work, args))
+    print_table(originals, results, epochs)
+    print(f"\n{time.perf_counter() - began:.0f} s in all")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"original": originals, "results": {str(k): v for k, v in results.items()},
+                                         "epochs": epochs, "settings": vars(args) | {"images_root": str(args.images_root),
+                                                                                     "json": str(args.json)}},
+                                        indent=2) + "\n")
+
+
+def pooled(rows: list[dict]) -> tuple[float, float, int]:
+    images = sum(r["images"] for r in rows)
+    return 100 * sum(r["correct"] for r in rows) / images, 100 * sum(r["agree"] for r in rows) / images, images
+
+
+def print_table(originals: list[dict], results: dict[int, list[dict]], epochs: dict[int, int]) -> None:
+    base, _, images = pooled(originals)
+    print(f"\n| keep_first | variant | top-1 % ({images} held-out images) | vs original | agreement % | "
+          "epochs | s / epoch | peak memory GiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| | original | {base:.1f} | | 100.0 | | | |")
+    for keep_first, folds_rows in results.items():
+        for name in folds_rows[0]:
+            rows = [fold[name] for fold in folds_rows]
+            top1, agreement, _ = pooled(rows)
+            timed = [r["seconds_per_epoch"] for r in rows if "seconds_per_epoch" in r]
+            memory = [r["peak_memory_bytes"] for r in rows if "peak_memory_bytes" in r]
+            cost = (f"{epochs[keep_first]} | {sum(timed) / len(timed):.0f} | {max(memory) / 2**30:.2f}" if timed
+                    else " | | ")
+            print(f"| {keep_first} | {name} | {top1:.1f} | {top1 - base:+.1f} | {agreement:.1f} | {cost} |")
+
+
+if __name__ == "__main__":
+    main()

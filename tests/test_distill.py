@@ -1,0 +1,280 @@
+"""Distillation (issue 18): the loss by hand, a student equal to its teacher, which parameters
+train, distillation lowering the KL on held-back images, unlabelled folders of any layout, and
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from ccnn_convert import convert
+from ccnn_convert.cli.eval import app as eval_app
+from ccnn_convert.cli.train import app as train_app
+from ccnn_convert.models import ResolvedModel, load_artifact
+from ccnn_convert.models.preprocessing import imagenet_preprocessing
+from ccnn_convert.train import TrainConfig, Trainer, train_model
+from ccnn_convert.train.calibrate import recalibrate_batchnorm
+from ccnn_convert.train.distill import DistillConfig, DistillTrainer, Teacher, build_teacher, distillation_loss
+from ccnn_convert.train.unlabelled import UNLABELLED
+
+
+def _net(classes: int = 3, batchnorm: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), norm(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), norm(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+
+NET = '''
+import torch
+from torch import nn
+
+def make(classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes))
+
+def make4():
+    return make(4)
+'''
+
+
+def _images(count: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _unlabelled(images: torch.Tensor) -> TensorDataset:
+    return TensorDataset(images, torch.full((len(images),), UNLABELLED))
+
+
+def _distill_trainer(student, teacher_model, train, val, config, distill=DistillConfig(), labelled=False):
+    teacher = build_teacher(distill, ResolvedModel.from_module(teacher_model))
+    return DistillTrainer(student, train, val, config, teacher=teacher, distill=distill, labelled=labelled,
+                          device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+
+
+def test_distillation_loss_equals_a_hand_computation():
+    student = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]
+    teacher = [[2.0, 0.0, -1.0], [1.0, 1.0, 1.0]]
+    t = 2.0
+
+    def softmax(row):
+        e = [math.exp(v / t) for v in row]
+        return [v / sum(e) for v in e]
+
+    expected = sum(sum(p * (math.log(p) - math.log(q)) for p, q in zip(softmax(tr), softmax(sr)))
+                   for sr, tr in zip(student, teacher)) / len(student) * t * t
+    loss = distillation_loss(torch.tensor(student), torch.tensor(teacher), temperature=t)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.1  # not a vacuous comparison
+
+
+def test_distill_weight_mixes_in_the_label_loss():
+    student, teacher, targets = torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([2])
+    config = TrainConfig(epochs=1, batch_size=1, label_smoothing=0.0)
+    trainer = _distill_trainer(_net(), _net(), _unlabelled(_images(1)), None, config,
+                               DistillConfig(weight=0.25, temperature=3.0), labelled=True)
+    kd = distillation_loss(student, teacher, 3.0)
+    ce = -math.log(math.exp(0.5) / (math.exp(1.0) + math.exp(-2.0) + math.exp(0.5)))
+    assert float(trainer.loss(student, teacher, targets)) == pytest.approx(0.25 * float(kd) + 0.75 * ce, rel=1e-6)
+
+
+def test_a_student_equal_to_its_teacher_has_zero_loss_and_zero_gradients():
+    """traditional mode: the student computes what the teacher does (no BatchNorm, whose training
+    statistics would differ from the teacher's eval ones); checkered differs and gets gradients."""
+    config = TrainConfig(epochs=1, batch_size=4, lr=0.1, weight_decay=0.0, label_smoothing=0.0)
+    images, targets = _images(4), torch.full((4,), UNLABELLED)
+    for mode, equal in (("traditional", True), ("checkered", False)):
+        original = _net(batchnorm=False)
+        student = convert(original, mode=mode, example_input=_images(1))
+        trainer = _distill_trainer(student, original, _unlabelled(images), None, config)
+        loss, agreeing = trainer._step(images, targets)
+        grads = [p.grad for p in student.parameters()]
+        if equal:
+            assert float(loss) == 0.0 and agreeing == 4
+            assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+        else:
+            assert float(loss) > 0 and any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+# --------------------------------------------------------------------------------------------
+# which parameters train
+
+
+# _net(): 0 conv, 1 BatchNorm, 3 conv, 4 BatchNorm, 8 Linear (the head)
+NORM_KEYS = {f"{i}.{name}" for i in (1, 4) for name in ("weight", "bias", "running_mean", "running_var",
+                                                         "num_batches_tracked")}
+HEAD_KEYS = {"8.weight", "8.bias"}
+
+
+@pytest.mark.parametrize("which,changed", [("norm", NORM_KEYS), ("head", HEAD_KEYS),
+                                           ("norm+head", NORM_KEYS | HEAD_KEYS)])
+def test_train_params_change_only_their_tensors(which, changed):
+    original = _net()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    student = convert(original, mode="checkered", example_input=_images(1))  # shares the tensors
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.1, train_params=which, label_smoothing=0.0)
+    data = TensorDataset(_images(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    Trainer(student, data, None, config, device="cpu").train_epoch()
+    after = original.state_dict()
+    differs = {k for k in before if not torch.equal(before[k], after[k])}
+    assert differs == changed
+
+
+# --------------------------------------------------------------------------------------------
+# distillation reduces disagreement
+
+
+def test_a_few_steps_of_distillation_lower_the_kl_on_held_back_images():
+    original = _net()
+    images = _images(48) * 0.5 + torch.linspace(-1, 1, 16).view(1, 1, 1, 16)  # some structure
+    recalibrate_batchnorm(original, [images])  # a "pretrained" teacher: statistics of these images
+    with torch.no_grad():
+        original[8].weight.mul_(8)  # confident enough that conversion changes its answers
+    student = convert(original, mode="checkered", example_input=_images(1))
+    config = TrainConfig(epochs=4, batch_size=8, lr=0.1, augment="none", label_smoothing=0.0)
+    trainer = _distill_trainer(student, original, _unlabelled(images[:32]), _unlabelled(images[32:]), config)
+    agreement_before, kl_before = trainer.measure_agreement()
+    trainer.fit()
+    assert kl_before > 0.01
+    assert trainer.history[-1].val_kl < 0.8 * kl_before
+    assert trainer.history[-1].val_agreement >= agreement_before
+
+
+# --------------------------------------------------------------------------------------------
+# through the command: unlabelled layouts, artifacts, errors
+
+
+def _png(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (36, 36, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _cli(args):
+    result = CliRunner().invoke(train_app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _distill_args(data, out, *extra):
+    return ["net.py:make", "--data", data, "--out", out, "--distill", "--epochs", "1", "--batch-size", "4",
+            "--resize", "32", "--crop", "32", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(NET)
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "mixed"])
+def test_unlabelled_folders_train(project, layout):
+    folder = project / "photos"
+    for i in range(10):
+        where = {"flat": f"{i}.png", "nested": f"trip{i % 3}/day{i % 2}/{i}.png",
+                 "mixed": f"{'sub/' if i % 2 else ''}{i}.png"}[layout]
+        _png(folder / where, i)
+    if layout == "mixed":
+        (folder / "notes.txt").write_text("not an image")
+        (folder / "sub" / "labels.csv").write_text("a,b\n")
+        (folder / ".hidden.png").write_text("hidden: left out")
+    code, out = _cli(_distill_args("photos", "run"))
+    assert code == 0, out
+    assert "val agreement" in out and "KL" in out
+    summary = load_artifact(project / "run" / "best.pt", trust_factory=True).training
+    assert summary["images"] == 9  # 10 images, 1 held back
+    assert summary["distilled_from"]["teacher"] == "net.py:make (unconverted)"
+    assert summary["recipe"]["train_params"] == "all" and summary["val_agreement"] is not None
+
+
+def test_labelled_data_reports_top1_and_agreement(project):
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog", "emu"):
+            for i in range(count):
+                _png(project / "data" / split / c / f"{i}.png", hash((split, c, i)) % 1000)
+    code, out = _cli(_distill_args("data", "run", "--distill-weight", "0.5", "--train-params", "norm+head"))
+    assert code == 0, out
+    assert "val loss" in out and "top-1" in out and "agreement" in out
+    summary = load_artifact(project / "run" / "last.pt", trust_factory=True).training
+    assert summary["distilled_from"]["weight"] == 0.5 and summary["recipe"]["train_params"] == "norm+head"
+    result = CliRunner().invoke(eval_app, ["run/last.pt", "--trust-factory", "--data", "data/val", "--workers", "0",
+                                           "--device", "cpu", "--json", "eval.json"])
+    assert result.exit_code == 0, result.output
+    top1 = {r["mode"]: r["top1"] for r in json.loads((project / "eval.json").read_text())["results"]}
+    assert top1["checkered"] == pytest.approx(summary["val_top1"])  # the artifact is the model that was validated
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(project):
+    """The teacher is rebuilt from MODEL's original weights, not from the student being resumed."""
+    for i in range(6):  # 5 to train on: one step of 4 per epoch
+        _png(project / "photos" / f"{i}.png", i)
+    common = dict(config=TrainConfig(epochs=2, batch_size=4, lr=0.05, augment="flip"),
+                  distill=DistillConfig(temperature=2.0), preprocessing={"resize": 32, "crop": 32}, workers=0,
+                  device="cpu")
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    whole = train_model("net.py:make", project / "photos", project / "whole", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train_model("net.py:make", project / "photos", project / "split", on_epoch=stop, **common)
+    resumed = train_model("net.py:make", project / "photos", project / "split",
+                          resume=project / "split" / "checkpoint.pt", **common)
+    assert [r.val_kl for r in resumed.history] == [r.val_kl for r in whole.history]
+    a = load_artifact(project / "whole" / "last.pt", trust_factory=True).model.state_dict()
+    b = load_artifact(project / "split" / "last.pt", trust_factory=True).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_teacher_sees_the_images_renormalised_to_its_own_preprocessing():
+    student, own = imagenet_preprocessing(), imagenet_preprocessing().with_overrides(mean=(0.5, 0.5, 0.5),
+                                                                                    std=(0.25, 0.5, 1.0))
+    teacher = Teacher(nn.Flatten(), "flat", 3 * 4, student, own)
+    raw = torch.rand(2, 3, 2, 2)
+    seen_by_student = (raw - torch.tensor(student.mean).view(1, 3, 1, 1)) / torch.tensor(student.std).view(1, 3, 1, 1)
+    expected = (raw - 0.5) / torch.tensor([0.25, 0.5, 1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(teacher(seen_by_student), expected.flatten(1))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "no image files under"),
+    ("text only", "no image files under"),
+    ("teacher classes", "the teacher (net.py:make4) has 4 classes and the student 3"),
+    ("weight without labels", "--distill-weight 0.5 mixes in the label loss"),
+    ("no distill", "--temperature only apply with --distill"),
+    ("bad train params", "unknown --train-params 'bias'"),
+])
+def test_bad_input_is_one_line(project, case, message):
+    folder = project / "photos"
+    folder.mkdir()
+    if case == "text only":
+        (folder / "readme.txt").write_text("no pictures here")
+    elif case != "empty":
+        for i in range(6):
+            _png(folder / f"{i}.png", i)
+    extra = {"teacher classes": ["--teacher", "net.py:make4"], "weight without labels": ["--distill-weight", "0.5"],
+             "bad train params": ["--train-params", "bias"]}.get(case, [])
+    args = _distill_args("photos", "run", *extra)
+    if case == "no distill":
+        args = [a for a in args if a != "--distill"] + ["--temperature", "2"]
+    code, out = _cli(args)
+    assert code == 2, out
+    assert message in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert not (project / "run").exists()
