@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import warnings
 from typing import Callable, Mapping, TypeVar
@@ -39,9 +40,25 @@ F = TypeVar("F", bound=Callable)
 EXIT_USER_ERROR = 2
 
 
+# C0 and C1 controls (ESC starts CSI/OSC sequences), DEL, and the Unicode bidi overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``): strings read from
+    files (an artifact's name, class folders, ONNX metadata) must not drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def plain(text: object, style: str = "") -> Text:
+    """``text`` for rich, escaped (:func:`printable`) and never read as markup."""
+    return Text(printable(text), style=style)
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> "typer.Exit":
     """Print a one-line error and return the Exit to raise."""
-    err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), f" {printable(message)}"), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -53,7 +70,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = printable(record.getMessage())
             if record.levelno >= logging.WARNING:
                 err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
             else:
@@ -63,7 +80,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
+    err_console.print(Text.assemble(("warning:", "yellow"), f" {printable(message)}"), soft_wrap=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

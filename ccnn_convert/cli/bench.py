@@ -18,7 +18,7 @@ from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, desc
                      run_bench, table_rows, write_outputs)
 from ..errors import CCNNError, ParameterError
 from ..outputs import check_output_dir
-from ._common import console, parse_list, run_app, user_errors
+from ._common import console, parse_list, plain, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -33,7 +33,7 @@ def results_table(report: BenchReport) -> Table:
     for index, name in enumerate(headers):
         table.add_column(name, justify="left" if index < 2 else "right", no_wrap=name != "time/batch")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(plain(cell) for cell in row))
     return table
 
 
@@ -89,10 +89,10 @@ def bench_command(
     report = run_bench(models, options, top1, command=command)
     console.print(results_table(report))
     for key, value in describe_settings(report.settings).items():
-        console.print(Text(f"  {key}: {value}"), soft_wrap=True)
+        console.print(plain(f"  {key}: {value}"), soft_wrap=True)
     if out is not None:
         for path in write_outputs(report, out, force=force):
-            console.print(Text(f"  wrote {path}"), soft_wrap=True)
+            console.print(plain(f"  wrote {path}"), soft_wrap=True)
 
 
 def _top1_options(data: Optional[str], labels: Optional[str], limit: Optional[int], eval_batch_size: int,

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ..errors import CCNNError, ParameterError
 from ..outputs import check_output
-from ._common import console, parse_list, run_app, user_errors
+from ._common import console, parse_list, plain, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
@@ -163,14 +163,14 @@ def _dense_picture(path: Path, resolved, x, step: int, spec, dilation: Optional[
 
 def _steps_of(report, name: str, mode: str, x) -> Table:
     """The conversion's subsampling steps: layers, submaps in -> out, submap size."""
-    table = Table(title=f"{name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input",
+    table = Table(title=plain(f"{name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input"),
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("step", "layers", "submaps", "submap size"):
         table.add_column(column, justify="right" if column != "layers" else "left")
     for index in range(1, report.steps + 1):
         layers = [layer for layer in report.layers if layer.step == index]
         size = "x".join(str(v) for v in layers[0].output_size)
-        table.add_row(str(index), ", ".join(layer.name for layer in layers),
+        table.add_row(str(index), plain(", ".join(layer.name for layer in layers)),
                       f"{layers[0].submaps_in} -> {layers[0].submaps_out}", size)
     return table
 

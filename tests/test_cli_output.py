@@ -1,0 +1,64 @@
+"""What every command prints: strings read from files are escaped, help texts keep their defaults,
+every command module runs under ``python -m``."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from ccnn_convert.cli import _common
+from ccnn_convert.cli.convert import app as convert_app
+
+runner = CliRunner()
+
+# Retitles the terminal (OSC), clears the screen (CSI), and rich markup that must stay literal.
+HOSTILE = "\x1b]0;TITLE\x07[bold red]boom[/]\x1b[2J\u202eevil"
+
+
+def _artifact(path, name=HOSTILE):
+    """A squeezenet artifact (library source: loading runs no user code) with a chosen name."""
+    torch.save({"format": "ccnn-convert-artifact", "version": 3, "name": name, "weights": "none",
+                "spec": {"source": "torchvision", "name": "squeezenet1_1", "weights_enum": None},
+                "conversion": {"mode": "checkered"}, "num_classes": 1000,
+                "preprocessing": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "interpolation": "bilinear"},
+                "state_dict": torchvision.models.squeezenet1_1().state_dict()}, path)
+    return path
+
+
+def _assert_no_controls(text: str) -> None:
+    bad = sorted({hex(ord(c)) for c in text if ord(c) < 0x20 and c not in "\n" or 0x7f <= ord(c) < 0xa0
+                  or c == "\u202e"})
+    assert not bad, (bad, text)
+
+
+def test_printable_escapes_every_control_character():
+    # Independent expectation: Python's own escapes of the same characters.
+    assert _common.printable("a\x1b]0;T\x07b\x9bc\u202ed\te") == "a\\x1b]0;T\\x07b\\x9bc\\u202ed\\x09e"
+    assert _common.printable("[bold]ü 名前[/]") == "[bold]ü 名前[/]"  # printable text is untouched
+
+
+def test_an_artifact_name_reaches_the_terminal_escaped_and_not_as_markup(tmp_path):
+    artifact = _artifact(tmp_path / "evil.pt")
+    result = runner.invoke(convert_app, [str(artifact), "--input-size", "32"])
+    assert result.exit_code == 0, result.output
+    _assert_no_controls(result.output)
+    # The title shows the name as written, escapes visible, markup literal.
+    assert "\\x1b]0;TITLE\\x07[bold red]boom[/]\\x1b[2J\\u202eevil" in result.output, result.output
+
+
+def test_error_and_log_lines_escape_what_they_quote(capsys):
+    with pytest.raises(Exception):
+        raise _common.fail("bad name \x1b]0;X\x07 in [red]file[/]")
+    logger = logging.getLogger("ccnn_convert.test")
+    _common.setup_logging()
+    logger.warning("class folder \x1b[31mred\x1b[0m")
+    logger.info("note \x9b2J")
+    err = capsys.readouterr().err
+    _assert_no_controls(err)
+    assert "bad name \\x1b]0;X\\x07 in [red]file[/]" in err
+    assert "class folder \\x1b[31mred\\x1b[0m" in err and "note \\x9b2J" in err
