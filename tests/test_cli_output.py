@@ -62,3 +62,23 @@ def test_error_and_log_lines_escape_what_they_quote(capsys):
     _assert_no_controls(err)
     assert "bad name \\x1b]0;X\\x07 in [red]file[/]" in err
     assert "class folder \\x1b[31mred\\x1b[0m" in err and "note \\x9b2J" in err
+
+
+# --------------------------------------------------------------------------- a factory's exit
+
+
+@pytest.mark.parametrize("source, model", [
+    (None, "builtins:exit"),
+    ("import sys, torch\ndef make():\n    sys.exit(0)\n", "FILE:make"),
+    ("import sys\nsys.exit(3)\ndef make():\n    pass\n", "FILE:make"),
+])
+def test_a_factory_that_exits_is_an_error(tmp_path, source, model):
+    if source is not None:
+        (tmp_path / "quits.py").write_text(source)
+        model = model.replace("FILE", str(tmp_path / "quits.py"))
+    out = tmp_path / "out.pt"
+    result = runner.invoke(convert_app, [model, "--input-size", "32", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "exit(" in lines[0], result.output
+    assert not out.exists()

@@ -95,6 +95,8 @@ def _call(target: str, attr: str, shown: str) -> nn.Module:
         raise ModelResolutionError(f"{shown}: {attr} is a {type(factory).__name__}, not callable")
     try:
         model = factory()
+    except SystemExit as exc:  # not an Exception: uncaught, it would end the command with its status
+        raise ModelResolutionError(f"factory {shown} {_exited(exc)} instead of returning a model") from None
     except Exception as exc:
         raise ModelResolutionError(f"factory {shown} raised {type(exc).__name__}: {first_line(exc, 200)}") from None
     if not isinstance(model, nn.Module):
@@ -102,10 +104,16 @@ def _call(target: str, attr: str, shown: str) -> nn.Module:
     return model
 
 
+def _exited(exc: SystemExit) -> str:
+    return f"called exit({exc.code!r})"
+
+
 def _import_module(target: str):
     """``pkg.mod`` as Python itself would import it: sys.path is left as it is."""
     try:
         return importlib.import_module(target)
+    except SystemExit as exc:
+        raise ModelResolutionError(f"importing {target} {_exited(exc)}") from None
     except ImportError as exc:
         raise ModelResolutionError(f"cannot import module {target!r}: {first_line(exc, 200)}") from None
     except Exception as exc:
@@ -126,6 +134,9 @@ def _import_file(path: Path):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        del sys.modules[name]
+        raise ModelResolutionError(f"importing {path} {_exited(exc)}") from None
     except Exception as exc:
         del sys.modules[name]
         raise ModelResolutionError(f"importing {path} failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
