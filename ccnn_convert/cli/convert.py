@@ -122,3 +122,7 @@ def _size(values) -> str:
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()
