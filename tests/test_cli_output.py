@@ -3,7 +3,12 @@ every command module runs under ``python -m``."""
 
 from __future__ import annotations
 
+import ast
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +87,43 @@ def test_a_factory_that_exits_is_an_error(tmp_path, source, model):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "exit(" in lines[0], result.output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- help under python -m
+
+CLI_DIR = Path(_common.__file__).parent
+HELP_RUNS = {  # module -> the --help invocations it serves
+    "convert": [[]], "eval": [[]], "export": [[]], "bench": [[]], "train": [[]],
+    "visualize": [[], ["positions"], ["features"]],
+}
+
+
+def _help_strings(module: str) -> list[str]:
+    """Every constant help="..." of a typer.Option/Argument in the module's source (read with ast,
+    not through typer)."""
+    tree = ast.parse((CLI_DIR / f"{module}.py").read_text())
+    return [keyword.value.value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("Option", "Argument")
+            for keyword in node.keywords
+            if keyword.arg == "help" and isinstance(keyword.value, ast.Constant)]
+
+
+def test_every_command_module_runs_under_python_m_and_its_help_keeps_every_text(tmp_path):
+    assert sorted(HELP_RUNS) == sorted(p.stem for p in CLI_DIR.glob("*.py")
+                                       if "def main()" in p.read_text() and p.stem != "entry")
+    env = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": str(CLI_DIR.parents[1]), "OMP_NUM_THREADS": "1"}
+    runs = {(module, tuple(args)): subprocess.Popen(
+        [sys.executable, "-m", f"ccnn_convert.cli.{module}", *args, "--help"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for module, invocations in HELP_RUNS.items() for args in invocations}
+    outputs = {key: process.communicate(timeout=300)[0] for key, process in runs.items()}
+    for (module, args), output in outputs.items():
+        assert runs[module, args].returncode == 0 and "Usage:" in output, (module, args, output)
+    for module in HELP_RUNS:
+        shown = " ".join(" ".join(line.strip("│ ") for line in outputs[module, args].splitlines())
+                         for module_, args in outputs if module_ == module)
+        shown = " ".join(shown.split())
+        for text in _help_strings(module):
+            assert " ".join(text.split()) in shown, (module, text)
+    assert "[default: 0.01 for sgd, 0.001 for adamw]" in outputs["train", ()]
+    assert "Output .onnx path [default: <model>_<mode>.onnx]." in outputs["export", ()]

@@ -24,6 +24,7 @@ import inspect
 import typer
 from typer.models import ArgumentInfo, OptionInfo
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from ..cpu_memory import use_huge_pages
@@ -154,6 +155,16 @@ def flag_for(parameter: str, command: Callable | None = None, aliases: Mapping[s
     return "--" + parameter.replace("_", "-")
 
 
+def _literal_help(command: Callable) -> None:
+    """Escape the square brackets of the command's help texts: typer renders them as rich markup,
+    where ``[default: lattice]`` reads as a style tag and vanishes."""
+    for parameter in inspect.signature(command).parameters.values():
+        info = parameter.default
+        if isinstance(info, (OptionInfo, ArgumentInfo)) and info.help and not getattr(info, "_ccnn_escaped", False):
+            info.help = escape(info.help)
+            info._ccnn_escaped = True  # decorating twice must not escape twice
+
+
 def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None):
     """Turn CCNNError (and a few OS-level errors) into one line on stderr and exit code 2.
 
@@ -162,6 +173,8 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
     """
 
     def decorate(command: F) -> F:
+        _literal_help(command)
+
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             try:
