@@ -52,7 +52,8 @@ def craft(path, spec, conversion=None, version=1, state=None):
     """An artifact as an attacker writes it: plain data that loads with weights_only=True."""
     torch.save({"format": "ccnn-convert-artifact", "version": version, "spec": spec, "name": "x",
                 "weights": "none", "conversion": dict(conversion or CONVERSION_V1),
-                "preprocessing": PREPROCESSING, "num_classes": 3, "state_dict": state or {}}, path)
+                "preprocessing": PREPROCESSING, "num_classes": 1000 if state else 3,  # squeezenet's 1000
+                "state_dict": state or {}}, path)
     return path
 
 

@@ -17,6 +17,7 @@ from rich.text import Text
 from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, describe_settings, output_names,
                      run_bench, table_rows, write_outputs)
 from ..errors import CCNNError, ParameterError
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
 from ._common import console, parse_list, plain, run_app, user_errors
 
@@ -68,6 +69,13 @@ def bench_command(
     force: bool = typer.Option(False, "--force", help="Overwrite files already in the --out folder."),
 ) -> None:
     """Measure MODEL... in every mode: variants are interleaved so machine drift cancels in the ratios."""
+    if size is not None:  # before anything is allocated
+        check_image_side(size, "image_size")
+        if batch_size > 0:
+            from ..runtime import check_fits_in_memory
+
+            check_fits_in_memory(4 * 3 * size * size * batch_size, f"a batch of {batch_size} {size}x{size} images",
+                                 "batch_size")
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
                            max_seconds=max_seconds)
     options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,

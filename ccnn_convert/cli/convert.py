@@ -13,6 +13,7 @@ from rich.table import Table
 from ..core import ConversionReport, conversion_report
 from ..flops import count_flops
 from ..models import resolve_model, save_artifact
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output
 from ..spec import ConversionSpec, check_checkered_options_used
 from rich.text import Text
@@ -50,6 +51,7 @@ def main_command(
 ) -> None:
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
+    check_image_side(input_size, "input_size")
     check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
                                  dilation=dilation)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,

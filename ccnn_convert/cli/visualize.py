@@ -24,7 +24,8 @@ from ._common import console, parse_list, plain, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
-_RANDOM_DEFAULT_SEED = 0  # as ccnn-bench: pictures of the random sampler are reproducible by default
+_RANDOM_DEFAULT_SEED = 0
+_MAX_POSITIONS_SIDE = 256  # one grid cell per position: beyond this a picture is unreadable (and slow)  # as ccnn-bench: pictures of the random sampler are reproducible by default
 
 
 def _check_png(out: str, force: bool) -> Path:
@@ -74,6 +75,8 @@ def positions_command(
         raise CCNNError(f"--samples must be between 1 and {stride * stride} for stride {stride}")
     if steps > 8:
         raise CCNNError("--steps above 8 makes an unreadable picture")
+    if size > _MAX_POSITIONS_SIDE:
+        raise CCNNError(f"--size above {_MAX_POSITIONS_SIDE} makes an unreadable picture (one cell per position)")
     rows = parse_list(kinds)
     if not rows:
         raise CCNNError("--kinds is empty")

@@ -9,6 +9,7 @@ from .sequences import SEQUENCES
 __all__ = ["CONVERSION_MODES", "DILATIONS", "EDGES", "check_options", "default_edges"]
 
 CONVERSION_MODES = ("checkered", "dilated", "traditional")
+MAX_SEED = 2**63 - 1  # step t draws with seed + t, which torch.Generator takes up to 2**64 - 1
 DILATIONS = ("multisample", "native")
 
 
@@ -35,8 +36,8 @@ def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, dens
             raise ParameterError("density", f"{{param}} sets the samples per window of checkered mode "
                                             f"(1 = traditional, k*k = dilated); it does nothing with mode {mode!r}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ParameterError("seed", f"{{param}} must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**63 - 1, got {seed!r}")
         if sampler != "random" or mode != "checkered":
             raise ParameterError("seed", "{param} only seeds the random sampler of checkered mode "
                                          f"(mode {mode!r}, sampler {sampler!r})")

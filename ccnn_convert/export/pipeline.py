@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import DataError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output, staged_directory
 from ..spec import MODES, ORIGINAL, ConversionSpec, check_checkered_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
@@ -134,8 +135,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
 def _check_run_options(threads, input_size, provider, verify, benchmark) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ParameterError("threads", f"{{param}} must be a positive integer, got {threads!r}")
-    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
-        raise ParameterError("input_size", f"{{param}} must be a positive integer, got {input_size!r}")
+    if input_size is not None:
+        check_image_side(input_size, "input_size")
     if verify is None and benchmark is None:
         if str(provider).lower() != "auto":
             logger.warning("provider %s is not used: no verification and no benchmark run", provider)

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelResolutionError
-from .artifact import is_artifact, read_artifact
+from .artifact import check_classes_in_state, is_artifact, read_artifact
 from .checkpoints import _is_default, _is_weights_path, _looks_like_file, extract_state_dict, load_checked, safe_load
 from .head import apply_head
 from .factory import build_trusted_factory, parse_factory, resolve_factory
@@ -136,5 +136,7 @@ def _from_artifact(obj: dict, path: Path, trust_factory: bool) -> ResolvedModel:
     if data.head is not None:
         apply_head(model, data.head, str(path))
     load_checked(model, data.state_dict, f"artifact {path}")
+    if data.head is None:
+        check_classes_in_state(data.state_dict, data.num_classes, path)
     return ResolvedModel(model.eval(), data.name, data.preprocessing, data.spec, data.weights,
                          data.conversion, data.num_classes, data.head, data.class_names, data.training)
