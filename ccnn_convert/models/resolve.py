@@ -78,9 +78,9 @@ def build_from_spec(spec: dict, *, trust_factory: bool = False, where: str = "sp
     if source in LIBRARY_SOURCES:
         model = build_library_model(spec, where)
     elif source == "factory":
-        if set(spec) != {"source", "factory"}:
+        if set(spec) - {"sha256"} != {"source", "factory"}:
             raise ModelResolutionError(f"{where}: invalid factory spec in artifact")
-        model = build_trusted_factory(spec["factory"], where, trust_factory)
+        model = build_trusted_factory(spec["factory"], where, trust_factory, spec.get("sha256"))
     else:
         raise ModelResolutionError(f"{where}: cannot rebuild a model of unknown source {source!r}")
     return model.eval()
