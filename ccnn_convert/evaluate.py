@@ -288,9 +288,11 @@ def evaluate_model(
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
-        num_classes = resolved.num_classes if resolved else 1000
-        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000,
-                               class_names=resolved.class_names if resolved else None)
+        # An ONNX graph says in its metadata what an artifact says (a foreign one: ImageNet).
+        labelled = resolved if resolved is not None else classifier
+        num_classes = getattr(labelled, "num_classes", None) or 1000
+        class_names = getattr(labelled, "class_names", None)
+        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000, class_names=class_names)
         too_big = [t for t in samples.targets if t >= num_classes]
         if too_big:
             raise DataError(f"label {max(too_big)} is out of range for a {num_classes}-class model")

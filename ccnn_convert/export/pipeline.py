@@ -124,7 +124,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     torch_model = _build(resolved.model, spec, size)
     metadata = build_metadata(name=resolved.name, weights=resolved.weights, conversion=spec, input_size=size,
                               preprocessing=prep, num_classes=resolved.num_classes,
-                              dtype="float16" if fp16 else "float32", opset=opset)
+                              dtype="float16" if fp16 else "float32", opset=opset,
+                              class_names=resolved.class_names)
     with staged_directory(path, force=force) as staged:
         info = _write(torch_model, staged, size, opset, metadata, fp16)
         verification, bench = _check(staged, torch_model, size, choice, images, fp16, threads, verify, benchmark)
