@@ -206,4 +206,7 @@ def run_app(app: typer.Typer, runs_models: bool = False) -> None:
         use_huge_pages()
     signals.terminate_like_interrupt()  # again: harmless, and covers callers that skip entry.py
     setup_logging()
-    app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+    try:
+        app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+    finally:
+        signals.exit_when_stopped()  # also under python -m, which skips entry.py
