@@ -396,9 +396,10 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
                       density, seed, leaf_modules, consistency: bool, edges: str | None = None,
                       dilation: str | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
-    check_checkered_options_used(modes, sampler=sampler, density=density,
-                                 seed=None if consistency else seed, edges=edges, dilation=dilation)
     converted = [m for m in modes if m != ORIGINAL]
+    check_checkered_options_used(modes, sampler=sampler, density=density,
+                                 seed=None if consistency else seed, edges=edges, dilation=dilation,
+                                 keep_first=keep_first if converted else None)  # else: the message below
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
             raise ParameterError(name, f"{{param}} only shapes conversions; no converted mode among "

@@ -144,3 +144,14 @@ def test_options_that_do_nothing_here_warn_once(monkeypatch):
     assert "warning: leaf module 'Nope' matches nothing in the model" in warnings
     keep = [line for line in warnings if "keep_first" in line.lower() or "keep-first" in line.lower()]
     assert len(keep) == 1 and "9" in keep[0], warnings
+
+
+def test_keep_first_without_a_conversion_and_edges_with_dilated_are_refused(tmp_path):
+    """Dilated mode is always exact at the edges, and traditional mode has no steps to keep."""
+    out = tmp_path / "x.pt"
+    for args, flag in ((["--mode", "traditional", "--keep-first", "2"], "--keep-first"),
+                       (["--mode", "dilated", "--edges", "exact"], "--edges")):
+        result = _run("resnet18", "--weights", "none", "--input-size", "32", *args, "-o", str(out))
+        _assert_one_line_error(result, f"{flag} ")
+        assert result.exit_code == 2 and ("does nothing" in result.output or "only shapes" in result.output)
+        assert not out.exists()

@@ -53,7 +53,7 @@ def main_command(
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
     check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation)
+                                 dilation=dilation, keep_first=keep_first)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                                 leaf_modules=leaf, edges=edges, dilation=dilation)
     if output is not None:

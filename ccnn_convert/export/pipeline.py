@@ -84,7 +84,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
     check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation)
+                                 dilation=dilation, keep_first=keep_first)
     return ConversionSpec.build(mode, base=base, **options)
 
 
