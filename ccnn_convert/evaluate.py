@@ -328,6 +328,8 @@ def evaluate_model(
                           dist_context=ctx, on_batch=on_batch, on_skip=on_skip)
     if report.images == 0:
         raise DataError(f"no image could be decoded: all {len(report.skipped)} selected files were skipped")
+    if resolved is None:  # an ONNX graph ran as it is: its row is not a PyTorch "original"
+        report = dataclasses.replace(report, results=[dataclasses.replace(r, mode=ONNX_ROW) for r in report.results])
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
         "edges": edges, "dilation": dilation, "leaf_modules": list(leaf_modules),
@@ -342,6 +344,8 @@ def evaluate_model(
     }
     return dataclasses.replace(report, model=name, data=described, settings=settings)
 
+
+ONNX_ROW = "onnx"  # the label of an ONNX file's row (its own mode is in the model name)
 
 _COUNT_RULES = {"limit": (1, "a positive number of images"), "batch_size": (1, "positive"),
                 "forward_batch": (1, "positive"), "workers": (0, "0 or more")}

@@ -127,3 +127,52 @@ def test_every_command_module_runs_under_python_m_and_its_help_keeps_every_text(
             assert " ".join(text.split()) in shown, (module, text)
     assert "[default: 0.01 for sgd, 0.001 for adamw]" in outputs["train", ()]
     assert "Output .onnx path [default: <model>_<mode>.onnx]." in outputs["export", ()]
+
+
+# --------------------------------------------------------------------------- messages that said something else
+
+
+def test_a_string_version_is_not_reported_as_that_version(tmp_path):
+    from ccnn_convert.errors import ModelResolutionError
+    from ccnn_convert.models import load_artifact
+
+    path = tmp_path / "v.pt"
+    torch.save({"format": "ccnn-convert-artifact", "version": "3"}, path)
+    with pytest.raises(ModelResolutionError) as info:
+        load_artifact(path)
+    assert "invalid artifact version '3'" in str(info.value) and "version-3" not in str(info.value)
+
+
+def test_a_string_tensor_is_reported_as_a_string():
+    from ccnn_convert.errors import ModelResolutionError
+    from ccnn_convert.models.checkpoints import load_checked
+
+    layer = torch.nn.Linear(2, 3)
+    with pytest.raises(ModelResolutionError) as info:
+        load_checked(layer, {"weight": torch.zeros(3, 2), "bias": "zeros"}, "checkpoint c.pt")
+    assert "bias: a str, not a tensor in file, [3] in model" in str(info.value)
+
+
+def test_the_convert_title_names_the_density(tmp_path):
+    result = runner.invoke(convert_app, ["resnet18", "--weights", "none", "--input-size", "32", "--density", "3"])
+    assert result.exit_code == 0, result.output
+    assert "resnet18: checkered (lattice, density 3, reference edges), keep_first=0" in result.output
+
+
+def test_a_dilated_export_names_no_sampler(tmp_path):
+    import json
+
+    import onnx
+
+    from ccnn_convert.cli.export import app as export_app
+
+    (tmp_path / "tiny.py").write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d("
+                                      "3, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
+    out = tmp_path / "d.onnx"
+    result = runner.invoke(export_app, [f"{tmp_path / 'tiny.py'}:make", "--mode", "dilated", "--no-verify",
+                                        "--input-size", "16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert "(dilated, keep_first=0)" in first and "sampler" not in first, first
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["sampler"] == "" and json.loads(meta["conversion"])["mode"] == "dilated"

@@ -80,7 +80,8 @@ def main_command(
 
 
 def layer_table(report: ConversionReport, name: str) -> Table:
-    how = {"checkered": f" ({report.sampler}, {report.edges} edges)",
+    density = f", density {report.density}" if report.density is not None else ""
+    how = {"checkered": f" ({report.sampler}{density}, {report.edges} edges)",
            "dilated": f" ({report.dilation})"}.get(report.mode, "")
     table = Table(title=plain(f"{name}: {report.mode}{how}, keep_first={report.keep_first}"))
     for column in ("step", "layer", "op", "kernel/stride", "submaps in -> out", "output size", "status"):

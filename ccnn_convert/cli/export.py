@@ -16,6 +16,7 @@ from rich.text import Text
 
 from .._helpers import format_bytes
 from ..errors import CCNNError
+from ..spec import ConversionSpec
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
 from ._common import console, err_console, plain, preprocessing_overrides, run_app, user_errors
@@ -57,8 +58,9 @@ def benchmark_table(b: BenchmarkResult) -> Table:
 
 def print_result(result: ExportResult) -> None:
     info, meta = result.info, result.metadata
-    what = result.mode if result.mode in ("original", "traditional") else (
-        f"{result.mode}, sampler {meta.get('sampler')}, keep_first {meta.get('keep_first')}")
+    conversion = json.loads(meta.get("conversion") or "{}")  # the metadata as written: JSON strings
+    described = ConversionSpec.from_dict(conversion).describe() if conversion else ""
+    what = f"{result.mode}, {described}" if described else result.mode  # only the options of its mode
     console.print(plain(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
     _, height, width = json.loads(meta["input_size"])
     details = (f"  opset {info.opset}, {info.nodes} nodes, {format_bytes(info.bytes)}"

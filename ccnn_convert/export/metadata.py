@@ -47,7 +47,7 @@ def build_metadata(*, name: str, weights: str, conversion: ConversionSpec | None
         "source_model": name,
         "weights": str(weights),
         "mode": mode,
-        "sampler": str(values.get("sampler", "")),
+        "sampler": str(values["sampler"]) if mode == "checkered" else "",  # a dilated model has none
         "keep_first": _json(values.get("keep_first")),
         "density": _json(values.get("density")),
         "seed": _json(values.get("seed")),

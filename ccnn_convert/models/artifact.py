@@ -100,6 +100,9 @@ def is_artifact(obj: Any) -> bool:
 def read_artifact(obj: dict, path: Path) -> ArtifactData:
     """Validate an artifact's contents; anything odd is one ModelResolutionError line."""
     version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):  # "3" is not version 3
+        raise ModelResolutionError(f"{path}: invalid artifact version {version!r} (an integer: "
+                                   f"{', '.join(map(str, _READABLE_VERSIONS))})")
     if version not in _READABLE_VERSIONS:
         raise ModelResolutionError(
             f"{path} is a version-{version} artifact; this ccnn-convert reads versions "
