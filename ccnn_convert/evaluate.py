@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ._helpers import first_line, logits_of
 from .data import (Batch, DecodedImages, Skipped, collate_items, find_samples, shard_indices,
                    stratified_indices)
+from .core.options import check_seed
 from .errors import CCNNError, DataError, ParameterError
 from .flops import count_flops
 from .metrics import (EvalReport, ModeResult, crops_at, shift_offsets, top1_agreement, topk_correct,
@@ -275,6 +276,8 @@ def evaluate_model(
     with "shard_images", "rank", ...) just before the loop, so a caller can size a progress bar.
     """
     _check_counts(limit=limit, batch_size=batch_size, forward_batch=forward_batch, workers=workers)
+    if seed is not None:
+        check_seed(seed)  # before the model is loaded
     with distributed_from_env(device) as ctx:
         target = resolve_device(device, ctx.local_rank)
         if amp and target.type != "cuda":

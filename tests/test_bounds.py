@@ -28,7 +28,7 @@ def nothing_loaded(monkeypatch):
         raise AssertionError("a model was resolved before the bad option was refused")
 
     for target in ("ccnn_convert.cli.convert.resolve_model", "ccnn_convert.export.pipeline.resolve_model",
-                   "ccnn_convert.cli.bench.run_bench"):
+                   "ccnn_convert.cli.bench.run_bench", "ccnn_convert.evaluate.resolve_model"):
         monkeypatch.setattr(target, refuse)
 
 
@@ -43,6 +43,8 @@ def _one_line(result, *texts):
 @pytest.mark.parametrize("command, args, flag", [
     ("convert", ["resnet18", "--sampler", "random", "--seed", str(2**80)], "--seed"),
     ("convert", ["resnet18", "--sampler", "random", "--seed", str(2**64 - 1)], "--seed"),
+    ("export", ["resnet18", "--sampler", "random", "--seed", str(2**64 - 1)], "--seed"),
+    ("bench", ["resnet18", "--sampler", "random", "--seed", str(2**64 - 1)], "--seed"),
     ("convert", ["resnet18", "--input-size", "-5"], "--input-size"),
     ("convert", ["resnet18", "--input-size", "100000"], "--input-size"),
     ("export", ["resnet18", "--input-size", "100000"], "--input-size"),
@@ -51,6 +53,13 @@ def _one_line(result, *texts):
 ])
 def test_sizes_and_seeds_out_of_range_are_refused_before_any_model(command, args, flag, nothing_loaded, tmp_path):
     _one_line(runner.invoke(_app(command), [*args, "--weights", "none"]), flag)
+
+
+def test_an_eval_seed_out_of_range_is_refused_before_any_model(nothing_loaded, tmp_path):
+    (tmp_path / "n01440764").mkdir()
+    result = runner.invoke(_app("eval"), ["resnet18", "--data", str(tmp_path), "--sampler", "random",
+                                          "--seed", str(2**64 - 1), "--weights", "none", "--workers", "0"])
+    _one_line(result, "--seed must be an integer from 0 to 2**63 - 1")
 
 
 def test_a_positions_picture_too_large_to_read_is_refused(tmp_path):

@@ -17,6 +17,7 @@ from rich.text import Text
 from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, describe_settings, output_names,
                      run_bench, table_rows, write_outputs)
 from ..errors import CCNNError, ParameterError
+from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
 from ._common import console, parse_list, plain, run_app, user_errors
@@ -69,6 +70,8 @@ def bench_command(
     force: bool = typer.Option(False, "--force", help="Overwrite files already in the --out folder."),
 ) -> None:
     """Measure MODEL... in every mode: variants are interleaved so machine drift cancels in the ratios."""
+    if seed is not None:
+        check_seed(seed)
     if size is not None:  # before anything is allocated
         check_image_side(size, "image_size")
         if batch_size > 0:

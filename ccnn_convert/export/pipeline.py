@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import DataError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
+from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output, staged_directory
 from ..spec import MODES, ORIGINAL, ConversionSpec, check_checkered_options_used
@@ -109,6 +110,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     """
     opset = check_opset(opset)
     _check_run_options(threads, input_size, provider, verify, benchmark)
+    if seed is not None:
+        check_seed(seed)  # before the model is loaded
     if output is not None:
         check_output(output, force=force)  # fail before the slow part
     if verify is not None and verify.data is not None:
