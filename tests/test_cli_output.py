@@ -4,6 +4,7 @@ every command module runs under ``python -m``."""
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import subprocess
@@ -108,25 +109,48 @@ def _help_strings(module: str) -> list[str]:
             if keyword.arg == "help" and isinstance(keyword.value, ast.Constant)]
 
 
+# Runs each command module as ``python -m`` does (runpy, as __main__) in one process, so that torch
+# is imported once; prints {"module args": [exit code, output]} as JSON.
+AS_MAIN = """
+import contextlib, io, json, runpy, sys
+results = {}
+for module, args in json.loads(sys.argv[1]):
+    sys.argv = [module, *args, "--help"]
+    buffer, code = io.StringIO(), None
+    with contextlib.redirect_stdout(buffer):
+        try:
+            runpy.run_module(f"ccnn_convert.cli.{module}", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code
+    results[" ".join([module, *args])] = [code, buffer.getvalue()]
+print(json.dumps(results))
+"""
+
+
 def test_every_command_module_runs_under_python_m_and_its_help_keeps_every_text(tmp_path):
     assert sorted(HELP_RUNS) == sorted(p.stem for p in CLI_DIR.glob("*.py")
                                        if "def main()" in p.read_text() and p.stem != "entry")
     env = {**os.environ, "COLUMNS": "1000", "PYTHONPATH": str(CLI_DIR.parents[1]), "OMP_NUM_THREADS": "1"}
-    runs = {(module, tuple(args)): subprocess.Popen(
-        [sys.executable, "-m", f"ccnn_convert.cli.{module}", *args, "--help"], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for module, invocations in HELP_RUNS.items() for args in invocations}
-    outputs = {key: process.communicate(timeout=300)[0] for key, process in runs.items()}
-    for (module, args), output in outputs.items():
-        assert runs[module, args].returncode == 0 and "Usage:" in output, (module, args, output)
+    invocations = [(module, args) for module, runs in HELP_RUNS.items() for args in runs]
+    # One real `python -m` beside the runpy batch (the same mechanism: runpy._run_module_as_main).
+    real = subprocess.Popen([sys.executable, "-m", "ccnn_convert.cli.convert", "--help"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    batch = subprocess.run([sys.executable, "-c", AS_MAIN, json.dumps(invocations)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert batch.returncode == 0, batch.stderr
+    outputs = json.loads(batch.stdout)
+    real_output = real.communicate(timeout=300)[0]
+    assert real.returncode == 0 and real_output == outputs["convert"][1], real_output
+    for key, (code, output) in outputs.items():
+        assert code in (0, None) and "Usage:" in output, (key, code, output)
     for module in HELP_RUNS:
-        shown = " ".join(" ".join(line.strip("│ ") for line in outputs[module, args].splitlines())
-                         for module_, args in outputs if module_ == module)
+        shown = " ".join(" ".join(line.strip("│ ") for line in output.splitlines())
+                         for key, (_, output) in outputs.items() if key.split()[0] == module)
         shown = " ".join(shown.split())
         for text in _help_strings(module):
             assert " ".join(text.split()) in shown, (module, text)
-    assert "[default: 0.01 for sgd, 0.001 for adamw]" in outputs["train", ()]
-    assert "Output .onnx path [default: <model>_<mode>.onnx]." in outputs["export", ()]
+    assert "[default: 0.01 for sgd, 0.001 for adamw]" in outputs["train"][1]
+    assert "Output .onnx path [default: <model>_<mode>.onnx]." in outputs["export"][1]
 
 
 # --------------------------------------------------------------------------- messages that said something else
