@@ -133,6 +133,16 @@ def map_sorted_folders(folders: Sequence[str]) -> dict[str, int]:
     return {f: i for i, f in enumerate(sorted(folders))}
 
 
+def map_own_folders(folders: Sequence[str]) -> dict[str, int]:
+    """For a model that is not a 1000-class ImageNet one and names no classes: wnid folders keep
+    their ImageNet index (so that a class the model does not have is refused by the caller, not
+    given another class's rank), other names their sorted rank."""
+    table = wnid_to_index()
+    if folders and all(f in table for f in folders):
+        return {f: table[f] for f in folders}
+    return map_sorted_folders(folders)
+
+
 def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = None,
                  imagenet_labels: bool = True, class_names: Sequence[str] | None = None) -> Samples:
     """Scan DATA (and the labels file) into (path, target) pairs; layout errors are DataError.
@@ -161,7 +171,7 @@ def find_samples(data: str | os.PathLike, labels: str | os.PathLike | None = Non
                                             "<wnid>/<image> folders")
     if class_names is not None:
         return _image_folder_samples(root, named_folder_mapper(class_names))
-    return _image_folder_samples(root, map_wnid_folders if imagenet_labels else map_sorted_folders)
+    return _image_folder_samples(root, map_wnid_folders if imagenet_labels else map_own_folders)
 
 
 def _image_folder_samples(root: Path, mapper: Callable[[Sequence[str]], dict[str, int]]) -> Samples:
@@ -229,7 +239,7 @@ def _kaggle_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
             raise DataError(f"{path.name} line {line}: expected ImageId,PredictionString")
         if tokens[0] not in table:
             raise DataError(f"{path.name} line {line}: unknown wnid {tokens[0]!r}")
-        labels[row[0].strip()] = table[tokens[0]]
+        _add_label(labels, row[0].strip(), table[tokens[0]], path, line)
     return labels
 
 
@@ -244,8 +254,16 @@ def _plain_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
             if line == 1:
                 continue  # a header row such as "filename,label"
             raise DataError(f"{path.name} line {line}: label {raw!r} is neither a class index nor a wnid")
-        labels[name] = target
+        _add_label(labels, name, target, path, line)
     return labels
+
+
+def _add_label(labels: dict[str, int], name: str, target: int, path: Path, line: int) -> None:
+    """One label per file: a repeated row is harmless, a conflicting one is an error."""
+    if labels.get(name, target) != target:
+        raise DataError(f"{path.name} line {line}: {name!r} is labelled {target} here and {labels[name]} "
+                        "on an earlier line")
+    labels[name] = target
 
 
 def parse_label(text: str) -> int | None:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ._helpers import first_line, logits_of
 from .data import (Batch, DecodedImages, Skipped, collate_items, find_samples, shard_indices,
                    stratified_indices)
+from .core.options import check_seed
 from .errors import CCNNError, DataError, ParameterError
 from .flops import count_flops
 from .metrics import (EvalReport, ModeResult, crops_at, shift_offsets, top1_agreement, topk_correct,
@@ -275,6 +276,8 @@ def evaluate_model(
     with "shard_images", "rank", ...) just before the loop, so a caller can size a progress bar.
     """
     _check_counts(limit=limit, batch_size=batch_size, forward_batch=forward_batch, workers=workers)
+    if seed is not None:
+        check_seed(seed)  # before the model is loaded
     with distributed_from_env(device) as ctx:
         target = resolve_device(device, ctx.local_rank)
         if amp and target.type != "cuda":
@@ -288,9 +291,11 @@ def evaluate_model(
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
-        num_classes = resolved.num_classes if resolved else 1000
-        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000,
-                               class_names=resolved.class_names if resolved else None)
+        # An ONNX graph says in its metadata what an artifact says (a foreign one: ImageNet).
+        labelled = resolved if resolved is not None else classifier
+        num_classes = getattr(labelled, "num_classes", None) or 1000
+        class_names = getattr(labelled, "class_names", None)
+        samples = find_samples(data, labels, imagenet_labels=num_classes == 1000, class_names=class_names)
         too_big = [t for t in samples.targets if t >= num_classes]
         if too_big:
             raise DataError(f"label {max(too_big)} is out of range for a {num_classes}-class model")
@@ -326,6 +331,8 @@ def evaluate_model(
                           dist_context=ctx, on_batch=on_batch, on_skip=on_skip)
     if report.images == 0:
         raise DataError(f"no image could be decoded: all {len(report.skipped)} selected files were skipped")
+    if resolved is None:  # an ONNX graph ran as it is: its row is not a PyTorch "original"
+        report = dataclasses.replace(report, results=[dataclasses.replace(r, mode=ONNX_ROW) for r in report.results])
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
         "edges": edges, "dilation": dilation, "leaf_modules": list(leaf_modules),
@@ -340,6 +347,8 @@ def evaluate_model(
     }
     return dataclasses.replace(report, model=name, data=described, settings=settings)
 
+
+ONNX_ROW = "onnx"  # the label of an ONNX file's row (its own mode is in the model name)
 
 _COUNT_RULES = {"limit": (1, "a positive number of images"), "batch_size": (1, "positive"),
                 "forward_batch": (1, "positive"), "workers": (0, "0 or more")}
@@ -394,9 +403,10 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
                       density, seed, leaf_modules, consistency: bool, edges: str | None = None,
                       dilation: str | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
-    check_checkered_options_used(modes, sampler=sampler, density=density,
-                                 seed=None if consistency else seed, edges=edges, dilation=dilation)
     converted = [m for m in modes if m != ORIGINAL]
+    check_checkered_options_used(modes, sampler=sampler, density=density,
+                                 seed=None if consistency else seed, edges=edges, dilation=dilation,
+                                 keep_first=keep_first if converted else None)  # else: the message below
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
             raise ParameterError(name, f"{{param}} only shapes conversions; no converted mode among "

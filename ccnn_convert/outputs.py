@@ -35,14 +35,25 @@ def check_output(path: str | os.PathLike, *, force: bool = False) -> Path:
     target = Path(path).expanduser()
     if target.is_dir():
         raise CCNNError(f"cannot write {target}: it is a directory")
+    if target.is_symlink() and not target.exists() and not force:  # a dangling link is still a name in use
+        raise ParameterError("force", f"{target} is a link to a missing file (set {{param}} to replace the link)")
     if target.exists() and not force:
         raise ParameterError("force", f"{target} already exists (set {{param}} to overwrite it)")
     parent = target.parent
     if not parent.is_dir():
         raise CCNNError(f"cannot write {target}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CCNNError(f"cannot write {target}: directory {parent} is not writable")
+    _check_writable(parent, target)
     return target
+
+
+def _check_writable(parent: Path, target: Path) -> None:
+    """Create and remove a file there: permission bits do not tell (root, /proc, read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise CCNNError(f"cannot write {target}: directory {parent} is not writable "
+                        f"({exc.strerror or type(exc).__name__})") from None
 
 
 def check_output_dir(path: str | os.PathLike, names: list[str] | tuple[str, ...] = (), *,

@@ -102,6 +102,29 @@ def peak_rss_since_reset() -> int:
     return process_peak_rss_bytes()
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give this process (Linux ``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(nbytes: int, what: str, parameter: str) -> None:
+    """Refuse, naming ``parameter``, a tensor that could not be allocated: one line, not a traceback."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise ParameterError(parameter, f"{what} would need {nbytes / 2**30:.1f} GiB, more than the "
+                                        f"{available / 2**30:.1f} GiB of memory available; lower {{param}}")
+
+
 def default_forward_batch(device: torch.device) -> int | None:
     """Images per forward pass: small on CPU, the whole batch (None) on a GPU.
 

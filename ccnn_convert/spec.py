@@ -123,15 +123,17 @@ class ConversionSpec:
 
 
 def check_checkered_options_used(modes: Sequence[str], **given: Any) -> None:
-    """Refuse sampler/density/seed/edges when no requested mode is checkered, and dilation when
-    none is dilated (they would do nothing). ``edges="exact"`` is also right for dilated mode."""
+    """Refuse sampler/density/seed/edges when no requested mode is checkered, dilation when none
+    is dilated, and a keep_first above 0 when none converts (they would do nothing). Dilated mode
+    is always exact at the edges, so ``edges`` does nothing there either."""
+    if given.get("keep_first") and not set(modes) & {"checkered", "dilated"}:
+        raise ParameterError("keep_first", f"{{param}} leaves the first steps of a conversion traditional; it "
+                                           f"does nothing with {', '.join(modes)}")
     if given.get("dilation") is not None and "dilated" not in modes:
         raise ParameterError("dilation", f"{{param}} only applies to mode dilated; no dilated mode among "
                                          f"{', '.join(modes)}")
     if "checkered" in modes:
         return
-    if given.get("edges") == "exact" and "dilated" in modes:
-        given = {k: v for k, v in given.items() if k != "edges"}
     for name in _CHECKERED_ONLY:
         if given.get(name) is not None:
             raise ParameterError(name, f"{{param}} only shapes checkered submaps; no checkered mode among "

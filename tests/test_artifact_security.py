@@ -8,6 +8,7 @@ independent of the loader: the sentinel is written by the payload itself.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import sys
@@ -52,7 +53,8 @@ def craft(path, spec, conversion=None, version=1, state=None):
     """An artifact as an attacker writes it: plain data that loads with weights_only=True."""
     torch.save({"format": "ccnn-convert-artifact", "version": version, "spec": spec, "name": "x",
                 "weights": "none", "conversion": dict(conversion or CONVERSION_V1),
-                "preprocessing": PREPROCESSING, "num_classes": 3, "state_dict": state or {}}, path)
+                "preprocessing": PREPROCESSING, "num_classes": 1000 if "classifier.1.weight" in (state or {}) else 3,
+                "state_dict": state or {}}, path)
     return path
 
 
@@ -63,7 +65,7 @@ def _squeezenet_state():
 # name -> (spec, conversion, what the one error line must say)
 CASES = {
     "relative_py": ({"source": "factory", "factory": "helper.py:make"}, None,
-                    "was built by factory 'helper.py:make'; loading it runs that code: pass --trust-factory"),
+                    "names factory file 'helper.py' by a relative path; only an absolute path is loaded"),
     "module_attr": ({"source": "factory", "factory": "ccnn_payload_mod:make"}, None,
                     "was built by factory 'ccnn_payload_mod:make'"),
     "os_getcwd": ({"source": "factory", "factory": "os:getcwd"}, None, "was built by factory 'os:getcwd'"),
@@ -220,3 +222,94 @@ def test_in_memory_module_resolves_but_cannot_be_saved(tmp_path):
     with pytest.raises(CCNNError, match="cannot be rebuilt"):
         save_artifact(tmp_path / "m.pt", resolved, ConversionSpec("checkered"))
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- module factories and python -m
+
+SMALL_NET = textwrap.dedent("""
+    import torch
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 3))
+""")
+
+
+@pytest.mark.parametrize("entry", ["", "cwd"])
+def test_python_m_does_not_let_the_working_directory_supply_a_module_factory(attacker_dir, tmp_path, monkeypatch,
+                                                                             entry):
+    """`python -m` and `torchrun -m` put the working directory (or '') first on sys.path."""
+    workdir, sentinel = attacker_dir
+    monkeypatch.setattr(sys, "path", [entry if entry == "" else str(workdir), *sys.path])
+    artifact = craft(tmp_path / "m.pt", {"source": "factory", "factory": "ccnn_payload_mod:make"})
+    with pytest.raises(ModelResolutionError, match="cannot import module 'ccnn_payload_mod'"):
+        load_artifact(artifact, trust_factory=True)
+    with pytest.raises(ModelResolutionError, match="cannot import module 'ccnn_payload_mod'"):
+        resolve_model("ccnn_payload_mod:make")
+    assert not sentinel.exists() and "ccnn_payload_mod" not in sys.modules
+
+
+def test_the_file_a_module_factory_runs_is_named_by_its_real_path(tmp_path, monkeypatch, caplog):
+    real = tmp_path / "real" / "impl.py"
+    real.parent.mkdir()
+    real.write_text(SMALL_NET)
+    installed = tmp_path / "site"
+    installed.mkdir()
+    (installed / "ccnn_linked_mod.py").symlink_to(real)
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.delitem(sys.modules, "ccnn_linked_mod", raising=False)
+    namespace: dict = {}
+    exec(SMALL_NET, namespace)
+    artifact = craft(tmp_path / "l.pt", {"source": "factory", "factory": "ccnn_linked_mod:make"},
+                     state=namespace["make"]().state_dict())
+    with pytest.raises(ParameterError) as info:
+        load_artifact(artifact)
+    assert f"which runs {real}" in str(info.value)  # the link's target, not the stored name
+    with caplog.at_level(logging.INFO, logger="ccnn_convert"):
+        assert load_artifact(artifact, trust_factory=True).num_classes == 3
+    assert f"running factory make from {real}" in caplog.text
+    monkeypatch.delitem(sys.modules, "ccnn_linked_mod", raising=False)
+
+
+def test_a_factory_file_changed_since_saving_is_refused_even_with_consent(tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text(SMALL_NET)
+    out = tmp_path / "a.pt"
+    made = runner.invoke(convert_cli.app, [f"{source}:make", "--input-size", "32", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    # Independent expectation: hashlib over the file's bytes.
+    assert torch.load(out, weights_only=True)["spec"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    source.write_text(SMALL_NET + "\nimport os  # changed\n")
+    refused = runner.invoke(convert_cli.app, [str(out), "--input-size", "32", "--trust-factory"])
+    _assert_one_error_line(refused, f"the factory '{source}:make' is {source}, which changed since the artifact "
+                                    "was saved (its SHA-256 differs); refusing to run it, even with consent")
+    source.write_text(SMALL_NET)
+    assert load_artifact(out, trust_factory=True).num_classes == 3
+
+
+def test_a_factory_file_imports_its_neighbours_and_only_those(tmp_path, monkeypatch):
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    (folder / "ccnn_neighbour_widths.py").write_text("WIDTH = 6\n")
+    (folder / "net.py").write_text(textwrap.dedent("""
+        import sys, torch
+        from ccnn_neighbour_widths import WIDTH
+        SEEN = list(sys.path)
+
+        def make():
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, WIDTH, 3), torch.nn.Flatten())
+            model.seen = SEEN
+            return model
+    """))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "path", ["", str(workdir), *sys.path])
+    monkeypatch.delitem(sys.modules, "ccnn_neighbour_widths", raising=False)
+    before = list(sys.path)
+    resolved = resolve_model(f"{folder}/net.py:make")
+    assert resolved.model[0].out_channels == 6
+    assert sys.path == before  # restored
+    seen = resolved.model.seen
+    assert seen[0] == str(folder) and "" not in seen and str(workdir) not in seen
+    monkeypatch.delitem(sys.modules, "ccnn_neighbour_widths", raising=False)

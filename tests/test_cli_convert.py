@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import pytest
 
 import torch
 import torchvision
@@ -144,3 +147,38 @@ def test_options_that_do_nothing_here_warn_once(monkeypatch):
     assert "warning: leaf module 'Nope' matches nothing in the model" in warnings
     keep = [line for line in warnings if "keep_first" in line.lower() or "keep-first" in line.lower()]
     assert len(keep) == 1 and "9" in keep[0], warnings
+
+
+def test_keep_first_without_a_conversion_and_edges_with_dilated_are_refused(tmp_path):
+    """Dilated mode is always exact at the edges, and traditional mode has no steps to keep."""
+    out = tmp_path / "x.pt"
+    for args, flag in ((["--mode", "traditional", "--keep-first", "2"], "--keep-first"),
+                       (["--mode", "dilated", "--edges", "exact"], "--edges")):
+        result = _run("resnet18", "--weights", "none", "--input-size", "32", *args, "-o", str(out))
+        _assert_one_line_error(result, f"{flag} ")
+        assert result.exit_code == 2 and ("does nothing" in result.output or "only shapes" in result.output)
+        assert not out.exists()
+
+
+def test_an_unwritable_output_folder_is_refused_before_converting(tmp_path, monkeypatch):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc (a folder no one can create files in, root included)")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was resolved before the output was checked")
+
+    monkeypatch.setattr("ccnn_convert.cli.convert.resolve_model", refuse)
+    result = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", "/proc/x.pt")
+    _assert_one_line_error(result, "cannot write /proc/x.pt: directory /proc is not writable")
+    assert result.exit_code == 2
+
+
+def test_a_dangling_symlink_output_needs_force(tmp_path):
+    link = tmp_path / "out.pt"
+    link.symlink_to(tmp_path / "missing.pt")
+    result = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(link))
+    _assert_one_line_error(result, "is a link to a missing file (set --force to replace the link)")
+    assert link.is_symlink() and not (tmp_path / "missing.pt").exists()
+    forced = _run("resnet18", "--weights", "none", "--input-size", "32", "-o", str(link), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert not link.is_symlink() and link.is_file()

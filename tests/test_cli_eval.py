@@ -341,6 +341,8 @@ def test_onnx_goes_through_the_export_hook(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["model"] == "onnx:m.onnx" and report["results"][0]["top1"] == 100.0
     assert report["results"][0]["flops"] is None
+    assert report["results"][0]["mode"] == "onnx"  # what ran, not a PyTorch "original"
+    assert report["results"][0]["top1_change"] is None  # nothing to compare it with
     result = invoke(tmp_path / "m.onnx", "--data", data, "--modes", "original,checkered", "--workers", "0")
     assert_one_line_error(result, "an ONNX model can only be evaluated as it is")
 

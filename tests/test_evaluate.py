@@ -5,6 +5,7 @@ Expectations are computed by hand (or by an independent plain loop), never by th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -474,3 +475,37 @@ def test_evaluate_model_errors_name_python_parameters(tmp_path, options, message
         evaluate_model(_resolved_red(), tmp_path, device="cpu", workers=0, **options)
     assert str(info.value).startswith(message.split(" ")[0]) and message in str(info.value)
     assert "--" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ labels a model does not have
+
+WNID_10, WNID_11 = "n01530575", "n01531178"  # ImageNet classes 10 and 11 (the published class list)
+
+
+def test_wnid_folders_outside_a_small_models_classes_are_refused(tmp_path):
+    for wnid in (WNID_10, WNID_11):
+        save_red(tmp_path / wnid / "a.png", 3)
+    # The folders keep their ImageNet index for a non-ImageNet model too (not the ranks 0 and 1).
+    assert sorted(find_samples(tmp_path, imagenet_labels=False).targets) == [10, 11]
+    ten = dataclasses.replace(_resolved_red(), model=RedLevelClassifier(classes=10, levels=10), num_classes=10)
+    with pytest.raises(DataError, match="label 11 is out of range for a 10-class model"):
+        evaluate_model(ten, tmp_path, modes=["original"], device="cpu", workers=0)
+    # Folders that are not wnids still get their sorted rank.
+    other = tmp_path / "own"
+    for name in ("zebra", "ant"):
+        save_red(other / name / "a.png", 1)
+    assert {Path(p).parent.name: t for p, t in find_samples(other, imagenet_labels=False).items} == \
+        {"ant": 0, "zebra": 1}
+
+
+def test_conflicting_label_rows_are_refused_and_repeated_ones_kept(tmp_path):
+    plain = tmp_path / "labels.csv"
+    plain.write_text("a.png,3\nb.png,4\na.png,3\n")
+    assert read_labels_file(plain) == ("flat+csv", {"a.png": 3, "b.png": 4})
+    plain.write_text("a.png,3\nb.png,4\na.png,5\n")
+    with pytest.raises(DataError, match=r"labels.csv line 3: 'a.png' is labelled 5 here and 3 on an earlier line"):
+        read_labels_file(plain)
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text(f"ImageId,PredictionString\nimg1,{WNID[0]} 1 2 3 4\nimg1,{WNID[2]} 1 2 3 4\n")
+    with pytest.raises(DataError, match="line 3: 'img1' is labelled 2 here and 0"):
+        read_labels_file(kaggle)

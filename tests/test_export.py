@@ -513,3 +513,49 @@ def test_cli_verification_failure_leaves_no_file(tmp_path):
                                  "--input-size", "16", "--provider", "cpu"])
     _assert_one_line_error(result, "verification failed", "not written")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["moody.py"]
+
+
+def test_onnx_of_a_model_trained_on_its_own_classes_is_evaluated_on_them(tmp_path, tiny_factory):
+    """The class names travel in the ONNX metadata; ccnn-eval reads them back (order matters:
+    the names are not sorted, so ranking the folders alphabetically would label them wrongly)."""
+    import dataclasses
+    import json
+
+    from ccnn_convert.cli.eval import app as eval_app
+    from ccnn_convert.models import Preprocessing, save_artifact
+    from ccnn_convert.models.head import replace_head
+
+    names = ("red", "green", "blue")
+    resolved = resolve_model(tiny_factory)
+    torch.manual_seed(3)
+    head = replace_head(resolved.model, len(names))
+    pre = Preprocessing(36, 32, (0.5,) * 3, (0.25,) * 3)
+    resolved = dataclasses.replace(resolved, head=head, num_classes=3, class_names=names, preprocessing=pre)
+    save_artifact(tmp_path / "best.pt", resolved, ConversionSpec("checkered"))
+    onnx_path = tmp_path / "m.onnx"
+    made = runner.invoke(app, [str(tmp_path / "best.pt"), "--trust-factory", "--mode", "original", "--no-verify",
+                               "-o", str(onnx_path)])
+    assert made.exit_code == 0, made.output
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(meta["classes"]) == list(names)
+
+    rng = np.random.default_rng(0)
+    val, expected = tmp_path / "val", []
+    sess = session(onnx_path)
+    for index, name in enumerate(names):
+        (val / name).mkdir(parents=True)
+        for k in range(3):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(val / name / f"{k}.png")
+            # By hand (torchvision's tensor ops, not the package's PIL pipeline): 40 -> 36, crop 32, normalize.
+            x = torchvision.transforms.functional.resize(torch.as_tensor(pixels).permute(2, 0, 1), [36],
+                                                         antialias=True)
+            x = torchvision.transforms.functional.center_crop(x, [32]).float() / 255
+            x = (x - 0.5) / 0.25
+            expected.append(int(run(sess, x[None]).argmax()) == index)
+    report = tmp_path / "r.json"
+    result = runner.invoke(eval_app, [str(onnx_path), "--data", str(val), "--workers", "0", "--device", "cpu",
+                                      "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(report.read_text())["results"][0]
+    assert row["images"] == 9 and row["top1_correct"] == sum(expected) and 0 < sum(expected) < 9, expected

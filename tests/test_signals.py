@@ -108,3 +108,37 @@ def test_a_signal_during_start_up_ends_in_one_line(tmp_path, signum, code, word)
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines() == [f"error: {word}"]
     assert process.returncode == code
+
+
+# Sends itself the signal from an atexit callback: the command is over and its file written,
+# exactly "right after saved", when the interpreter is shutting down.
+AT_EXIT = textwrap.dedent("""
+    import atexit, os, signal, sys, time
+
+    def stop():
+        os.kill(os.getpid(), signal.{name})
+        time.sleep(5)  # the handler runs here
+        print("not stopped", file=sys.stderr)
+
+    atexit.register(stop)
+    sys.argv = sys.argv[1:]
+    from ccnn_convert.cli import entry
+    entry.convert()
+""")
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"),
+                                                (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_after_the_command_while_python_exits_says_it_was_stopped(tmp_path, signum, code, word):
+    (tmp_path / "tiny.py").write_text(TINY)
+    done = subprocess.run([sys.executable, "-c", AT_EXIT.format(name=signum.name), "ccnn-convert", "tiny.py:make",
+                           "--input-size", "32", "-o", "out.pt"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "saved" in done.stdout  # the command had finished
+    assert done.stderr.strip().splitlines()[-1] == f"error: {word}", done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert "not stopped" not in done.stderr
+    import torch
+
+    assert torch.load(tmp_path / "out.pt", weights_only=True)["format"] == "ccnn-convert-artifact"  # whole

@@ -119,7 +119,15 @@ def test_edges_and_dilation_travel_with_the_spec():
 
 
 def test_dilation_and_edges_need_their_modes():
-    check_checkered_options_used(["original", "dilated"], edges="exact", dilation="native")
+    check_checkered_options_used(["original", "dilated"], dilation="native")
+    with pytest.raises(ParameterError) as info:  # dilated is always exact: the flag would do nothing
+        check_checkered_options_used(["original", "dilated"], edges="exact")
+    assert info.value.parameter == "edges"
+    with pytest.raises(ParameterError) as info:
+        check_checkered_options_used(["traditional"], keep_first=2)
+    assert info.value.parameter == "keep_first"
+    check_checkered_options_used(["traditional", "dilated"], keep_first=2)
+    check_checkered_options_used(["traditional"], keep_first=0)
     with pytest.raises(ParameterError) as info:
         check_checkered_options_used(["original", "checkered"], dilation="native")
     assert info.value.parameter == "dilation"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import warnings
 from typing import Callable, Mapping, TypeVar
@@ -23,6 +24,7 @@ import inspect
 import typer
 from typer.models import ArgumentInfo, OptionInfo
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from ..cpu_memory import use_huge_pages
@@ -39,9 +41,25 @@ F = TypeVar("F", bound=Callable)
 EXIT_USER_ERROR = 2
 
 
+# C0 and C1 controls (ESC starts CSI/OSC sequences), DEL, and the Unicode bidi overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``): strings read from
+    files (an artifact's name, class folders, ONNX metadata) must not drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def plain(text: object, style: str = "") -> Text:
+    """``text`` for rich, escaped (:func:`printable`) and never read as markup."""
+    return Text(printable(text), style=style)
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> "typer.Exit":
     """Print a one-line error and return the Exit to raise."""
-    err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), f" {printable(message)}"), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -53,7 +71,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = printable(record.getMessage())
             if record.levelno >= logging.WARNING:
                 err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
             else:
@@ -63,7 +81,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
+    err_console.print(Text.assemble(("warning:", "yellow"), f" {printable(message)}"), soft_wrap=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -137,6 +155,16 @@ def flag_for(parameter: str, command: Callable | None = None, aliases: Mapping[s
     return "--" + parameter.replace("_", "-")
 
 
+def _literal_help(command: Callable) -> None:
+    """Escape the square brackets of the command's help texts: typer renders them as rich markup,
+    where ``[default: lattice]`` reads as a style tag and vanishes."""
+    for parameter in inspect.signature(command).parameters.values():
+        info = parameter.default
+        if isinstance(info, (OptionInfo, ArgumentInfo)) and info.help and not getattr(info, "_ccnn_escaped", False):
+            info.help = escape(info.help)
+            info._ccnn_escaped = True  # decorating twice must not escape twice
+
+
 def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None):
     """Turn CCNNError (and a few OS-level errors) into one line on stderr and exit code 2.
 
@@ -145,6 +173,8 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
     """
 
     def decorate(command: F) -> F:
+        _literal_help(command)
+
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             try:
@@ -176,4 +206,7 @@ def run_app(app: typer.Typer, runs_models: bool = False) -> None:
         use_huge_pages()
     signals.terminate_like_interrupt()  # again: harmless, and covers callers that skip entry.py
     setup_logging()
-    app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+    try:
+        app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+    finally:
+        signals.exit_when_stopped()  # also under python -m, which skips entry.py

@@ -17,8 +17,10 @@ from rich.text import Text
 from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, describe_settings, output_names,
                      run_bench, table_rows, write_outputs)
 from ..errors import CCNNError, ParameterError
+from ..core.options import check_seed
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
-from ._common import console, parse_list, run_app, user_errors
+from ._common import console, parse_list, plain, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -33,7 +35,7 @@ def results_table(report: BenchReport) -> Table:
     for index, name in enumerate(headers):
         table.add_column(name, justify="left" if index < 2 else "right", no_wrap=name != "time/batch")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(plain(cell) for cell in row))
     return table
 
 
@@ -68,6 +70,15 @@ def bench_command(
     force: bool = typer.Option(False, "--force", help="Overwrite files already in the --out folder."),
 ) -> None:
     """Measure MODEL... in every mode: variants are interleaved so machine drift cancels in the ratios."""
+    if seed is not None:
+        check_seed(seed)
+    if size is not None:  # before anything is allocated
+        check_image_side(size, "image_size")
+        if batch_size > 0:
+            from ..runtime import check_fits_in_memory
+
+            check_fits_in_memory(4 * 3 * size * size * batch_size, f"a batch of {batch_size} {size}x{size} images",
+                                 "batch_size")
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
                            max_seconds=max_seconds)
     options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
@@ -89,10 +100,10 @@ def bench_command(
     report = run_bench(models, options, top1, command=command)
     console.print(results_table(report))
     for key, value in describe_settings(report.settings).items():
-        console.print(Text(f"  {key}: {value}"), soft_wrap=True)
+        console.print(plain(f"  {key}: {value}"), soft_wrap=True)
     if out is not None:
         for path in write_outputs(report, out, force=force):
-            console.print(Text(f"  wrote {path}"), soft_wrap=True)
+            console.print(plain(f"  wrote {path}"), soft_wrap=True)
 
 
 def _top1_options(data: Optional[str], labels: Optional[str], limit: Optional[int], eval_batch_size: int,

@@ -13,9 +13,12 @@ from rich.table import Table
 from ..core import ConversionReport, conversion_report
 from ..flops import count_flops
 from ..models import resolve_model, save_artifact
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output
 from ..spec import ConversionSpec, check_checkered_options_used
-from ._common import console, err_console, run_app, user_errors
+from rich.text import Text
+
+from ._common import console, err_console, plain, printable, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a CNN's strided convolutions and pools into checkered (multisampling) or dilated ones.")
@@ -48,15 +51,17 @@ def main_command(
 ) -> None:
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
+    check_image_side(input_size, "input_size")
     check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation)
+                                 dilation=dilation, keep_first=keep_first)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                                 leaf_modules=leaf, edges=edges, dilation=dilation)
     if output is not None:
         check_output(output, force=force)
     resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)
     if resolved.conversion is not None:
-        err_console.print(f"note: {model} is already a ccnn-convert artifact; converting its original model again")
+        err_console.print(plain(f"note: {model} is already a ccnn-convert artifact; converting its original model again"),
+                          soft_wrap=True)
         # The artifact's leaf modules describe the model, so they still apply; its options do not.
         leaves = [*resolved.conversion.leaf_modules, *(n for n in leaf if n not in resolved.conversion.leaf_modules)]
         spec = dataclasses.replace(spec, leaf_modules=tuple(leaves))
@@ -69,18 +74,22 @@ def main_command(
     print_summary(report, resolved.model, converted, example)
     if output is not None:
         save_artifact(output, resolved, spec, force=force)
-        console.print(f"saved [bold]{output}[/] (reload with ccnn-eval/ccnn-export, or ccnn_convert.models.load_artifact)")
+        console.print(Text.assemble("saved ", plain(output, "bold"),
+                                    " (reload with ccnn-eval/ccnn-export, or ccnn_convert.models.load_artifact)"),
+                      soft_wrap=True)
 
 
 def layer_table(report: ConversionReport, name: str) -> Table:
-    how = {"checkered": f" ({report.sampler}, {report.edges} edges)",
+    density = f", density {report.density}" if report.density is not None else ""
+    how = {"checkered": f" ({report.sampler}{density}, {report.edges} edges)",
            "dilated": f" ({report.dilation})"}.get(report.mode, "")
-    table = Table(title=f"{name}: {report.mode}{how}, keep_first={report.keep_first}")
+    table = Table(title=plain(f"{name}: {report.mode}{how}, keep_first={report.keep_first}"))
     for column in ("step", "layer", "op", "kernel/stride", "submaps in -> out", "output size", "status"):
         table.add_column(column, justify="right" if column in ("step", "output size") else "left")
     for record in report.layers:
-        status = "[green]converted[/]" if record.converted else f"[yellow]kept[/] {record.note}".rstrip()
-        table.add_row(str(record.step), record.name, record.op,
+        status = (Text("converted", style="green") if record.converted
+                  else Text.assemble(("kept", "yellow"), printable(f" {record.note}".rstrip())))
+        table.add_row(str(record.step), plain(record.name), record.op,
                       f"{_size(record.kernel)}/{_size(record.stride)}",
                       f"{record.submaps_in} -> {record.submaps_out}", _size(record.output_size), status)
     return table
@@ -116,3 +125,7 @@ def _size(values) -> str:
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

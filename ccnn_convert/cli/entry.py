@@ -25,6 +25,8 @@ def _start(module: str, runs_models: bool) -> None:
     except KeyboardInterrupt as exc:  # before the command's own handling: one line too
         sys.stderr.write(f"error: {signals.describe(exc)}\n")
         raise SystemExit(signals.exit_code(exc)) from None
+    finally:
+        signals.exit_when_stopped()  # the interpreter's exit comes next
 
 
 def convert() -> None:

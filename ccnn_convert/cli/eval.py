@@ -17,7 +17,8 @@ from rich.text import Text
 from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..outputs import check_output
-from ._common import console, err_console, parse_list, percent, preprocessing_overrides, run_app, user_errors
+from ._common import (console, err_console, parse_list, percent, plain, preprocessing_overrides, printable, run_app,
+                      user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -33,7 +34,7 @@ class ImagesPerSecondColumn(ProgressColumn):
 def results_table(report: EvalReport) -> Table:
     """One row per mode; percentages without the % sign so the table fits 80 columns."""
     consistency = any(r.consistency is not None for r in report.results)
-    table = Table(title=f"{report.model}: {report.images} images", title_justify="left",
+    table = Table(title=plain(f"{report.model}: {report.images} images"), title_justify="left",
                   box=box.SIMPLE_HEAD, padding=0, show_edge=False,
                   caption="top-1, top-5, agree (same top-1 as original)"
                           + (", shift (consistency)" if consistency else "")
@@ -44,7 +45,7 @@ def results_table(report: EvalReport) -> Table:
     for name in headers + ["img/s", "ms/batch", "memory", "FLOPs"]:
         table.add_column(name, justify="right", no_wrap=True)
     for r in report.results:
-        row = [r.mode, percent(r.top1), percent(r.top5), percent(report.top1_change(r), signed=True),
+        row = [plain(r.mode), percent(r.top1), percent(r.top5), percent(report.top1_change(r), signed=True),
                percent(r.agreement)]
         if consistency:
             row.append(percent(r.consistency))
@@ -84,7 +85,7 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     if json_path:
         notes.append(f"wrote {json_path}")
     for note in notes:
-        console.print(Text(f"  {note}"), soft_wrap=True)
+        console.print(plain(f"  {note}"), soft_wrap=True)
 
 
 @app.command()
@@ -159,7 +160,7 @@ def run_with_progress(model: str, data: str, **options) -> EvalReport:
 
     def on_skip(item) -> None:
         if state["main"]:
-            progress.console.print(Text.assemble(("warning:", "yellow"), f" skipped {item.path}: {item.reason}"),
+            progress.console.print(Text.assemble(("warning:", "yellow"), printable(f" skipped {item.path}: {item.reason}")),
                                    soft_wrap=True)
 
     try:

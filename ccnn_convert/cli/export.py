@@ -16,9 +16,10 @@ from rich.text import Text
 
 from .._helpers import format_bytes
 from ..errors import CCNNError
+from ..spec import ConversionSpec
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
-from ._common import console, err_console, preprocessing_overrides, run_app, user_errors
+from ._common import console, err_console, plain, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -57,9 +58,10 @@ def benchmark_table(b: BenchmarkResult) -> Table:
 
 def print_result(result: ExportResult) -> None:
     info, meta = result.info, result.metadata
-    what = result.mode if result.mode in ("original", "traditional") else (
-        f"{result.mode}, sampler {meta.get('sampler')}, keep_first {meta.get('keep_first')}")
-    console.print(Text(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
+    conversion = json.loads(meta.get("conversion") or "{}")  # the metadata as written: JSON strings
+    described = ConversionSpec.from_dict(conversion).describe() if conversion else ""
+    what = f"{result.mode}, {described}" if described else result.mode  # only the options of its mode
+    console.print(plain(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
     _, height, width = json.loads(meta["input_size"])
     details = (f"  opset {info.opset}, {info.nodes} nodes, {format_bytes(info.bytes)}"
                f"{' (external data)' if info.external_data else ''}, {meta.get('dtype')}, "
@@ -68,7 +70,7 @@ def print_result(result: ExportResult) -> None:
     if result.provider is not None:  # printed here only: the library does not log it
         console.print(Text(f"  provider: {result.provider.ort_name} ({result.provider.reason})"), soft_wrap=True)
     for note in result.notes:
-        console.print(Text(f"  note: {note}"), soft_wrap=True)
+        console.print(plain(f"  note: {note}"), soft_wrap=True)
     if result.verification is not None:
         console.print(verification_table(result.verification))
     else:

@@ -21,7 +21,7 @@ from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import DistillConfig
-from ._common import console, err_console, percent, preprocessing_overrides, run_app, user_errors
+from ._common import console, err_console, percent, plain, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -40,8 +40,8 @@ def epoch_line(record: EpochRecord, epochs: int, train_metric: str = "top-1") ->
 
 
 def summary_table(result: TrainResult) -> Table:
-    table = Table(title=f"{result.info.get('model')}: {result.info.get('mode')} "
-                        f"({result.info.get('conversion')})", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=plain(f"{result.info.get('model')}: {result.info.get('mode')} "
+                              f"({result.info.get('conversion')})"), title_justify="left", box=box.SIMPLE_HEAD)
     distilled = bool(result.info.get("distill"))
     for name in ("", "epoch", "train loss", "val top-1", "val top-5", "img/s") + (("agreement", "KL") if distilled else ()):
         table.add_column(name, justify="left" if not name else "right")
@@ -146,10 +146,10 @@ def run_with_progress(model: str, data: Path, out: Path, **options) -> TrainResu
         where = f" on {info['world_size']} processes" if info["world_size"] > 1 else ""
         resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
         if info.get("distill"):
-            err_console.print(Text(f"distilling from {info['distill']['teacher']}", style="dim"), soft_wrap=True)
+            err_console.print(plain(f"distilling from {info['distill']['teacher']}", style="dim"), soft_wrap=True)
             if not info["distill"]["labelled"]:  # unlabelled: train "top-1" is agreement with the teacher
                 state["train_metric"] = "agreement"
-        err_console.print(Text(f"training {info['model']} ({info['mode']}: {info['conversion']}) on "
+        err_console.print(plain(f"training {info['model']} ({info['mode']}: {info['conversion']}) on "
                                f"{info['train_images']} images, validating on {info['val_images']}, "
                                f"{info['classes']} classes, {info['device']}{where}{resumed}", style="dim"),
                           soft_wrap=True)

@@ -20,11 +20,12 @@ from rich.text import Text
 
 from ..errors import CCNNError, ParameterError
 from ..outputs import check_output
-from ._common import console, parse_list, run_app, user_errors
+from ._common import console, parse_list, plain, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
-_RANDOM_DEFAULT_SEED = 0  # as ccnn-bench: pictures of the random sampler are reproducible by default
+_RANDOM_DEFAULT_SEED = 0
+_MAX_POSITIONS_SIDE = 256  # one grid cell per position: beyond this a picture is unreadable (and slow)  # as ccnn-bench: pictures of the random sampler are reproducible by default
 
 
 def _check_png(out: str, force: bool) -> Path:
@@ -74,6 +75,8 @@ def positions_command(
         raise CCNNError(f"--samples must be between 1 and {stride * stride} for stride {stride}")
     if steps > 8:
         raise CCNNError("--steps above 8 makes an unreadable picture")
+    if size > _MAX_POSITIONS_SIDE:
+        raise CCNNError(f"--size above {_MAX_POSITIONS_SIDE} makes an unreadable picture (one cell per position)")
     rows = parse_list(kinds)
     if not rows:
         raise CCNNError("--kinds is empty")
@@ -163,14 +166,14 @@ def _dense_picture(path: Path, resolved, x, step: int, spec, dilation: Optional[
 
 def _steps_of(report, name: str, mode: str, x) -> Table:
     """The conversion's subsampling steps: layers, submaps in -> out, submap size."""
-    table = Table(title=f"{name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input",
+    table = Table(title=plain(f"{name} ({mode}): subsampling steps on a {x.shape[1]}x{x.shape[2]} input"),
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("step", "layers", "submaps", "submap size"):
         table.add_column(column, justify="right" if column != "layers" else "left")
     for index in range(1, report.steps + 1):
         layers = [layer for layer in report.layers if layer.step == index]
         size = "x".join(str(v) for v in layers[0].output_size)
-        table.add_row(str(index), ", ".join(layer.name for layer in layers),
+        table.add_row(str(index), plain(", ".join(layer.name for layer in layers)),
                       f"{layers[0].submaps_in} -> {layers[0].submaps_out}", size)
     return table
 

@@ -6,9 +6,10 @@ from ..errors import ParameterError
 from .edge_pass import EDGES
 from .sequences import SEQUENCES
 
-__all__ = ["CONVERSION_MODES", "DILATIONS", "EDGES", "check_options", "default_edges"]
+__all__ = ["CONVERSION_MODES", "DILATIONS", "EDGES", "MAX_SEED", "check_options", "check_seed", "default_edges"]
 
 CONVERSION_MODES = ("checkered", "dilated", "traditional")
+MAX_SEED = 2**63 - 1  # step t draws with seed + t, which torch.Generator takes up to 2**64 - 1
 DILATIONS = ("multisample", "native")
 
 
@@ -35,12 +36,17 @@ def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, dens
             raise ParameterError("density", f"{{param}} sets the samples per window of checkered mode "
                                             f"(1 = traditional, k*k = dilated); it does nothing with mode {mode!r}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ParameterError("seed", f"{{param}} must be a non-negative integer, got {seed!r}")
+        check_seed(seed)
         if sampler != "random" or mode != "checkered":
             raise ParameterError("seed", "{param} only seeds the random sampler of checkered mode "
                                          f"(mode {mode!r}, sampler {sampler!r})")
     _check_edges(mode, edges, dilation)
+
+
+def check_seed(seed: int) -> None:
+    """A seed the random sampler can use (callers check it before loading anything)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**63 - 1, got {seed!r}")
 
 
 def _check_edges(mode: str, edges: str | None, dilation: str | None) -> None:

@@ -6,6 +6,7 @@ Metadata props are all strings; values that are not plain strings are JSON. Keys
 ``source_model``, ``weights``, ``mode``, ``sampler``, ``keep_first``, ``density``, ``seed``,
 ``conversion`` (the :class:`~ccnn_convert.spec.ConversionSpec` as a dict), ``input_size``
 (``[3, H, W]``), ``preprocessing`` (resize, crop, mean, std, interpolation), ``num_classes``,
+``classes`` (the class names of a model trained on its own classes, in index order, else null),
 ``dtype``, ``opset``, ``ccnn_convert_version``.
 
 This module imports onnx only: :mod:`.sessions` (and through it ``ccnn-eval``) reads metadata
@@ -17,19 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from .._helpers import first_line, package_version
 from ..errors import CCNNError
 from ..spec import ORIGINAL, ConversionSpec
 
-__all__ = ["METADATA_KEYS", "build_metadata", "read_metadata", "scale_to_crop"]
+__all__ = ["METADATA_KEYS", "build_metadata", "class_names_of", "read_metadata", "scale_to_crop"]
 
 METADATA_KEYS = ("source_model", "weights", "mode", "sampler", "keep_first", "density", "seed",
-                 "conversion", "input_size", "preprocessing", "num_classes", "dtype", "opset",
+                 "conversion", "input_size", "preprocessing", "num_classes", "classes", "dtype", "opset",
                  "ccnn_convert_version")
 _JSON_KEYS = ("keep_first", "density", "seed", "conversion", "input_size", "preprocessing",
-              "num_classes", "opset")
+              "num_classes", "classes", "opset")
 
 
 def _json(value: Any) -> str:
@@ -37,7 +38,8 @@ def _json(value: Any) -> str:
 
 
 def build_metadata(*, name: str, weights: str, conversion: ConversionSpec | None, input_size: int,
-                   preprocessing, num_classes: int, dtype: str, opset: int) -> dict[str, str]:
+                   preprocessing, num_classes: int, dtype: str, opset: int,
+                   class_names: Sequence[str] | None = None) -> dict[str, str]:
     """The metadata props for an export; ``conversion=None`` is the original model."""
     mode = conversion.mode if conversion is not None else ORIGINAL
     values = conversion.to_dict() if conversion is not None else {}
@@ -45,7 +47,7 @@ def build_metadata(*, name: str, weights: str, conversion: ConversionSpec | None
         "source_model": name,
         "weights": str(weights),
         "mode": mode,
-        "sampler": str(values.get("sampler", "")),
+        "sampler": str(values["sampler"]) if mode == "checkered" else "",  # a dilated model has none
         "keep_first": _json(values.get("keep_first")),
         "density": _json(values.get("density")),
         "seed": _json(values.get("seed")),
@@ -53,6 +55,7 @@ def build_metadata(*, name: str, weights: str, conversion: ConversionSpec | None
         "input_size": _json([3, input_size, input_size]),
         "preprocessing": _json(preprocessing.to_dict()),
         "num_classes": _json(int(num_classes)),
+        "classes": _json(None if class_names is None else list(class_names)),
         "dtype": dtype,
         "opset": _json(opset),
         "ccnn_convert_version": package_version(),
@@ -79,6 +82,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             except ValueError:
                 pass
     return out
+
+
+def class_names_of(metadata: dict[str, Any], where: str) -> tuple[int | None, tuple[str, ...] | None]:
+    """``(num_classes, class names)`` from read metadata; None where the file does not say.
+    Names are checked as an artifact's are: ``num_classes`` distinct non-empty strings."""
+    classes, names = metadata.get("num_classes"), metadata.get("classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise CCNNError(f"{where}: invalid num_classes {classes!r} in the ONNX metadata")
+    if names is None:
+        return classes, None
+    if (not isinstance(names, list) or (classes is not None and len(names) != classes)
+            or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names)):
+        raise CCNNError(f"{where}: invalid class names in the ONNX metadata (need {classes} distinct names)")
+    return len(names), tuple(names)
 
 
 def scale_to_crop(preprocessing, crop: int):

@@ -31,6 +31,8 @@ from torch import nn
 
 from ..errors import DataError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
+from ..core.options import check_seed
+from ..models.preprocessing import check_image_side
 from ..outputs import check_output, staged_directory
 from ..spec import MODES, ORIGINAL, ConversionSpec, check_checkered_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
@@ -83,7 +85,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
     check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation)
+                                 dilation=dilation, keep_first=keep_first)
     return ConversionSpec.build(mode, base=base, **options)
 
 
@@ -108,6 +110,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     """
     opset = check_opset(opset)
     _check_run_options(threads, input_size, provider, verify, benchmark)
+    if seed is not None:
+        check_seed(seed)  # before the model is loaded
     if output is not None:
         check_output(output, force=force)  # fail before the slow part
     if verify is not None and verify.data is not None:
@@ -123,7 +127,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     torch_model = _build(resolved.model, spec, size)
     metadata = build_metadata(name=resolved.name, weights=resolved.weights, conversion=spec, input_size=size,
                               preprocessing=prep, num_classes=resolved.num_classes,
-                              dtype="float16" if fp16 else "float32", opset=opset)
+                              dtype="float16" if fp16 else "float32", opset=opset,
+                              class_names=resolved.class_names)
     with staged_directory(path, force=force) as staged:
         info = _write(torch_model, staged, size, opset, metadata, fp16)
         verification, bench = _check(staged, torch_model, size, choice, images, fp16, threads, verify, benchmark)
@@ -134,8 +139,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
 def _check_run_options(threads, input_size, provider, verify, benchmark) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ParameterError("threads", f"{{param}} must be a positive integer, got {threads!r}")
-    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
-        raise ParameterError("input_size", f"{{param}} must be a positive integer, got {input_size!r}")
+    if input_size is not None:
+        check_image_side(input_size, "input_size")
     if verify is None and benchmark is None:
         if str(provider).lower() != "auto":
             logger.warning("provider %s is not used: no verification and no benchmark run", provider)

@@ -22,7 +22,7 @@ import torch
 
 from .._helpers import captured_fds, first_line
 from ..errors import CCNNError, ExportError, ParameterError
-from .metadata import read_metadata, scale_to_crop
+from .metadata import class_names_of, read_metadata, scale_to_crop
 
 __all__ = ["PROVIDERS", "OnnxClassifier", "ProviderChoice", "create_session", "load_onnx_classifier",
            "run_session", "select_provider"]
@@ -171,6 +171,8 @@ class OnnxClassifier:
         self.session = create_session(self.path, self.choice, threads)
         shape = self.session.get_inputs()[0].shape
         self.spatial = tuple(d if isinstance(d, int) else None for d in shape[2:4]) if len(shape) == 4 else (None, None)
+        self.num_classes: int | None = None  # from the metadata, set by load_onnx_classifier
+        self.class_names: tuple[str, ...] | None = None
 
     def __call__(self, images) -> torch.Tensor:
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -192,7 +194,8 @@ def load_onnx_classifier(path: str | os.PathLike, provider: str = "auto", thread
 
     The callable takes a float32 numpy/torch batch and returns float32 logits as a torch tensor
     (an fp16 model gets its input cast). Preprocessing comes from the metadata; a foreign ONNX file
-    without it gets ImageNet preprocessing scaled to its input size.
+    without it gets ImageNet preprocessing scaled to its input size. The callable's
+    ``num_classes`` and ``class_names`` are the metadata's (None where it does not say).
     """
     from ..models import Preprocessing, imagenet_preprocessing
 
@@ -200,7 +203,9 @@ def load_onnx_classifier(path: str | os.PathLike, provider: str = "auto", thread
     if not path.is_file():
         raise CCNNError(f"ONNX model {path} does not exist")
     metadata = read_metadata(path)
+    num_classes, class_names = class_names_of(metadata, str(path))
     classifier = OnnxClassifier(path, provider, threads)
+    classifier.num_classes, classifier.class_names = num_classes, class_names
     if isinstance(metadata.get("preprocessing"), dict):
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
     else:

@@ -100,6 +100,9 @@ def is_artifact(obj: Any) -> bool:
 def read_artifact(obj: dict, path: Path) -> ArtifactData:
     """Validate an artifact's contents; anything odd is one ModelResolutionError line."""
     version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):  # "3" is not version 3
+        raise ModelResolutionError(f"{path}: invalid artifact version {version!r} (an integer: "
+                                   f"{', '.join(map(str, _READABLE_VERSIONS))})")
     if version not in _READABLE_VERSIONS:
         raise ModelResolutionError(
             f"{path} is a version-{version} artifact; this ccnn-convert reads versions "
@@ -125,12 +128,31 @@ def read_artifact(obj: dict, path: Path) -> ArtifactData:
     head = None if head is None else Head.from_dict(head, str(path))
     if head is not None and head.num_classes != classes:
         raise ModelResolutionError(f"{path}: head of {head.num_classes} classes in a {classes}-class artifact")
+    # Checked against the stored tensors before anything is built: a head is allocated at its size.
+    if head is not None:
+        _check_head_weight(state, head, path)
     class_names = _class_names(obj.get("classes"), classes, path)
     training = obj.get("training")
     if training is not None and not isinstance(training, dict):
         raise ModelResolutionError(f"{path}: invalid training summary in artifact")
     return ArtifactData(dict(spec), state, _conversion(obj["conversion"], version, path), preprocessing,
                         name, weights, classes, head, class_names, training)
+
+
+def _check_head_weight(state: dict, head: Head, path: Path) -> None:
+    weight = state.get(f"{head.module}.weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != head.num_classes:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        raise ModelResolutionError(f"{path}: head {head.module!r} of {head.num_classes} classes, but its stored "
+                                   f"weight is {'missing' if shape is None else f'of shape {shape}'}")
+
+
+def check_classes_in_state(state: dict, classes: int, path: Path) -> None:
+    """A model's classifier holds a tensor with one row (or channel) per class: a num_classes
+    that no stored tensor has is not the model's (checked once the weights fit the model)."""
+    if not any(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == classes for t in state.values()):
+        raise ModelResolutionError(f"{path}: num_classes {classes} in artifact, but no stored tensor has "
+                                   f"{classes} rows (a classifier would)")
 
 
 def _class_names(names: Any, classes: int, path: Path) -> tuple[str, ...] | None:

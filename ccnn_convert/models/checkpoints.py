@@ -94,7 +94,7 @@ def load_checked(model: nn.Module, state: Any, source: str) -> None:
         if unexpected:
             parts.append(f"{_count(unexpected, 'unexpected key')} ({_first(unexpected)})")
         if reshaped:
-            shown = [f"{k}: {_shape(state[k])} in file, {_shape(expected[k])} in model" for k in reshaped[:3]]
+            shown = [f"{k}: {_described(state[k])} in file, {_shape(expected[k])} in model" for k in reshaped[:3]]
             parts.append(f"{_count(reshaped, 'key')} with another shape ({'; '.join(shown)}"
                          f"{', ...' if len(reshaped) > 3 else ''})")
         raise ModelResolutionError(
@@ -104,6 +104,12 @@ def load_checked(model: nn.Module, state: Any, source: str) -> None:
 
 def _shape(value: Any) -> list[int] | None:
     return list(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _described(value: Any) -> str:
+    """A stored value's shape, or what it is when it is not a tensor (a string, a number)."""
+    shape = _shape(value)
+    return str(shape) if shape is not None else f"a {type(value).__name__}, not a tensor"
 
 
 def _count(items: list, noun: str) -> str:

@@ -15,16 +15,18 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ModelResolutionError
+from ..errors import ModelResolutionError, ParameterError
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
+    "MAX_IMAGE_SIDE",
     "PREPROCESSING_FIELDS",
     "TF_LITE_MEAN",
     "TF_LITE_STD",
     "Preprocessing",
+    "check_image_side",
     "imagenet_preprocessing",
 ]
 
@@ -36,6 +38,19 @@ TF_LITE_STD = (128 / 255,) * 3
 
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 PREPROCESSING_FIELDS = ("resize", "crop", "mean", "std", "interpolation")
+
+# The largest image side any command accepts (resize, crop, --input-size, --size): above every
+# usual dataset, below sides whose tensors could not be allocated (a 3 x 4096 x 4096 float image
+# is 192 MiB; a converted network's activations are many times that).
+MAX_IMAGE_SIDE = 4096
+
+
+def check_image_side(value: Any, parameter: str) -> int:
+    """``value`` if it is an image side from 1 to :data:`MAX_IMAGE_SIDE`, else a ParameterError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise ParameterError(parameter, f"{{param}} must be an image side from 1 to {MAX_IMAGE_SIDE} "
+                                        f"pixels, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,8 @@ class Preprocessing:
     def __post_init__(self) -> None:
         # Validated here so that a bad CLI override fails with one line, not deep in a transform.
         set_ = functools.partial(object.__setattr__, self)
-        set_("resize", _positive_int("resize", self.resize))
-        set_("crop", _positive_int("crop", self.crop))
+        set_("resize", _image_side("resize", self.resize))
+        set_("crop", _image_side("crop", self.crop))
         set_("mean", _triple("mean", self.mean))
         set_("std", _triple("std", self.std))
         if any(s <= 0 for s in self.std):
@@ -125,10 +140,13 @@ class _ToRGB:
         return "ToRGB()"
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _image_side(name: str, value: Any) -> int:
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value != int(value) or value < 1):
         raise ModelResolutionError(f"invalid preprocessing: {name} must be a positive integer, got {value!r}")
+    if value > MAX_IMAGE_SIDE:
+        raise ModelResolutionError(f"invalid preprocessing: {name} {int(value)} is above the largest image side, "
+                                   f"{MAX_IMAGE_SIDE} pixels")
     return int(value)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelResolutionError
-from .artifact import is_artifact, read_artifact
+from .artifact import check_classes_in_state, is_artifact, read_artifact
 from .checkpoints import _is_default, _is_weights_path, _looks_like_file, extract_state_dict, load_checked, safe_load
 from .head import apply_head
 from .factory import build_trusted_factory, parse_factory, resolve_factory
@@ -78,9 +78,9 @@ def build_from_spec(spec: dict, *, trust_factory: bool = False, where: str = "sp
     if source in LIBRARY_SOURCES:
         model = build_library_model(spec, where)
     elif source == "factory":
-        if set(spec) != {"source", "factory"}:
+        if set(spec) - {"sha256"} != {"source", "factory"}:
             raise ModelResolutionError(f"{where}: invalid factory spec in artifact")
-        model = build_trusted_factory(spec["factory"], where, trust_factory)
+        model = build_trusted_factory(spec["factory"], where, trust_factory, spec.get("sha256"))
     else:
         raise ModelResolutionError(f"{where}: cannot rebuild a model of unknown source {source!r}")
     return model.eval()
@@ -136,5 +136,7 @@ def _from_artifact(obj: dict, path: Path, trust_factory: bool) -> ResolvedModel:
     if data.head is not None:
         apply_head(model, data.head, str(path))
     load_checked(model, data.state_dict, f"artifact {path}")
+    if data.head is None:
+        check_classes_in_state(data.state_dict, data.num_classes, path)
     return ResolvedModel(model.eval(), data.name, data.preprocessing, data.spec, data.weights,
                          data.conversion, data.num_classes, data.head, data.class_names, data.training)
