@@ -105,7 +105,7 @@ def test_a_factory_that_exits_is_an_error(tmp_path, source, model):
 
 CLI_DIR = Path(_common.__file__).parent
 HELP_RUNS = {  # module -> the --help invocations it serves
-    "convert": [[]], "eval": [[]], "export": [[]], "bench": [[]], "train": [[]],
+    "convert": [[]], "eval": [[]], "export": [[]], "bench": [[]], "train": [[]], "recalibrate": [[]],
     "visualize": [[], ["positions"], ["features"]],
 }
 

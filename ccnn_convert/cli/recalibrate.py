@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from ..train.calibrate import recalibrate_model
-from ._common import console, preprocessing_overrides, run_app, user_errors
+from ._common import console, plain, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -55,8 +55,8 @@ def recalibrate_command(
                                 trust_factory=trust_factory, batch_size=batch_size, layers=layers, workers=workers, device=device,
                                 force=force)
     skipped = f" ({summary['skipped']} unreadable file(s) skipped)" if summary["skipped"] else ""
-    console.print(f"recalibrated the BatchNorm statistics ({summary['layers']}) on {summary['images']} images{skipped}; "
-                  f"saved [bold]{escape(str(output))}[/]")
+    console.print(Text.assemble(f"recalibrated the BatchNorm statistics ({summary['layers']}) on {summary['images']} "
+                                f"images{skipped}; saved ", plain(output, "bold")), soft_wrap=True)
 
 
 def main() -> None:
