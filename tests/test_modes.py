@@ -13,7 +13,7 @@ from torch import nn
 from ccnn_convert import ConversionSpec, conversion_report, convert
 from ccnn_convert.core import CONVERSION_MODES, DiffStride2d, diffstride_layers
 from ccnn_convert.core.blurpool import blur_pool
-from ccnn_convert.core.modes import MODE_OPTIONS, MODES, modes_table
+from ccnn_convert.core.modes import MODE_OPTIONS, MODES, RESAMPLING_MODES, modes_table
 from ccnn_convert.core.spectral import spectral_pool
 from ccnn_convert.errors import ConversionError, ParameterError
 from ccnn_convert.spec import check_options_used
@@ -34,6 +34,7 @@ def test_the_table_is_the_one_list_of_modes_and_options():
     expected = {"checkered": {"sampler", "density", "seed", "edges"}, "dilated": {"dilation"}, "traditional": set(),
                 "spectral": set(), "diffstride": {"smoothness"}, "blurpool": {"blur_size"}}
     assert {name: set(mode.options) for name, mode in MODES.items()} == expected
+    assert RESAMPLING_MODES == NEW_MODES
     for mode in MODES.values():
         assert callable(mode.converter) and mode.computes and mode.cost and mode.training
         assert f"| `{mode.name}` |" in modes_table()
@@ -266,3 +267,12 @@ def test_train_and_eval_graphs_share_the_learnable_strides():
     with torch.no_grad():
         torch.testing.assert_close(trained.detach(), converted(x) * 0.5)
     assert isinstance(converted.ccnn_diffstride_step1, DiffStride2d)
+
+
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_dense_feature_maps_are_refused_for_resampled_maps(mode):
+    """Their maps are not samples of the input grid: no DenseMap with a wrong stride."""
+    from ccnn_convert import create_feature_extractor
+    model = _Block().eval()
+    with pytest.raises(ParameterError, match=f"{mode} mode's maps are resampled"):
+        create_feature_extractor(model, ["conv"], mode=mode, example_input=torch.zeros(1, 3, 32, 32))

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["MODES", "MODE_OPTIONS", "Mode", "mode_options", "modes_table"]
+__all__ = ["MODES", "MODE_OPTIONS", "Mode", "RESAMPLING_MODES", "mode_options", "modes_table"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
                      "(antialiased-cnns' BlurPool)",
          "the layer at stride 1 plus a depthwise blur", "no (training helps)", ("blur_size",), _DOWNSAMPLE),
 )}
+
+# The modes that run a layer at stride 1 and resample its output (no submaps, no grid of samples).
+RESAMPLING_MODES: tuple[str, ...] = tuple(name for name, mode in MODES.items() if mode.converter_path == _DOWNSAMPLE)
 
 # Every mode-specific option, in the order convert() takes them.
 MODE_OPTIONS: tuple[str, ...] = ("sampler", "density", "seed", "edges", "dilation", "smoothness", "blur_size")
