@@ -87,7 +87,7 @@ class DiffStride2d(nn.Module):
         self.strides = nn.Parameter(torch.tensor([float(s) for s in first]))
         self.smoothness = float(smoothness)
         self._frozen: tuple[float, float] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: module._freeze())
+        self.register_load_state_dict_post_hook(_refreeze)
 
     def train(self, mode: bool = True) -> "DiffStride2d":
         super().train(mode)
@@ -126,6 +126,11 @@ class DiffStride2d(nn.Module):
     def extra_repr(self) -> str:
         strides = ", ".join(f"{s:.3g}" for s in self.strides.detach().tolist())
         return f"strides=({strides}), smoothness={self.smoothness:g}"
+
+
+def _refreeze(module: DiffStride2d, _incompatible_keys) -> None:
+    """After load_state_dict: an eval-mode layer reads its new strides (a plain function: picklable)."""
+    module._freeze()
 
 
 def diffstride_layers(model: nn.Module) -> list[tuple[str, DiffStride2d]]:
