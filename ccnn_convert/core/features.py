@@ -33,6 +33,7 @@ from torchvision.models.feature_extraction import DualGraphModule
 
 from . import layers
 from ..errors import ConversionError, ParameterError
+from .modes import RESAMPLING_MODES
 from .ops import find_strided, is_whole_map_pool, tensor_meta
 from .rewrite import convert
 
@@ -283,6 +284,12 @@ def extract_features(converted: fx.GraphModule, return_nodes: Sequence[str] | Ma
     """:func:`create_feature_extractor` for a model :func:`~ccnn_convert.core.convert` returned
     (node names are still those of the original model)."""
     queries = _queries(return_nodes)
+    mode = converted.meta["ccnn_report"].mode if "ccnn_report" in getattr(converted, "meta", {}) else None
+    if mode in RESAMPLING_MODES:
+        # their maps are not samples of the original grid (low-passed, or at learned strides)
+        raise ParameterError("mode", f"dense feature maps place samples on the input grid; {mode} mode's maps "
+                                     "are resampled, not sampled: use torchvision's create_feature_extractor "
+                                     "on the converted model")
     model_name = type(converted).__name__
     if isinstance(converted, DualGraphModule):
         train, train_layouts = _extractor_graph(converted.train_graph, converted, queries)
