@@ -16,6 +16,7 @@ from rich.text import Text
 
 from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
+from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
 from ._common import console, err_console, parse_list, percent, preprocessing_overrides, run_app, user_errors
 
@@ -72,7 +73,7 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     else:
         notes.append("peak memory: CUDA max allocated during each mode's forward pass")
     notes.append(f"loader wait: {report.loader_wait_s:.2f} s of {report.wall_s:.2f} s waiting for the next batch")
-    notes.append("FLOPs: one forward pass at batch 1 (torch.utils.flop_counter)")
+    notes.append(f"FLOPs: one forward pass at batch 1 (torch.utils.flop_counter); {FFT_FLOPS_NOTE}")
     protocol = s.get("consistency_protocol")
     if protocol:
         notes.append(f"shift consistency: two random {protocol['crop']}px crops of the {protocol['square']}px "
