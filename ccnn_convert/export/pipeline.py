@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import DataError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
 from ..outputs import check_output, staged_directory
-from ..spec import MODES, ORIGINAL, ConversionSpec, check_checkered_options_used
+from ..spec import MODES, ORIGINAL, ConversionSpec, check_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
 from .metadata import build_metadata, scale_to_crop
 from .opset import check_opset
@@ -65,7 +65,8 @@ class ExportResult:
 def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sampler: str | None = None,
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
-                    dilation: str | None = None) -> ConversionSpec | None:
+                    dilation: str | None = None, smoothness: float | None = None,
+                    blur_size: int | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -76,22 +77,23 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
     if mode not in MODES:
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                   leaf_modules=leaf_modules or None, edges=edges, dilation=dilation)
+                   leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
+                   blur_size=blur_size)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
-    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation)
+    check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
+                       smoothness=smoothness, blur_size=blur_size)
     return ConversionSpec.build(mode, base=base, **options)
 
 
 def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | None = None, *,
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
-           edges: str | None = None, dilation: str | None = None,
-           weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
+           edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
+           blur_size: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
            verify: VerifyOptions | None = VerifyOptions(), benchmark: BenchmarkOptions | None = None,
@@ -114,13 +116,14 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
         _check_folder(verify.data)
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
-                           seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation)
+                           seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
+                           smoothness=smoothness, blur_size=blur_size)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None
     prep, size, notes = _input_size(resolved.preprocessing, input_size)
     images = load_images(verify.data, prep, verify.data_limit) if verify is not None and verify.data else None
-    torch_model = _build(resolved.model, spec, size)
+    torch_model = _build(resolved, spec, size)
     metadata = build_metadata(name=resolved.name, weights=resolved.weights, conversion=spec, input_size=size,
                               preprocessing=prep, num_classes=resolved.num_classes,
                               dtype="float16" if fp16 else "float32", opset=opset)
@@ -169,11 +172,11 @@ def _input_size(preprocessing: Preprocessing, input_size: int | None) -> tuple[P
     return scaled, input_size, [note]
 
 
-def _build(model: nn.Module, spec: ConversionSpec | None, size: int) -> nn.Module:
+def _build(resolved: ResolvedModel, spec: ConversionSpec | None, size: int) -> nn.Module:
     if spec is None:
-        return model.eval()
+        return resolved.model.eval()
     logger.info("converting (%s, %s)...", spec.mode, spec.describe())
-    return spec.apply(model, size)
+    return resolved.converted(spec, size)  # with an artifact's learned strides
 
 
 def _write(torch_model: nn.Module, staged: Path, size: int, opset: int, metadata: dict, fp16: bool) -> OnnxInfo:

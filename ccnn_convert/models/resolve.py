@@ -137,4 +137,5 @@ def _from_artifact(obj: dict, path: Path, trust_factory: bool) -> ResolvedModel:
         apply_head(model, data.head, str(path))
     load_checked(model, data.state_dict, f"artifact {path}")
     return ResolvedModel(model.eval(), data.name, data.preprocessing, data.spec, data.weights,
-                         data.conversion, data.num_classes, data.head, data.class_names, data.training)
+                         data.conversion, data.num_classes, data.head, data.class_names, data.training,
+                         data.conversion_state)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .._helpers import logits_of
+from ..core.diffstride import diffstride_cost, diffstride_layers
 from ..data import Batch, Item, Skipped, collate_items, shard_indices
 from ..errors import DataError, ParameterError
 from ..metrics import topk_correct
@@ -104,6 +105,7 @@ class Trainer:
         self.train_set, self.val_set, self.workers, self.on_step = train_set, val_set, workers, on_step
         _check_options(config, self.device, self.ctx)
         torch.manual_seed(config.seed + 1_000_003 * self.ctx.rank)  # ranks augment and sample differently
+        _check_stride_penalty(config, model)
         self.model = model.to(self.device)
         if config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -134,6 +136,8 @@ class Trainer:
         with self._autocast():
             logits = logits_of(self.wrapped(images)).float()
         loss = self.loss_fn(logits, targets)
+        if self.config.stride_penalty:  # the paper's complexity regulariser on the learned strides
+            loss = loss + self.config.stride_penalty * diffstride_cost(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -269,6 +273,12 @@ class Trainer:
         else:
             logger.warning(f"resuming with {self.ctx.world_size} process(es) instead of {len(rng)}: the "
                            "random draws (augmentation, random sampler) differ from an uninterrupted run")
+
+
+def _check_stride_penalty(config: TrainConfig, model: nn.Module) -> None:
+    if config.stride_penalty and not diffstride_layers(model):
+        raise ParameterError("stride_penalty", "{param} penalises learned strides; the model has none "
+                                               "(only mode diffstride learns them)")
 
 
 def _check_options(config: TrainConfig, device: torch.device, ctx: DistributedContext) -> None:

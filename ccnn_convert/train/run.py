@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ParameterError
-from ..models import ResolvedModel, replace_head, resolve_model, save_artifact
+from ..models import ResolvedModel, conversion_state, replace_head, resolve_model, save_artifact
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
-from ..spec import ConversionSpec, check_checkered_options_used
+from ..spec import ConversionSpec, check_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
@@ -60,7 +60,8 @@ def train_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *,
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
-    dilation: str | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
+    dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
+    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
     workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
@@ -69,8 +70,9 @@ def train_model(
     """Resolve, convert and train ``model`` on ``data/train``, validating on ``data/val``.
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
-    network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation`` and
-    ``leaf_modules`` are ``ccnn-convert``'s; the random sampler redraws on every training
+    network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
+    ``blur_size`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
@@ -87,11 +89,12 @@ def train_model(
         resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
         labels = _labels(resolved, class_folders(data), num_classes)
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
-                           edges=edges, dilation=dilation, leaf_modules=leaf_modules)
+                           edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                           leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels)
         identity = _identity(trained, weights, spec, config)
         pre = trained.preprocessing
-        converted = spec.apply(trained.model, pre.crop)
+        converted = trained.converted(spec, pre.crop)  # a diffstride artifact's learned strides too
         train_set, val_set = training_sets(data, labels, pre, config)
         trainer = Trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
                           on_step=on_step if ctx.is_main else None)
@@ -138,8 +141,11 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = {k: v for k, v in options.items() if k != "leaf_modules"}
-    check_checkered_options_used([mode], **given)  # an option that would do nothing is an error
+    check_options_used([mode], **given)  # an option that would do nothing is an error
     spec = ConversionSpec.build(mode, base, leaf_modules=options["leaf_modules"], **given)
+    if config.stride_penalty and spec.mode != "diffstride":
+        raise ParameterError("stride_penalty", f"{{param}} penalises learned strides: mode diffstride only, "
+                                               f"not {spec.mode}")
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
         spec = dataclasses.replace(spec, seed=config.seed)  # the eval table, the same on every process
     return spec
@@ -171,7 +177,8 @@ def _write_epoch(files: dict[str, Path], trainer: Trainer, trained: ResolvedMode
     summary = {"epochs": record.epoch, "val_top1": record.val_top1, "val_top5": record.val_top5,
                "train_loss": record.train_loss, "data": str(data), "recipe": identity["recipe"],
                "from_weights": identity["weights"]}
-    artifact = dataclasses.replace(trained, training=summary)
+    artifact = dataclasses.replace(trained, training=summary, conversion=spec,  # + learned strides
+                                   conversion_state=conversion_state(trainer.model, trained.model) or None)
     save_artifact(files["last"], artifact, spec, force=True)
     if best_record(history) is record or record.val_top1 is None:  # ties keep the earlier best
         save_artifact(files["best"], artifact, spec, force=True)
