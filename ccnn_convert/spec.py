@@ -2,7 +2,9 @@
 
 A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
 model: mode, sampler, keep_first, density, seed, the edge rule (``edges``), how dilated mode is
-computed (``dilation``) and the leaf modules that make the model traceable. It is built from a
+computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size`` and the leaf
+modules that make the model traceable. Which option belongs to which mode comes from the table
+of modes (:data:`ccnn_convert.core.modes.MODES`). It is built from a
 command's options, from an artifact, or from both
 (:meth:`ConversionSpec.build`: explicit values win over the artifact's, which win over the
 defaults), is validated when made, and travels as plain data (:meth:`to_dict`).
@@ -17,14 +19,13 @@ import torch
 from torch import nn
 
 from .core import CONVERSION_MODES, check_options, convert
+from .core.modes import MODE_OPTIONS, mode_options
 from .errors import ParameterError
 
-__all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used", "check_modes"]
+__all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used", "check_modes", "check_options_used"]
 
 ORIGINAL = "original"  # the model as it was resolved, not traced
 MODES = (ORIGINAL, *CONVERSION_MODES)  # what every command can run
-_CHECKERED_ONLY = ("sampler", "density", "seed", "edges")  # shape the checkered submaps only
-_DILATED_ONLY = ("dilation",)  # how dilated mode is computed
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ConversionSpec:
     leaf_modules: tuple[str, ...] = field(default=())
     edges: str | None = None
     dilation: str | None = None  # None: native where a dilation can express the model
+    smoothness: float | None = None  # diffstride: the mask's ramp width (None: 4)
+    blur_size: int | None = None  # blurpool: the binomial filter's size (None: 3)
 
     def __post_init__(self) -> None:
         leaves = self.leaf_modules
@@ -46,34 +49,31 @@ class ConversionSpec:
             raise ParameterError("leaf_modules", "{param} must be a list of module class or qualified names")
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
-                      self.dilation)
+                      self.dilation, self.smoothness, self.blur_size)
 
     @classmethod
     def build(cls, mode: str, base: "ConversionSpec | None" = None, *, sampler: str | None = None,
               keep_first: int | None = None, density: int | None = None, seed: int | None = None,
               leaf_modules: Iterable[str] | None = None, edges: str | None = None,
-              dilation: str | None = None) -> "ConversionSpec":
+              dilation: str | None = None, smoothness: float | None = None,
+              blur_size: int | None = None) -> "ConversionSpec":
         """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
 
-        ``base``'s sampler, density, seed, edges and dilation count only when ``mode`` is
-        ``base``'s own mode; the checkered-only options (sampler, density, seed, edges) are
-        dropped for the other modes and ``dilation`` for modes other than dilated, so one set
-        of options can serve several modes (see :func:`check_checkered_options_used`).
+        ``base``'s mode-specific options (sampler, density, seed, edges, dilation, smoothness,
+        blur_size) count only when ``mode`` is ``base``'s own mode; each is dropped for the
+        modes that do not take it (the table of modes says which do), so one set of options can
+        serve several modes (see :func:`check_options_used`).
         ``base``'s leaf modules always carry over: they describe the model, not the mode.
         """
         values: dict[str, Any] = {}
         if base is not None:
             values["keep_first"] = base.keep_first
             if base.mode == mode:
-                values.update(sampler=base.sampler, density=base.density, seed=base.seed, edges=base.edges,
-                              dilation=base.dilation)
+                values.update({name: getattr(base, name) for name in MODE_OPTIONS})
         given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed, edges=edges,
-                     dilation=dilation)
+                     dilation=dilation, smoothness=smoothness, blur_size=blur_size)
         values.update({k: v for k, v in given.items() if v is not None})
-        if mode != "checkered":
-            values = {k: v for k, v in values.items() if k not in _CHECKERED_ONLY}
-        if mode != "dilated":
-            values = {k: v for k, v in values.items() if k not in _DILATED_ONLY}
+        values = {k: v for k, v in values.items() if k not in MODE_OPTIONS or k in mode_options(mode)}
         leaves = list(base.leaf_modules) if base is not None else []
         leaves += [name for name in (leaf_modules or ()) if name not in leaves]
         return cls(mode=mode, leaf_modules=tuple(leaves), **values)
@@ -113,29 +113,31 @@ class ConversionSpec:
         """``sampler=lattice, keep_first=0``: the options that matter for this mode."""
         shown = asdict(self)
         shown.pop("mode")
-        hidden = ((_CHECKERED_ONLY if self.mode != "checkered" else ())
-                  + (_DILATED_ONLY if self.mode != "dilated" else ()))
-        for key in hidden:
-            shown.pop(key)
+        for key in MODE_OPTIONS:
+            if key not in mode_options(self.mode):
+                shown.pop(key)
         if self.leaf_modules:
             shown["leaf_modules"] = ",".join(self.leaf_modules)
         return ", ".join(f"{k}={v}" for k, v in shown.items() if v not in (None, (), ""))
 
 
-def check_checkered_options_used(modes: Sequence[str], **given: Any) -> None:
-    """Refuse sampler/density/seed/edges when no requested mode is checkered, and dilation when
-    none is dilated (they would do nothing). ``edges="exact"`` is also right for dilated mode."""
-    if given.get("dilation") is not None and "dilated" not in modes:
-        raise ParameterError("dilation", f"{{param}} only applies to mode dilated; no dilated mode among "
-                                         f"{', '.join(modes)}")
-    if "checkered" in modes:
-        return
-    if given.get("edges") == "exact" and "dilated" in modes:
-        given = {k: v for k, v in given.items() if k != "edges"}
-    for name in _CHECKERED_ONLY:
-        if given.get(name) is not None:
-            raise ParameterError(name, f"{{param}} only shapes checkered submaps; no checkered mode among "
-                                       f"{', '.join(modes)}")
+def check_options_used(modes: Sequence[str], **given: Any) -> None:
+    """Refuse a mode-specific option (sampler, density, seed, edges, dilation, smoothness,
+    blur_size) that no requested mode takes: it would do nothing. ``edges="exact"`` is also
+    right for dilated mode."""
+    for name in MODE_OPTIONS:
+        if given.get(name) is None:
+            continue
+        if any(name in mode_options(mode) for mode in modes):
+            continue
+        if name == "edges" and given[name] == "exact" and "dilated" in modes:
+            continue
+        takers = " or ".join(mode for mode in CONVERSION_MODES if name in mode_options(mode))
+        what = "shapes checkered submaps" if takers == "checkered" else f"applies to mode {takers}"
+        raise ParameterError(name, f"{{param}} only {what}; no {takers} mode among {', '.join(modes)}")
+
+
+check_checkered_options_used = check_options_used  # its name before the table of modes
 
 
 def check_modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> list[str]:

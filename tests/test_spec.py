@@ -83,7 +83,7 @@ def test_checkered_options_need_a_checkered_mode():
 
 def test_check_modes_validates_and_deduplicates():
     assert check_modes(["Original", "checkered", "original"]) == ["original", "checkered"]
-    assert set(MODES) == {"original", "traditional", "checkered", "dilated"}
+    assert set(MODES) == {"original", "traditional", "checkered", "dilated", "spectral", "diffstride", "blurpool"}
     for bad in (["sideways"], []):
         with pytest.raises(ParameterError):
             check_modes(bad)

@@ -1,15 +1,23 @@
-"""Validation of :func:`~.rewrite.convert`'s options: an option that would do nothing is an error."""
+"""Validation of :func:`~.rewrite.convert`'s options: an option that would do nothing is an error.
+
+Which mode takes which option comes from the table of modes (:mod:`.modes`).
+"""
 
 from __future__ import annotations
 
 from ..errors import ParameterError
 from .edge_pass import EDGES
+from .modes import MODES, mode_options
 from .sequences import SEQUENCES
 
-__all__ = ["CONVERSION_MODES", "DILATIONS", "EDGES", "check_options", "default_edges"]
+__all__ = ["CONVERSION_MODES", "DEFAULT_BLUR_SIZE", "DEFAULT_SMOOTHNESS", "DILATIONS", "EDGES", "MAX_BLUR_SIZE",
+           "check_options", "default_edges"]
 
-CONVERSION_MODES = ("checkered", "dilated", "traditional")
+CONVERSION_MODES = tuple(MODES)
 DILATIONS = ("multisample", "native")
+DEFAULT_SMOOTHNESS = 4.0  # DiffStride's ramp width R, in frequency positions (the paper's default)
+DEFAULT_BLUR_SIZE = 3  # antialiased-cnns' filt_size default in its models
+MAX_BLUR_SIZE = 7  # the largest binomial filter antialiased-cnns ships
 
 
 def default_edges(mode: str, edges: str | None) -> str:
@@ -20,7 +28,8 @@ def default_edges(mode: str, edges: str | None) -> str:
 
 
 def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, density: int | None = None,
-                  seed: int | None = None, edges: str | None = None, dilation: str | None = None) -> None:
+                  seed: int | None = None, edges: str | None = None, dilation: str | None = None,
+                  smoothness: float | None = None, blur_size: int | None = None) -> None:
     """Validate :func:`convert`'s options; an option that would do nothing is an error, not ignored."""
     if mode not in CONVERSION_MODES:
         raise ParameterError("mode", f"unknown {{param}} {mode!r}; choose one of {', '.join(CONVERSION_MODES)}")
@@ -31,16 +40,43 @@ def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, dens
     if density is not None:
         if isinstance(density, bool) or not isinstance(density, int) or density < 1:
             raise ParameterError("density", f"{{param}} must be a positive integer, got {density!r}")
-        if mode != "checkered":
+        if "density" not in mode_options(mode):
             raise ParameterError("density", f"{{param}} sets the samples per window of checkered mode "
                                             f"(1 = traditional, k*k = dilated); it does nothing with mode {mode!r}")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ParameterError("seed", f"{{param}} must be a non-negative integer, got {seed!r}")
-        if sampler != "random" or mode != "checkered":
+        if sampler != "random" or "seed" not in mode_options(mode):
             raise ParameterError("seed", "{param} only seeds the random sampler of checkered mode "
                                          f"(mode {mode!r}, sampler {sampler!r})")
     _check_edges(mode, edges, dilation)
+    _check_smoothness(mode, smoothness)
+    _check_blur_size(mode, blur_size)
+    if sampler != "lattice" and "sampler" not in mode_options(mode) and mode != "dilated":
+        # (dilated mode takes every sample: any sampler gives the same network, as it always has)
+        raise ParameterError("sampler", f"{{param}} {sampler!r} chooses checkered samples; it does nothing "
+                                        f"with mode {mode!r}")
+
+
+def _check_smoothness(mode: str, smoothness: float | None) -> None:
+    if smoothness is None:
+        return
+    if isinstance(smoothness, bool) or not isinstance(smoothness, (int, float)) or not smoothness > 0 \
+            or smoothness == float("inf"):
+        raise ParameterError("smoothness", f"{{param}} must be a positive number, got {smoothness!r}")
+    if "smoothness" not in mode_options(mode):
+        raise ParameterError("smoothness", f"{{param}} is the ramp width of DiffStride's mask; it does nothing "
+                                           f"with mode {mode!r}")
+
+
+def _check_blur_size(mode: str, blur_size: int | None) -> None:
+    if blur_size is None:
+        return
+    if isinstance(blur_size, bool) or not isinstance(blur_size, int) or not 1 <= blur_size <= MAX_BLUR_SIZE:
+        raise ParameterError("blur_size", f"{{param}} must be an integer from 1 to {MAX_BLUR_SIZE}, got {blur_size!r}")
+    if "blur_size" not in mode_options(mode):
+        raise ParameterError("blur_size", f"{{param}} is the size of blurpool's binomial filter; it does nothing "
+                                          f"with mode {mode!r}")
 
 
 def _check_edges(mode: str, edges: str | None, dilation: str | None) -> None:
@@ -50,7 +86,7 @@ def _check_edges(mode: str, edges: str | None, dilation: str | None) -> None:
         if mode == "dilated" and edges != "exact":
             raise ParameterError("edges", "dilated mode is always exact at the edges; {param} "
                                           f"{edges!r} is only for checkered mode")
-        if mode not in ("checkered", "dilated"):
+        if "edges" not in mode_options(mode) and mode != "dilated":
             raise ParameterError("edges", f"{{param}} does nothing with mode {mode!r}")
     if dilation is not None and dilation not in DILATIONS:
         raise ParameterError("dilation", f"unknown {{param}} {dilation!r}; choose one of {', '.join(DILATIONS)}")

@@ -21,6 +21,7 @@ a leaf that matches no module are logged as warnings and kept in :attr:`Conversi
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Sequence
 
@@ -33,6 +34,7 @@ from ..errors import ConversionError
 from .dilation import NativeDilationError, convert_native
 from .edge_pass import apply_exact_edges
 from .report import ConversionReport, LayerRecord, conversion_report
+from .modes import MODES
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
 from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, \
     strided_steps, tensor_meta, tensor_metas
@@ -40,7 +42,7 @@ from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_b
 
 __all__ = [
     "CONVERSION_MODES", "DILATIONS", "EDGES", "ConversionReport", "LayerRecord", "check_options",
-    "conversion_report", "convert", "default_edges",
+    "conversion_report", "convert", "convert_multisample", "default_edges",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,14 +63,19 @@ def convert(
     leaf_modules: Sequence[type | str] = (),
     edges: str | None = None,
     dilation: str | None = None,
+    smoothness: float | None = None,
+    blur_size: int | None = None,
 ) -> fx.GraphModule:
     """Return a converted copy of ``model``; ``model`` itself is left untouched.
 
     Args:
         model: any torch.fx-traceable CNN taking ``(B, C, H, W)`` images.
-        mode: ``"checkered"`` (k samples per k x k window, n-rooks), ``"dilated"`` (every sample:
-            equal to removing the stride and dilating every later layer) or ``"traditional"``
-            (nothing changes).
+        mode: one of :data:`~.modes.MODES`: ``"checkered"`` (k samples per k x k window,
+            n-rooks), ``"dilated"`` (every sample: equal to removing the stride and dilating
+            every later layer), ``"traditional"`` (nothing changes), ``"spectral"`` (stride 1,
+            then fixed spectral pooling to the original size), ``"diffstride"`` (stride 1, then
+            DiffStride's learnable spectral pooling) or ``"blurpool"`` (stride 1, then a
+            binomial blur with the stride).
         sampler: sequence of samplers over submaps: ``"naive"``, ``"lattice"`` or ``"random"``.
         keep_first: the first N subsampling steps (in data-flow order) stay traditional.
         density: samples per window of checkered mode (1 = traditional, k*k = dilated).
@@ -86,6 +93,8 @@ def convert(
             Default: native, which is faster (``docs/results.md``), falling back to multisample
             (with a log line) where a dilation cannot express the model (a pool to a fixed size,
             tokens folded from the map).
+        smoothness: DiffStride's mask ramp width R in frequency positions (default 4).
+        blur_size: blurpool's binomial filter size, 1 to 7 (default 3).
 
     Returns:
         A ``torch.fx.GraphModule`` with the same parameters as ``model``: same names, and the
@@ -93,7 +102,21 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    check_options(mode, sampler, keep_first, density, seed, edges, dilation)
+    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size)
+    options = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
+                   smoothness=smoothness, blur_size=blur_size)
+    converter = MODES[mode].converter
+    # check_options refused every option that does nothing for this mode; the converter takes the rest
+    taken = {name: value for name, value in options.items() if name in inspect.signature(converter).parameters}
+    return converter(model, mode=mode, keep_first=keep_first, example_input=example_input,
+                     leaf_modules=leaf_modules, **taken)
+
+
+def convert_multisample(model: nn.Module, mode: str, keep_first: int = 0, sampler: str = "lattice",
+                        density: int | None = None, seed: int | None = None,
+                        example_input: torch.Tensor | None = None, leaf_modules: Sequence[type | str] = (),
+                        edges: str | None = None, dilation: str | None = None) -> fx.GraphModule:
+    """:func:`convert` for checkered, dilated and traditional mode (options already checked)."""
     if mode == "dilated" and dilation != "multisample":
         try:
             return convert_native(model, keep_first=keep_first, example_input=example_input,

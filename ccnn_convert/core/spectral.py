@@ -1,0 +1,106 @@
+"""Fixed spectral pooling: keep the low frequencies of a map, go back at the smaller size.
+
+:func:`spectral_pool` resizes a map to any smaller size ``(h, w)``: the 2-D DFT of the map,
+cropped to the ``h x w`` frequencies nearest zero (rows ``0 .. ceil(h/2)-1`` and the last
+``floor(h/2)``, the same for columns), then the inverse DFT at ``h x w``, real part. That is the
+ideal low-pass filter followed by sampling on the coarser grid: a map made of frequencies below
+the new Nyquist limit comes out as its exact samples on the output grid.
+
+It runs on the real FFT (``rfft2``/``irfft2``: half the columns). For an even output height the
+cropped spectrum's Nyquist row holds the mean of the input's rows ``+h/2`` and ``-h/2``: the
+real part of the full complex crop, which ``irfft2`` alone would not give.
+
+Scale: the DFT pair is normalized so that a constant map keeps its value (``norm="forward"``).
+The published spectral pooling (Rippel et al., 2015) uses the unnormalized pair (forward
+unscaled, inverse divided by the output area), which multiplies every value by the area ratio
+``H*W / (h*w)``; a network trained with it absorbs the factor, a pretrained one does not.
+:class:`SpectralPool2d`, the published layer on its own, keeps the published scale by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .layers import IntPair, pair
+
+__all__ = ["SpectralPool2d", "crop_low", "published_size", "spectral_pool"]
+
+
+def crop_low(spectrum: Tensor, size: IntPair, out: IntPair) -> Tensor:
+    """The ``rfft2`` ``spectrum`` of a ``size`` map cropped for an ``out`` map: the real part of
+    the full complex crop (rows ``0 .. ceil(h/2)-1`` and ``-floor(h/2) .. -1``, likewise columns)
+    once ``irfft2`` takes it back at ``out``.
+
+    ``irfft2`` reads the column Nyquist as the full crop does; the row Nyquist (an even ``h``
+    below ``H``) is the mean of rows ``+h/2`` and ``-h/2``, except where it meets an even
+    ``w < W``'s Nyquist column: there the full crop holds frequency ``(-h/2, -w/2)`` only.
+    """
+    (height, width), (h, w) = size, out
+    cropped = spectrum[..., : w // 2 + 1]
+    if h >= height:
+        return cropped
+    top, bottom = (h + 1) // 2, h // 2
+    low = cropped[..., :top, :]
+    if bottom == 0:
+        return low
+    high = cropped[..., height - bottom:, :]
+    if h % 2 == 0:
+        positive = cropped[..., bottom:bottom + 1, :]
+        nyquist = (high[..., :1, :] + positive) / 2
+        if w % 2 == 0 and w < width:
+            # conj(X[-h/2, -w/2]) = X[+h/2, +w/2]: its real part is what the full crop keeps
+            nyquist = torch.cat([nyquist[..., :-1], positive[..., -1:]], dim=-1)
+        high = torch.cat([nyquist, high[..., 1:, :]], dim=-2)
+    return torch.cat([low, high], dim=-2)
+
+
+def spectral_pool(x: Tensor, size: int | IntPair) -> Tensor:
+    """Resize ``x`` (``(..., H, W)``) to ``size`` (``h <= H``, ``w <= W``, any parity) by
+    keeping its lowest frequencies; a constant map keeps its value."""
+    h, w = pair(size)
+    height, width = x.shape[-2:]
+    if h > height or w > width or h < 1 or w < 1:
+        raise ValueError(f"spectral_pool: cannot pool a {height}x{width} map to {h}x{w}")
+    if (h, w) == (height, width):
+        return x
+    spectrum = torch.fft.rfft2(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, norm="forward")
+    spectrum = crop_low(spectrum, (height, width), (h, w))
+    return torch.fft.irfft2(spectrum, s=(h, w), norm="forward").to(x.dtype)
+
+
+def published_size(height: int, width: int, stride: float) -> IntPair:
+    """The published layer's output size: height ``floor(H/s)`` made even, width ``floor(W/s)``,
+    each at least 2."""
+    out_h = max(2, int(math.floor(height / stride)) // 2 * 2)
+    out_w = max(2, int(math.floor(width / stride)))
+    return min(out_h, height), min(out_w, width)
+
+
+class SpectralPool2d(nn.Module):
+    """Spectral pooling by a (real) ``stride >= 1``, as published (Rippel et al., 2015).
+
+    Output ``published_size(H, W, stride)``; the kept rows are the first and last ``out_h/2``
+    frequency rows, the kept columns the first ``out_w//2 + 1`` rfft columns. With
+    ``published_scale=True`` (the default) values carry the published FFT pair's factor
+    ``H*W / (out_h*out_w)``; with False a constant map keeps its value (:func:`spectral_pool`).
+    """
+
+    def __init__(self, stride: float, published_scale: bool = True):
+        super().__init__()
+        if isinstance(stride, bool) or not isinstance(stride, (int, float)) or not 1 <= stride < math.inf:
+            raise ValueError(f"SpectralPool2d: stride must be a number >= 1, got {stride!r}")
+        self.stride, self.published_scale = float(stride), published_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        out_h, out_w = published_size(height, width, self.stride)
+        pooled = spectral_pool(x, (out_h, out_w))
+        if self.published_scale:
+            pooled = pooled * (height * width / (out_h * out_w))
+        return pooled
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride:g}, published_scale={self.published_scale}"
