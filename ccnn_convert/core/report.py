@@ -45,6 +45,8 @@ class ConversionReport:
     warnings: list[str] = field(default_factory=list)
     edges: str = "reference"
     dilation: str | None = None  # dilated mode: "multisample" or "native"
+    smoothness: float | None = None  # diffstride mode: the smoothness asked for (None: the default)
+    blur_size: int | None = None  # blurpool mode: the filter size asked for (None: the default)
 
     @property
     def converted_layers(self) -> int:
