@@ -117,10 +117,10 @@ def preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
 
 
 def mode_names(original: bool = True) -> str:
-    """'original|checkered|dilated|...': the modes a command takes, from the table of modes."""
+    """'original | checkered | dilated | ...': the modes a command takes, from the table of modes."""
     from ..core.modes import MODES as TABLE
 
-    return "|".join((["original"] if original else []) + list(TABLE))
+    return " | ".join((["original"] if original else []) + list(TABLE))
 
 
 def modes_described() -> str:
@@ -134,14 +134,14 @@ def smoothness_help() -> str:
     from ..core.options import DEFAULT_SMOOTHNESS
 
     return (f"Mode diffstride: width R of the Fourier mask's ramp, in frequency positions "
-            f"[default: {DEFAULT_SMOOTHNESS:g}].")
+            f"(default: {DEFAULT_SMOOTHNESS:g}).")
 
 
 def blur_size_help() -> str:
     from ..core.options import DEFAULT_BLUR_SIZE, MAX_BLUR_SIZE
 
     return (f"Mode blurpool: size of the binomial blur filter, 1 to {MAX_BLUR_SIZE} "
-            f"[default: {DEFAULT_BLUR_SIZE}].")
+            f"(default: {DEFAULT_BLUR_SIZE}).")
 
 
 # --------------------------------------------------------------------------- errors

@@ -14,12 +14,16 @@ given size and checks it against ``spectral_pool`` (float64, random input) befor
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..core.spectral import spectral_pool
+from ..errors import ExportError
 
-__all__ = ["MatrixSpectralPool", "axis_basis", "matrix_form"]
+__all__ = ["MatrixSpectralPool", "axis_basis", "matrix_form", "with_matrix_spectral_pooling"]
 
 _CHECK_TOLERANCE = 1e-9  # float64: the bases are exact to rounding
 
@@ -66,5 +70,61 @@ def matrix_form(size: tuple[int, int], out: tuple[int, int], dtype: torch.dtype 
     x = torch.randn(2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     error = float((exact(x) - spectral_pool(x, out)).abs().max())
     if not error <= _CHECK_TOLERANCE:
-        raise AssertionError(f"matrix spectral pooling {size} -> {out} differs from spectral_pool by {error:.3g}")
+        raise ExportError(f"matrix spectral pooling {size} -> {out} differs from spectral_pool by {error:.3g}")
     return MatrixSpectralPool(size, out, dtype)
+
+
+def _spectral_targets() -> tuple:
+    from ..core.downsample import spectral_downsample
+
+    return (spectral_downsample,)
+
+
+class _SizeRecorder(fx.Interpreter):
+    """Runs the graph once, noting the input and output size of every spectral pooling call."""
+
+    def __init__(self, module: fx.GraphModule, targets: tuple):
+        super().__init__(module)
+        self.targets, self.sizes = targets, {}
+
+    def call_function(self, target, args, kwargs) -> Any:
+        out = super().call_function(target, args, kwargs)
+        if target in self.targets:
+            self.sizes[self.current_node_name] = (tuple(args[0].shape[-2:]), tuple(out.shape[-2:]))
+        return out
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current_node_name = node.name
+        return super().run_node(node)
+
+
+def with_matrix_spectral_pooling(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """``(copy, n)``: a copy of the converted ``model`` (eval mode) whose ``n`` spectral pooling
+    calls are :class:`MatrixSpectralPool` modules for the static ``input_size``; ``model``
+    itself when it has none. The copy computes the same function at that size (each basis is
+    checked by :func:`matrix_form`) and exports to ``MatMul`` nodes instead of ``DFT``."""
+    targets = _spectral_targets()
+    if not isinstance(model, fx.GraphModule) or not any(
+            node.op == "call_function" and node.target in targets for node in model.graph.nodes):
+        return model, 0
+    result = copy.deepcopy(model).eval()
+    parameter = next(result.parameters(), None)
+    example = torch.zeros(1, 3, *input_size, dtype=torch.float32,
+                          device=parameter.device if parameter is not None else "cpu")
+    recorder = _SizeRecorder(result, targets)
+    with torch.no_grad():
+        recorder.run(example)
+    replaced = 0
+    for node in list(result.graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        size, out = recorder.sizes[node.name]
+        name = f"ccnn_matrix_spectral_{replaced}"
+        result.add_submodule(name, matrix_form(size, out).to(example.device))
+        with result.graph.inserting_before(node):
+            new = result.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        result.graph.erase_node(node)
+        replaced += 1
+    result.recompile()
+    return result, replaced

@@ -83,6 +83,11 @@ def train_model(
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     folder = check_output_dir(out, list(OUTPUT_FILES.values()), force=force or resume is not None)
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
+    if mode is not None:  # before the slow part; an artifact's own mode is checked below
+        check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
+                           smoothness=smoothness, blur_size=blur_size)
+        if config.stride_penalty and mode != "diffstride":
+            _refuse_stride_penalty(mode)
     state = load_training_state(resume) if resume is not None else None
     with distributed_from_env(device) as ctx:
         target = resolve_device(device, ctx.local_rank)
@@ -144,11 +149,14 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     check_options_used([mode], **given)  # an option that would do nothing is an error
     spec = ConversionSpec.build(mode, base, leaf_modules=options["leaf_modules"], **given)
     if config.stride_penalty and spec.mode != "diffstride":
-        raise ParameterError("stride_penalty", f"{{param}} penalises learned strides: mode diffstride only, "
-                                               f"not {spec.mode}")
+        _refuse_stride_penalty(spec.mode)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
         spec = dataclasses.replace(spec, seed=config.seed)  # the eval table, the same on every process
     return spec
+
+
+def _refuse_stride_penalty(mode: str) -> None:
+    raise ParameterError("stride_penalty", f"{{param}} penalises learned strides: mode diffstride only, not {mode}")
 
 
 def _trained_record(resolved: ResolvedModel, labels: ClassLabels) -> ResolvedModel:
