@@ -1,8 +1,10 @@
-"""Every torchvision classification model converts and runs in checkered and dilated mode.
+"""Every torchvision classification model converts and runs in checkered, dilated, spectral,
+blurpool and diffstride mode.
 
 Each converted model must keep the original's output shape, give finite outputs, and change
-exactly the layers its report says it changed. Very large models (over 100 M parameters) are
-left to benchmarks/model_coverage.py, which writes docs/models.md; the reason is printed.
+exactly the layers its report says it changed; spectral and blurpool keep every strided
+layer's output size. Very large models (over 100 M parameters) are left to
+benchmarks/model_coverage.py, which writes docs/models.md; the reason is printed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ NATIVE_REFUSED = ("alexnet", "vit", "swin")
 # Fixed-size transformers run only at their training size; every other model is compared at an
 # odd size, where exact edges matter (samples of the multisample network fall outside the image).
 FIXED_SIZE = ("vit", "maxvit", "swin")
+# DiffStride's output size follows its strides and ramp (larger than the original's): a model
+# whose code is fixed to the original sizes (ViT's token count, MaxViT's 7x7 windows) cannot take it.
+DIFFSTRIDE_REFUSED = ("vit", "maxvit")
 
 
 def _num_params(name: str) -> int:
@@ -52,6 +57,7 @@ def test_torchvision_model_converts_and_runs(name):
     with torch.no_grad():
         expected_shape = model(x).shape
     modes = ["checkered"] + ([] if name.startswith(HEAVY_DILATED) else ["dilated"])
+    sizes = None
     for mode in modes:
         # dilation="multisample": this test counts submaps; native dilation has one map per image
         options = {"dilation": "multisample"} if mode == "dilated" else {}
@@ -67,6 +73,30 @@ def test_torchvision_model_converts_and_runs(name):
             out = converted(torch.randn(2, *x.shape[1:]))
         assert out.shape == (2, *expected_shape[1:]), (name, mode)
         assert torch.isfinite(out).all(), (name, mode)
+        sizes = sizes or [r.output_size for r in report.layers]  # the original's, from checkered's analysis
+    _check_downsampling_modes(name, model, x, expected_shape, sizes)
+
+
+def _check_downsampling_modes(name, model, x, expected_shape, sizes):
+    """DiffStride on every model (which sizes a model accepts is the question); spectral and
+    blurpool, which share its pass and keep every size, on every other model each (the suite's
+    time), so each runs on half of the zoo and on every family of several models. One image:
+    the converted layers run at stride 1."""
+    index = next(i for i, param in enumerate(_models()) if param.values[0] == name)
+    modes = ("spectral" if index % 2 == 0 else "blurpool", "diffstride")
+    for mode in modes:
+        if mode == "diffstride" and name.startswith(DIFFSTRIDE_REFUSED):
+            with pytest.raises(ConversionError, match="diffstride mode cannot express"):
+                convert(model, mode=mode, example_input=x)
+            continue
+        converted = convert(model, mode=mode, example_input=x)
+        report = conversion_report(converted)
+        assert report.converted_layers >= 1 and not report.warnings, (name, mode, report.warnings)
+        if mode != "diffstride":
+            assert [r.output_size for r in report.layers] == sizes, (name, mode)
+        with torch.no_grad():
+            out = converted(x)
+        assert out.shape == expected_shape and torch.isfinite(out).all(), (name, mode)
 
 
 @pytest.mark.parametrize("name", [p for p in _models() if not p.values[0].startswith(HEAVY_DILATED)])

@@ -37,7 +37,7 @@ from .layers import pair
 from .options import DEFAULT_SMOOTHNESS
 from .spectral import crop_low
 
-__all__ = ["DiffStride2d", "diffstride_cost", "diffstride_layers", "kept_size", "row_positions"]
+__all__ = ["DiffStride2d", "diffstride_cost", "diffstride_layers", "diffstride_mask", "kept_size", "row_positions"]
 
 
 def row_positions(height: int) -> list[int]:
@@ -57,6 +57,20 @@ def kept_size(height: int, width: int, strides: Sequence[float], smoothness: flo
     columns = min(math.ceil(smoothness + width / (2 * s_w) + 1), width // 2 + 1)
     w = width if columns == width // 2 + 1 else 2 * (columns - 1)
     return h, w
+
+
+def diffstride_mask(height: int, width: int, strides: Tensor, smoothness: float) -> tuple[Tensor, Tensor]:
+    """The mask over the ``height`` FFT rows and the ``width // 2 + 1`` rfft columns (the 2-D mask
+    is their outer product), for ``strides`` (a 2-value tensor: the gradient flows through it)."""
+    dtype, device = strides.dtype, strides.device
+    s_h = strides[0].clamp(1.0, max(1.0, height / 2))
+    s_w = strides[1].clamp(1.0, max(1.0, width / 2))
+    rows = torch.tensor(row_positions(height), dtype=dtype, device=device)
+    columns = torch.arange(width // 2 + 1, dtype=dtype, device=device)
+    # (R + T - pos) / R written as 1 + (T - pos) / R: exact at pos == T however small R is
+    row_mask = (1 + (height / (2 * s_h) - rows) / smoothness).clamp(0.0, 1.0)
+    column_mask = (1 + (width / (2 * s_w) + 1 - columns) / smoothness).clamp(0.0, 1.0)
+    return row_mask, column_mask
 
 
 class DiffStride2d(nn.Module):
@@ -103,15 +117,11 @@ class DiffStride2d(nn.Module):
             strides = torch.tensor(self._frozen, dtype=dtype, device=device)
         else:
             strides = self.strides.to(dtype)
-        s_h = strides[0].clamp(1.0, max(1.0, height / 2))
-        s_w = strides[1].clamp(1.0, max(1.0, width / 2))
-        kept_rows = row_positions(height) if h == height else [*range((h + 1) // 2), *reversed(range(h // 2))]
-        rows = torch.tensor(kept_rows, dtype=dtype, device=device)
-        columns = torch.arange(w // 2 + 1, dtype=dtype, device=device)
-        r = self.smoothness
-        row_mask = ((r + height / (2 * s_h) - rows) / r).clamp(0.0, 1.0)
-        column_mask = ((r + width / (2 * s_w) + 1 - columns) / r).clamp(0.0, 1.0)
-        return row_mask, column_mask
+        rows, columns = diffstride_mask(height, width, strides, self.smoothness)
+        if h < height:
+            kept = torch.tensor([*range((h + 1) // 2), *range(height - h // 2, height)], device=device)
+            rows = rows[kept]
+        return rows, columns[: w // 2 + 1]
 
     def extra_repr(self) -> str:
         strides = ", ".join(f"{s:.3g}" for s in self.strides.detach().tolist())

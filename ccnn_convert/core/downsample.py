@@ -17,8 +17,9 @@ downsampler brings the map down. The fx pass:
      ``ccnn_diffstride_step<N>`` (its strides are in the state_dict), shared by the step's layers
      so that the maps that meet keep one size. The output size follows the learned strides.
 
-3. **Check**: shapes are propagated through the rewritten eval graph; a model that cannot take
-   the new sizes (DiffStride's, with a layer fixed to the old ones) is a one-line ConversionError.
+3. **Check** (diffstride): shapes are propagated through the rewritten eval graph; a model that
+   cannot take the new sizes (a layer fixed to the old ones) is a one-line ConversionError.
+   Spectral and blurpool keep every size, so the original's shape analysis holds.
 
 Strided layers the multisample pass cannot convert (non-square strides, ``return_indices``) stay
 traditional here too, with the same warning.
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
+from .._helpers import first_line
 from ..errors import ConversionError
 from .blurpool import blur_pool
 from .diffstride import DiffStride2d
@@ -42,8 +44,8 @@ from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
 from .ops import ARG_NAMES, Strided, call_args, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
 from .spectral import spectral_pool
-from .tracing import analysis_input, check_leaf_modules, copy_structure, propagate_shapes, trace_both_modes, \
-    unmatched_leaves
+from .tracing import analysis_input, check_leaf_modules, copy_structure, failing_node, propagate_shapes, \
+    trace_both_modes, unmatched_leaves
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
 
@@ -97,8 +99,9 @@ def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example
     if keep_first > report.steps:
         report.warn(f"keep_first={keep_first} but the model has {report.steps} subsampling steps: "
                     "nothing is converted")
-    _check_shapes(copied, graphs[False], example, model, mode)
-    rewriter.record_sizes()
+    if mode == "diffstride":  # the other modes keep every size: the original's analysis holds
+        _check_shapes(copied, graphs[False], example, model, mode)
+        rewriter.record_sizes()
 
     class_name = f"{mode.capitalize()}{type(model).__name__}"
     if len(graphs) == 1:
@@ -121,7 +124,11 @@ def _check_shapes(root: nn.Module, graph: fx.Graph, example: Tensor, model: nn.M
     try:
         propagate_shapes(graph_module, example, model)
     except ConversionError as exc:
-        raise ConversionError(f"{mode} mode cannot express {type(model).__name__}: {exc}") from None
+        cause = exc
+        while cause.__cause__ is not None:  # ShapeProp wraps the error that says what went wrong
+            cause = cause.__cause__
+        raise ConversionError(f"{mode} mode cannot express {type(model).__name__}: the new map sizes do not "
+                              f"fit it ({failing_node(graph_module)}{first_line(cause)})") from None
 
 
 # --------------------------------------------------------------------------- the pass

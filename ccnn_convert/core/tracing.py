@@ -31,7 +31,8 @@ from .._helpers import first_line
 from ..errors import ConversionError, ParameterError
 
 __all__ = [
-    "ANALYSIS_BATCH", "UntraceableError", "analysis_input", "check_leaf_modules", "copy_structure", "on_meta",
+    "ANALYSIS_BATCH", "UntraceableError", "analysis_input", "check_leaf_modules", "copy_structure", "failing_node",
+    "on_meta",
     "propagate_shapes", "register_notrace_function", "register_notrace_module", "trace", "trace_both_modes",
     "unmatched_leaves",
 ]
@@ -185,7 +186,7 @@ def propagate_shapes(graph_module: fx.GraphModule, example: torch.Tensor, model:
         size = "x".join(str(s) for s in example.shape[1:])
         raise ConversionError(
             f"{type(model).__name__} cannot run on a {size} input (too small for its subsampling layers?): "
-            f"{_failing_node(graph_module)}{first_line(exc.__cause__ or exc)}"
+            f"{failing_node(graph_module)}{first_line(exc.__cause__ or exc)}"
         ) from exc
 
 
@@ -196,7 +197,7 @@ def _shape_prop(graph_module: fx.GraphModule, example: torch.Tensor) -> None:
         ShapeProp(graph_module).propagate(example)
 
 
-def _failing_node(graph_module: fx.GraphModule) -> str:
+def failing_node(graph_module: fx.GraphModule) -> str:
     """Describe the first node ShapeProp did not get through (it marks each node it ran)."""
     for node in graph_module.graph.nodes:
         if node.op != "placeholder" and "type" not in node.meta:
