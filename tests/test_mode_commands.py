@@ -169,3 +169,24 @@ def test_ccnn_train_learns_strides_and_ccnn_eval_uses_them(tmp_path, monkeypatch
     top1 = {r["mode"]: r["top1"] for r in json.loads((tmp_path / "eval.json").read_text())["results"]}
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert top1["diffstride"] == pytest.approx(history["epochs"][-1]["val_top1"])  # same images, same model
+
+
+def test_readme_table_of_modes_is_the_generated_one():
+    from pathlib import Path
+
+    from ccnn_convert.core.modes import modes_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- modes table: generated")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of the modes table -->")]
+    assert block.strip() == modes_table().strip()
+
+
+def test_visualize_dense_refuses_a_mode_without_submaps(tmp_path):
+    from ccnn_convert.cli.visualize import app as visualize_app
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    code, out = _cli(visualize_app, ["features", "efficientnet_lite0", "--image", image, "--mode", "spectral", "--dense",
+                                     "--out", tmp_path / "f.png"])
+    assert code == 2 and "--dense" in out and "spectral" in out and len(out.strip().splitlines()) == 1, out
