@@ -59,7 +59,7 @@ def benchmark_table(b: BenchmarkResult) -> Table:
 def print_result(result: ExportResult) -> None:
     info, meta = result.info, result.metadata
     what = result.mode if result.mode in ("original", "traditional") else (
-        f"{result.mode}, sampler {meta.get('sampler')}, keep_first {meta.get('keep_first')}")
+        f"{result.mode}, {_conversion_summary(meta)}")
     console.print(Text(f"exported {result.name} ({what}) -> {result.path}"), soft_wrap=True)
     _, height, width = json.loads(meta["input_size"])
     details = (f"  opset {info.opset}, {info.nodes} nodes, {format_bytes(info.bytes)}"
@@ -76,6 +76,16 @@ def print_result(result: ExportResult) -> None:
         console.print(Text("  not verified (--no-verify)", style="yellow"))
     if result.benchmark is not None:
         console.print(benchmark_table(result.benchmark))
+
+
+def _conversion_summary(meta: dict) -> str:
+    """'sampler lattice, keep_first 0' for checkered; the mode's own options for the others."""
+    from ..spec import ConversionSpec
+
+    try:
+        return ConversionSpec.from_dict(json.loads(meta["conversion"])).describe().replace("=", " ")
+    except Exception:  # metadata written by an older version: what it has
+        return f"keep_first {meta.get('keep_first')}"
 
 
 def _unused(flags: dict[str, object], because: str) -> None:
