@@ -10,7 +10,9 @@ images, no download):
   (4 px each side, so shifts move real content), one fixed stratified 80/20 split;
 * model: conv3x3(1->32) + three stride-2 conv3x3 stages (->64, ->64, ->128), BN + ReLU after each,
   global average pool, Linear(128, 10); converted with ``ccnn_convert.convert`` in mode
-  ``traditional`` (the CNN) or ``checkered`` (``--sampler``, lattice by default);
+  ``traditional`` (the CNN) or ``checkered`` (``--sampler``, lattice by default), or, with
+  ``--models``, ``spectral``, ``diffstride`` (learned strides, reported per seed; optional
+  ``--stride-penalty``) and ``blurpool``, each with its defaults;
 * training: ``ccnn_convert.train.Trainer`` with one recipe for both (SGD, lr 0.05, cosine,
   batch 64, no label smoothing); "shift" adds a random translation of up to ``--shift`` pixels
   per axis (zero fill) to the training images, drawn with torch's global RNG;
@@ -23,6 +25,8 @@ Prints a markdown report and writes it to ``--output`` (default /tmp/digits_resu
 
     pip install -e ".[benchmarks]" && python benchmarks/train_digits.py
     python benchmarks/train_digits.py --epochs 5 --seeds 0,1 --sampler random   # a quick look
+    python benchmarks/train_digits.py --models "CNN,spectral,diffstride,blurpool,checkered CNN" --shift 0 \
+        --no-checkpointing-cost                                                  # issue 17's modes
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ from ccnn_convert.runtime import peak_rss_since_reset, reset_peak_rss
 from ccnn_convert.train import TrainConfig, Trainer
 
 SIZE, PAD = 16, 4
-MODES = {"CNN": "traditional", "checkered CNN": "checkered"}
+# Row name -> conversion mode. The first two are the original benchmark (Table 8's direction);
+# the others are issue 17's subsampling modes, on the same network and recipe.
+MODES = {"CNN": "traditional", "checkered CNN": "checkered", "spectral": "spectral",
+         "diffstride": "diffstride", "blurpool": "blurpool"}
+DEFAULT_MODELS = ("CNN", "checkered CNN")
 
 
 # --------------------------------------------------------------------------- data
@@ -121,42 +129,59 @@ def parameter_count() -> int:
 
 
 def build(name: str, sampler: str, seed: int) -> nn.Module:
-    """A freshly initialised (``seed``) DigitsCNN converted as ``name`` ("CNN" or "checkered CNN")."""
+    """A freshly initialised (``seed``) DigitsCNN converted as ``name`` (a key of MODES)."""
     torch.manual_seed(seed)
-    return convert(DigitsCNN(), mode=MODES[name], sampler=sampler, example_input=torch.zeros(1, 1, SIZE, SIZE))
+    mode = MODES[name]
+    options = {"sampler": sampler} if mode == "checkered" else {}
+    return convert(DigitsCNN(), mode=mode, example_input=torch.zeros(1, 1, SIZE, SIZE), **options)
 
 
-def config_for(epochs: int, batch: int, seed: int, checkpointing: bool = False) -> TrainConfig:
+def config_for(epochs: int, batch: int, seed: int, checkpointing: bool = False,
+               stride_penalty: float = 0.0) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=batch, optimizer="sgd", lr=0.05, warmup_epochs=0,
-                       label_smoothing=0.0, augment="none", shift=0, seed=seed, checkpointing=checkpointing)
+                       label_smoothing=0.0, augment="none", shift=0, seed=seed, checkpointing=checkpointing,
+                       stride_penalty=stride_penalty)
+
+
+def learned_strides(model: nn.Module) -> list[tuple[float, float]]:
+    """The (height, width) strides of every DiffStride layer, in data-flow order."""
+    from ccnn_convert.core.diffstride import diffstride_layers
+
+    return [tuple(round(float(v), 3) for v in layer.strides.detach()) for _, layer in diffstride_layers(model)]
 
 
 # --------------------------------------------------------------------------- accuracy runs
 
 
-def train_one(name: str, sampler: str, shift: int, seed: int, epochs: int, data) -> tuple[float, float]:
-    """-> (test error % after the last epoch, mean s/epoch) of one run."""
+def train_one(name: str, sampler: str, shift: int, seed: int, epochs: int, data,
+              stride_penalty: float = 0.0) -> tuple[float, float, list]:
+    """-> (test error % after the last epoch, mean s/epoch, learned strides) of one run."""
     train_set, test_set = data
     if shift:
         train_set = RandomShift(train_set, shift)
     model = build(name, sampler, seed)
-    records = Trainer(model, train_set, test_set, config_for(epochs, 64, seed), device="cpu", workers=0).fit()
-    return 100.0 - records[-1].val_top1, statistics.mean(r.seconds for r in records)
+    penalty = stride_penalty if MODES[name] == "diffstride" else 0.0
+    records = Trainer(model, train_set, test_set, config_for(epochs, 64, seed, stride_penalty=penalty),
+                      device="cpu", workers=0).fit()
+    return 100.0 - records[-1].val_top1, statistics.mean(r.seconds for r in records), learned_strides(model)
 
 
 def accuracy_table(args, data) -> list[dict]:
     rows = []
-    for shift in (0, args.shift):
-        for name in MODES:
-            errors, seconds = [], []
+    for shift in sorted({0, args.shift}):
+        for name in args.models:
+            errors, seconds, strides = [], [], []
             for seed in args.seeds:
                 start = time.perf_counter()
-                error, per_epoch = train_one(name, args.sampler, shift, seed, args.epochs, data)
+                error, per_epoch, learned = train_one(name, args.sampler, shift, seed, args.epochs, data,
+                                                      args.stride_penalty)
                 errors.append(error)
                 seconds.append(per_epoch)
+                strides.append(learned)
                 log(f"{name:14s} shift={shift} seed={seed}: error {error:.2f} % "
-                    f"({time.perf_counter() - start:.0f} s)")
-            rows.append({"model": name, "shift": shift, "errors": errors, "s_per_epoch": statistics.mean(seconds)})
+                    f"({time.perf_counter() - start:.0f} s){f' strides {learned}' if learned else ''}")
+            rows.append({"model": name, "shift": shift, "errors": errors, "s_per_epoch": statistics.mean(seconds),
+                         "strides": strides, "seeds": list(args.seeds)})
     return rows
 
 
@@ -182,8 +207,8 @@ def cost_one(name: str, sampler: str, checkpointing: bool, batch: int, epochs: i
 
 def cost_table(args) -> list[dict]:
     rows = []
-    for checkpointing in (False, True):
-        for name in MODES:
+    for checkpointing in (False, True) if args.cost_checkpointing else (False,):
+        for name in args.models:
             command = [sys.executable, __file__, "--cost-one", name, "--sampler", args.sampler,
                        "--cost-batch", str(args.cost_batch), "--cost-epochs", str(args.cost_epochs),
                        "--threads", str(args.threads)] + (["--checkpointing"] if checkpointing else [])
@@ -210,13 +235,19 @@ def accuracy_markdown(rows: list[dict], seeds: int) -> list[str]:
         augmentation = f"shift ±{row['shift']} px" if row["shift"] else "none"
         lines.append(f"| {row['model']} | {augmentation} | {statistics.mean(errors):.2f} ± {std:.2f} | "
                      f"{', '.join(f'{e:.2f}' for e in errors)} | {row['s_per_epoch']:.3f} |")
+    for row in rows:
+        if any(row.get("strides") or ()):
+            per_seed = "; ".join(f"seed {seed}: " + ", ".join(f"({h:.2f}, {w:.2f})" for h, w in learned)
+                                 for seed, learned in zip(row["seeds"], row["strides"]))
+            lines.append(f"\nStrides {row['model']} learned (height, width per step; initialised to 2, 2), "
+                         f"shift {row['shift']}: {per_seed}")
     return lines
 
 
 def cost_markdown(rows: list[dict]) -> list[str]:
     lines = ["| model | checkpointing | s/epoch | peak RSS | peak − baseline | ratio vs CNN (time / peak / peak − baseline) |",
              "|---|---|---|---|---|---|"]
-    cnn = {row["checkpointing"]: row for row in rows if row["model"] == "CNN"}
+    cnn = {row["checkpointing"]: row for row in rows if row["model"] == rows[0]["model"]}
     for row in rows:
         ref = cnn[row["checkpointing"]]
         extra, ref_extra = row["peak"] - row["baseline"], ref["peak"] - ref["baseline"]
@@ -237,7 +268,7 @@ def report(args, accuracy: list[dict], cost: list[dict], wall: float) -> str:
     train_size = len(digits_sets()[0])
     test_size = 1797 - train_size
     lines = [
-        "# Digits: CNN vs checkered CNN (direction of Table 8, Sadigh & Sen 2018)", "",
+        f"# Digits: {' vs '.join(args.models)} (Table 8's direction, Sadigh & Sen 2018; issue 17's modes)", "",
         f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
         f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; wall time {wall / 60:.1f} min",
         (f"- data: sklearn load_digits, {train_size} train / {test_size} test images (stratified, "
@@ -280,6 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("/tmp/digits_results.md"))
     parser.add_argument("--skip-cost", action="store_true", help="only the accuracy runs")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the cost runs")
+    parser.add_argument("--models", type=lambda s: [m.strip() for m in s.split(",")], default=list(DEFAULT_MODELS),
+                        help=f"comma-separated rows among: {', '.join(MODES)} (default: CNN,checkered CNN)")
+    parser.add_argument("--stride-penalty", type=float, default=0.0,
+                        help="diffstride: loss += this * diffstride_cost(model) (default 0: the same recipe)")
+    parser.add_argument("--no-checkpointing-cost", dest="cost_checkpointing", action="store_false",
+                        help="cost rows without --checkpointing only")
     parser.add_argument("--cost-one", choices=list(MODES), help=argparse.SUPPRESS)  # internal: one cost run
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -287,6 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    unknown = [m for m in args.models if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown --models entry {unknown[0]!r}; choose from {', '.join(MODES)}")
     torch.set_num_threads(args.threads)
     if args.cost_one:
         print(json.dumps(cost_one(args.cost_one, args.sampler, args.checkpointing, args.cost_batch, args.cost_epochs)))

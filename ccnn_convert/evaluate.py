@@ -38,7 +38,7 @@ from .metrics import (EvalReport, ModeResult, crops_at, shift_offsets, top1_agre
 from .models import Preprocessing, ResolvedModel, resolve_model
 from .runtime import (DistributedContext, default_forward_batch, distributed_from_env,
                       process_peak_rss_bytes, resolve_device, synchronize)
-from .spec import ORIGINAL, ConversionSpec, check_checkered_options_used, check_modes
+from .spec import ORIGINAL, ConversionSpec, check_modes, check_options_used
 
 __all__ = [
     "DEFAULT_MODES", "EvalReport", "ModeResult", "crops_at", "evaluate", "evaluate_model",
@@ -256,7 +256,8 @@ def evaluate_model(
     model: str | ResolvedModel, data: str | os.PathLike, *, labels: str | os.PathLike | None = None,
     modes: Sequence[str] | None = None, sampler: str | None = None, keep_first: int | None = None,
     density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] = (),
-    edges: str | None = None, dilation: str | None = None,
+    edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
+    blur_size: int | None = None,
     weights: str = "DEFAULT", arch: str | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, limit: int | None = None, batch_size: int = 32,
     forward_batch: int | None = None, workers: int = 2, device: str = "auto", amp: bool = False,
@@ -269,7 +270,8 @@ def evaluate_model(
     or an ``.onnx`` file, which runs as it is) or a :class:`~ccnn_convert.models.ResolvedModel`.
     ``modes`` defaults to original and checkered; for an artifact, original and its own mode.
     ``sampler``, ``keep_first``, ``density``, ``seed``, ``edges`` (checkered: exact | reference)
-    and ``dilation`` (dilated: multisample | native) left at None take the artifact's value
+    ``dilation`` (dilated: multisample | native), ``smoothness`` (diffstride) and ``blur_size``
+    (blurpool) left at None take the artifact's value
     (when its mode is evaluated), else the default; an artifact's ``leaf_modules`` always carry
     over. ``seed`` also places the two shift-consistency crops (``consistency``). ``limit``
     picks images round-robin over classes. ``on_start`` receives the data description (a dict
@@ -287,7 +289,7 @@ def evaluate_model(
         specs = _conversion_specs(modes, resolved.conversion if resolved else None, sampler=sampler,
                                   keep_first=keep_first, density=density, seed=seed,
                                   leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                                  consistency=consistency)
+                                  smoothness=smoothness, blur_size=blur_size, consistency=consistency)
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
@@ -312,7 +314,8 @@ def evaluate_model(
                 continue
             if ctx.is_main:
                 logger.info(f"converting to {mode} ({specs[mode].describe()})")
-            models[mode] = specs[mode].apply(classifier, pre.crop)
+            models[mode] = (resolved.converted(specs[mode], pre.crop) if resolved is not None
+                            else specs[mode].apply(classifier, pre.crop))
         example = torch.zeros(1, 3, pre.crop, pre.crop)
         flops = {m: count_flops(c, example) if isinstance(c, nn.Module) else None for m, c in models.items()}
         described = {"path": str(data), "labels": None if labels is None else str(labels),
@@ -335,7 +338,8 @@ def evaluate_model(
         report = dataclasses.replace(report, results=[dataclasses.replace(r, mode=ONNX_ROW) for r in report.results])
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
-        "edges": edges, "dilation": dilation, "leaf_modules": list(leaf_modules),
+        "edges": edges, "dilation": dilation, "smoothness": smoothness, "blur_size": blur_size,
+        "leaf_modules": list(leaf_modules),
         "weights": weights, "arch": arch,
         "preprocessing": pre.to_dict(), "limit": limit, "batch_size": batch_size, "workers": workers,
         "device": str(target), "forward_batch": forward_batch or default_forward_batch(target),
@@ -401,12 +405,13 @@ def _modes(modes: Sequence[str] | None, resolved: ResolvedModel | None, onnx: bo
 
 def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, sampler, keep_first,
                       density, seed, leaf_modules, consistency: bool, edges: str | None = None,
-                      dilation: str | None = None) -> dict[str, ConversionSpec]:
+                      dilation: str | None = None, smoothness: float | None = None,
+                      blur_size: int | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
     converted = [m for m in modes if m != ORIGINAL]
-    check_checkered_options_used(modes, sampler=sampler, density=density,
-                                 seed=None if consistency else seed, edges=edges, dilation=dilation,
-                                 keep_first=keep_first if converted else None)  # else: the message below
+    check_options_used(modes, sampler=sampler, density=density, seed=None if consistency else seed,
+                       edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                       keep_first=keep_first if converted else None)  # else: the message below
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
             raise ParameterError(name, f"{{param}} only shapes conversions; no converted mode among "
@@ -415,7 +420,7 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
     for mode in converted:
         spec = ConversionSpec.build(mode, base, sampler=sampler, keep_first=keep_first,
                                     density=density, leaf_modules=leaf_modules, edges=edges,
-                                    dilation=dilation)
+                                    dilation=dilation, smoothness=smoothness, blur_size=blur_size)
         if seed is not None and spec.mode == "checkered" and spec.sampler == "random":
             spec = dataclasses.replace(spec, seed=seed)
         specs[mode] = spec

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODES = ("original", "checkered", "dilated")
 
 Top1Fn = Callable[[Mapping[str, nn.Module]], Mapping[str, "float | None"]]
+ConvertFn = Callable[[ConversionSpec, "tuple[int, int]"], nn.Module]  # (spec, input size) -> converted model
 
 
 @dataclass
@@ -250,16 +251,18 @@ def _as_spec(item: str | ConversionSpec) -> ConversionSpec:
 
 
 def build_variants(original: nn.Module, conversions: Sequence[str | ConversionSpec], example: Tensor, *,
-                   sweep: bool = False) -> list[Variant]:
+                   sweep: bool = False, convert: ConvertFn | None = None) -> list[Variant]:
     """The original plus one converted model per spec (and, with ``sweep``, per keep_first up to
     the number of steps). A plain mode name stands for that mode's default spec; "original" is
-    always the first variant, whether listed or not."""
+    always the first variant, whether listed or not. ``convert(spec, size)`` makes each converted
+    model (default: ``spec.apply(original, size)``; an artifact's adds its learned strides)."""
     variants = [Variant(ORIGINAL, ORIGINAL, 0, original)]
     size = tuple(example.shape[-2:])
+    convert = convert or (lambda spec, input_size: spec.apply(original, input_size))
 
     def make(spec: ConversionSpec) -> Variant:
         began = time.perf_counter()
-        model = spec.apply(original, size)
+        model = convert(spec, size)
         elapsed = time.perf_counter() - began
         report = conversion_report(model)
         return Variant(variant_label(spec.mode, spec.keep_first), spec.mode, spec.keep_first, model,
@@ -284,7 +287,8 @@ def build_variants(original: nn.Module, conversions: Sequence[str | ConversionSp
 
 def bench_model(name: str, original: nn.Module, conversions: Sequence[str | ConversionSpec] = DEFAULT_MODES, *,
                 image_size: int = 224, device: torch.device | str = "cpu", timing: TimingOptions = TimingOptions(),
-                sweep: bool = False, top1: Top1Fn | None = None) -> list[Measurement]:
+                sweep: bool = False, top1: Top1Fn | None = None,
+                convert: ConvertFn | None = None) -> list[Measurement]:
     """Measure the original and its conversions (see the module docstring for what is measured).
 
     ``conversions``: mode names or :class:`~ccnn_convert.spec.ConversionSpec`; the original is
@@ -297,7 +301,7 @@ def bench_model(name: str, original: nn.Module, conversions: Sequence[str | Conv
     original = original.eval().to(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(timing.batch_size, 3, image_size, image_size, generator=generator)
-    variants = build_variants(original, conversions, x[:1], sweep=sweep)
+    variants = build_variants(original, conversions, x[:1], sweep=sweep, convert=convert)
     x = x.to(device)
     for variant in variants:
         variant.model.to(device)

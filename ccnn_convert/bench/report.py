@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from .._helpers import format_bytes, format_flops
+from ..flops import FFT_FLOPS_NOTE
 from .machine import MEMORY_CPU, MEMORY_CUDA
 
 if TYPE_CHECKING:  # measure.py uses this module's cell formats
@@ -140,7 +141,7 @@ def describe_settings(settings: Mapping[str, Any]) -> dict[str, str]:
                               "(torch.profiler memory events, CPU allocator)")
     elif settings.get("memory_kind") == MEMORY_CUDA:
         out["peak memory"] = "model tensors + input + peak CUDA allocation during the forward"
-    out["FLOPs"] = "per batch, torch.utils.flop_counter on meta tensors (multiply-add = 2)"
+    out["FLOPs"] = f"per batch, torch.utils.flop_counter on meta tensors (multiply-add = 2); {FFT_FLOPS_NOTE}"
     if settings.get("load_average"):
         before, after = settings["load_average"]
         out["load average (1 min)"] = f"{before:.2f} before, {after:.2f} after"

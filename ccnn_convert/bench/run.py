@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import CCNNError, ParameterError
 from ..outputs import atomic_path, check_output_dir
 from ..runtime import resolve_device
-from ..spec import ORIGINAL, ConversionSpec, check_checkered_options_used
+from ..spec import ORIGINAL, ConversionSpec, check_options_used
 from .machine import load_average, machine_settings
 from .measure import Measurement, TimingOptions, Top1Fn, bench_model, measured_modes
 from .plots import plot_sweep, plot_time_ratios
@@ -44,7 +44,8 @@ class BenchOptions:
 
     ``modes``: None for original, checkered and dilated; the original is always measured.
     ``sampler``, ``keep_first``, ``seed``, ``edges`` (checkered: exact | reference), ``dilation``
-    (dilated: multisample | native): None keeps the artifact's value (or the default);
+    (dilated: multisample | native), ``smoothness`` (diffstride), ``blur_size`` (blurpool): None
+    keeps the artifact's value (or the default);
     the random sampler gets seed 0 unless one is given. ``image_size``: None for each model's
     crop size. ``sweep``: also every keep_first from ``keep_first + 1`` to the number of steps.
     """
@@ -56,6 +57,8 @@ class BenchOptions:
     leaf_modules: tuple[str, ...] = ()
     edges: str | None = None
     dilation: str | None = None
+    smoothness: float | None = None
+    blur_size: int | None = None
     sweep: bool = False
     image_size: int | None = None
     device: str = "auto"
@@ -69,8 +72,8 @@ class BenchOptions:
         modes = measured_modes(self.modes)
         object.__setattr__(self, "modes", tuple(modes))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        check_checkered_options_used(modes, sampler=self.sampler, seed=self.seed, edges=self.edges,
-                                     dilation=self.dilation)
+        check_options_used(modes, sampler=self.sampler, seed=self.seed, edges=self.edges, dilation=self.dilation,
+                           smoothness=self.smoothness, blur_size=self.blur_size)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ def conversion_specs(options: BenchOptions, base: ConversionSpec | None = None) 
             continue
         spec = ConversionSpec.build(mode, base, sampler=options.sampler, keep_first=options.keep_first,
                                     seed=options.seed, leaf_modules=options.leaf_modules, edges=options.edges,
-                                    dilation=options.dilation)
+                                    dilation=options.dilation, smoothness=options.smoothness,
+                                    blur_size=options.blur_size)
         if spec.sampler == "random" and spec.seed is None and spec.mode == "checkered":
             spec = dataclasses.replace(spec, seed=_RANDOM_DEFAULT_SEED)
         specs.append(spec)
@@ -155,7 +159,8 @@ def run_bench(models: Sequence[str], options: BenchOptions = BenchOptions(), top
             settings.update(info)
         size = options.image_size or r.preprocessing.crop
         measurements += bench_model(r.name, r.model, conversions, image_size=size, device=target,
-                                    timing=options.timing, sweep=options.sweep, top1=scorer)
+                                    timing=options.timing, sweep=options.sweep, top1=scorer,
+                                    convert=r.converted)
     settings["load_average"] = [before, load_average()] if before is not None else None
     settings["image_size"] = options.image_size or "model default"
     return BenchReport(measurements, settings)
@@ -166,7 +171,8 @@ def _option_settings(options: BenchOptions, command: str | None) -> dict:
     return {"modes": list(options.modes), "batch_size": timing.batch_size, "image_size": options.image_size,
             "repeats": timing.repeats, "warmup": timing.warmup, "keep_first": options.keep_first or 0,
             "sweep": options.sweep, "sampler": options.sampler or "lattice", "seed": options.seed,
-            "edges": options.edges, "dilation": options.dilation,
+            "edges": options.edges, "dilation": options.dilation, "smoothness": options.smoothness,
+            "blur_size": options.blur_size,
             "leaf_modules": list(options.leaf_modules), "weights": options.weights,
             "max_seconds": timing.max_seconds, "command": command}
 

@@ -131,6 +131,37 @@ def preprocessing_overrides(resize, crop, mean, std, interpolation) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# --------------------------------------------------------------------------- modes (from the table)
+
+
+def mode_names(original: bool = True) -> str:
+    """'original | checkered | dilated | ...': the modes a command takes, from the table of modes."""
+    from ..core.modes import MODES as TABLE
+
+    return " | ".join((["original"] if original else []) + list(TABLE))
+
+
+def modes_described() -> str:
+    """One clause per mode, 'name: what it computes', from the table of modes (core/modes.py)."""
+    from ..core.modes import MODES as TABLE
+
+    return "; ".join(f"{mode.name}: {mode.computes}" for mode in TABLE.values())
+
+
+def smoothness_help() -> str:
+    from ..core.options import DEFAULT_SMOOTHNESS
+
+    return (f"Mode diffstride: width R of the Fourier mask's ramp, in frequency positions "
+            f"(default: {DEFAULT_SMOOTHNESS:g}).")
+
+
+def blur_size_help() -> str:
+    from ..core.options import DEFAULT_BLUR_SIZE, MAX_BLUR_SIZE
+
+    return (f"Mode blurpool: size of the binomial blur filter, 1 to {MAX_BLUR_SIZE} "
+            f"(default: {DEFAULT_BLUR_SIZE}).")
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -12,7 +12,6 @@ from typing import List, Optional
 import typer
 from rich import box
 from rich.table import Table
-from rich.text import Text
 
 from ..bench import (BenchOptions, BenchReport, TimingOptions, Top1Options, describe_settings, output_names,
                      run_bench, table_rows, write_outputs)
@@ -20,7 +19,7 @@ from ..errors import CCNNError, ParameterError
 from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
-from ._common import console, parse_list, plain, run_app, user_errors
+from ._common import (blur_size_help, console, mode_names, parse_list, plain, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -43,7 +42,7 @@ def results_table(report: BenchReport) -> Table:
 @user_errors(flags=_FLAGS)
 def bench_command(
     models: List[str] = typer.Argument(..., help="Model names (resnet50, efficientnet_lite0, ...), factories or checkpoints."),
-    modes: str = typer.Option("original,checkered,dilated", "--modes", help="Comma list of original|traditional|checkered|dilated (original is always measured: ratios are taken against it)."),
+    modes: str = typer.Option("original,checkered,dilated", "--modes", help=f"Comma list of {mode_names()} (original is always measured: ratios are taken against it)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Images per timed batch."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side in pixels [default: the model's crop size]."),
     device: str = typer.Option("auto", "--device", help="cpu|cuda|auto."),
@@ -55,6 +54,8 @@ def bench_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
     edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference [default: an artifact's, else reference; dilated is always exact]."),
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: an artifact's, else native where a dilation can express the model, else multisample]."),
+    smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
@@ -82,7 +83,8 @@ def bench_command(
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
                            max_seconds=max_seconds)
     options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
-                           leaf_modules=tuple(leaf), edges=edges, dilation=dilation, sweep=sweep,
+                           leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
+                           blur_size=blur_size, sweep=sweep,
                            image_size=size, device=device, weights=weights,
                            trust_factory=trust_factory, timing=timing)
     top1 = _top1_options(data, labels, limit, eval_batch_size, workers)

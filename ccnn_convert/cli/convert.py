@@ -15,13 +15,15 @@ from ..flops import count_flops
 from ..models import resolve_model, save_artifact
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output
-from ..spec import ConversionSpec, check_checkered_options_used
+from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
-from ._common import console, err_console, plain, printable, run_app, user_errors
+from ._common import (blur_size_help, console, err_console, mode_names, modes_described, plain, printable, run_app,
+                      smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Turn a CNN's strided convolutions and pools into checkered (multisampling) or dilated ones.")
+                  help="Turn a CNN's strided convolutions and pools into checkered (multisampling), dilated, spectral, "
+                       "diffstride or blurpool ones.")
 
 
 @app.command()
@@ -29,7 +31,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 def main_command(
     model: str = typer.Argument("efficientnet_lite0", help="torchvision/timm name, efficientnet_lite0..2, "
                                 "file.py:factory, module:factory, checkpoint (with --arch) or ccnn-convert artifact."),
-    mode: str = typer.Option("checkered", help="checkered | dilated | traditional."),
+    mode: str = typer.Option("checkered", help=f"{mode_names(original=False)}. {modes_described()}."),
     sampler: Optional[str] = typer.Option(None, help="Sampler sequence over submaps (checkered mode): "
                                           "naive | lattice | random. [default: lattice]"),
     keep_first: int = typer.Option(0, "--keep-first", help="Keep the first N subsampling steps traditional."),
@@ -40,6 +42,8 @@ def main_command(
     dilation: Optional[str] = typer.Option(None, help="How dilated mode is computed: multisample (submaps) | "
                                            "native (strides removed, later layers dilated). [default: native where a "
                                            "dilation can express the model, else multisample]"),
+    smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
     input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
@@ -52,10 +56,11 @@ def main_command(
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
-    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation, keep_first=keep_first)
+    check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
+                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                                leaf_modules=leaf, edges=edges, dilation=dilation)
+                                leaf_modules=leaf, edges=edges, dilation=dilation, smoothness=smoothness,
+                                blur_size=blur_size)
     if output is not None:
         check_output(output, force=force)
     resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)
@@ -66,7 +71,7 @@ def main_command(
         leaves = [*resolved.conversion.leaf_modules, *(n for n in leaf if n not in resolved.conversion.leaf_modules)]
         spec = dataclasses.replace(spec, leaf_modules=tuple(leaves))
     example = torch.zeros(1, 3, input_size, input_size)
-    converted = spec.apply(resolved.model, input_size)
+    converted = resolved.converted(spec, input_size)  # an artifact's learned strides, if they apply
     report = conversion_report(converted)
     if spec.mode == "dilated" and spec.dilation is None:  # the artifact says which one was used
         spec = dataclasses.replace(spec, dilation=report.dilation)

@@ -16,9 +16,10 @@ from rich.text import Text
 
 from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
+from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
-from ._common import (console, err_console, parse_list, percent, plain, preprocessing_overrides, printable, run_app,
-                      user_errors)
+from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, plain,
+                      preprocessing_overrides, printable, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -73,7 +74,7 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     else:
         notes.append("peak memory: CUDA max allocated during each mode's forward pass")
     notes.append(f"loader wait: {report.loader_wait_s:.2f} s of {report.wall_s:.2f} s waiting for the next batch")
-    notes.append("FLOPs: one forward pass at batch 1 (torch.utils.flop_counter)")
+    notes.append(f"FLOPs: one forward pass at batch 1 (torch.utils.flop_counter); {FFT_FLOPS_NOTE}")
     protocol = s.get("consistency_protocol")
     if protocol:
         notes.append(f"shift consistency: two random {protocol['crop']}px crops of the {protocol['square']}px "
@@ -94,13 +95,15 @@ def eval_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or an .onnx file."),
     data: str = typer.Option(..., "--data", help="Images: <wnid>/<image> folders, or a flat folder with --labels."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels for a flat folder: LOC_val_solution.csv or a filename,label CSV (label = index or wnid)."),
-    modes: Optional[str] = typer.Option(None, "--modes", help="Comma list of original|traditional|checkered|dilated (default: original,checkered; for an artifact: original and its own mode)."),
+    modes: Optional[str] = typer.Option(None, "--modes", help=f"Comma list of {mode_names()} (default: original,checkered; for an artifact: original and its own mode)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random (default: lattice, or the artifact's)."),
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted (default: 0, or the artifact's)."),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler and the shift-consistency crops."),
     edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference (default: reference, or the artifact's; dilated is always exact)."),
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native (default: the artifact's, else native where a dilation can express the model, else multisample)."),
+    smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -125,7 +128,8 @@ def eval_command(
         check_output(json_path, force=force)  # fail now, not after a long evaluation
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
-        seed=seed, edges=edges, dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+        seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+        leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
         preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
         workers=workers, device=device, amp=amp, consistency=consistency,

@@ -19,7 +19,8 @@ from ..errors import CCNNError
 from ..spec import ConversionSpec
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
-from ._common import console, err_console, plain, preprocessing_overrides, run_app, user_errors
+from ._common import (blur_size_help, console, err_console, mode_names, plain, preprocessing_overrides, run_app,
+                      smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -95,13 +96,15 @@ def _given(**options: object) -> dict[str, object]:
 def export_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or file.py:factory."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output .onnx path [default: <model>_<mode>.onnx]."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="original|traditional|checkered|dilated [default: checkered, or the artifact's]."),
+    mode: Optional[str] = typer.Option(None, "--mode", help=f"{mode_names()} [default: checkered, or the artifact's]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random [default: lattice, or the artifact's]."),
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling steps unconverted [default: 0, or the artifact's]."),
     density: Optional[int] = typer.Option(None, "--density", help="Samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler."),
     edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference [default: reference, or the artifact's; dilated is always exact]."),
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: the artifact's, else native where a dilation can express the model, else multisample]."),
+    smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type or name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -138,6 +141,7 @@ def export_command(
     try:
         result = export(model, output, mode=mode, sampler=sampler, keep_first=keep_first, density=density,
                         seed=seed, leaf_modules=leaf or None, edges=edges, dilation=dilation,
+                        smoothness=smoothness, blur_size=blur_size,
                         weights=weights, arch=arch,
                         trust_factory=trust_factory, preprocessing=preprocessing or None, input_size=input_size,
                         opset=opset, fp16=fp16, provider=provider, threads=threads, verify=verify_options,

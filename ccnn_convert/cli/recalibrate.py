@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from ..train.calibrate import recalibrate_model
-from ._common import console, plain, preprocessing_overrides, run_app, user_errors
+from ._common import console, mode_names, plain, preprocessing_overrides, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -25,7 +25,7 @@ def recalibrate_command(
     data: Path = typer.Option(..., "--data", help="A folder of images in any layout (found recursively), or DIR with train/<class>/ (its train/ images are used)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to save the artifact (.pt)."),
     images: int = typer.Option(..., "--images", help="How many images to recalibrate on (picked with --seed)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="checkered | dilated | traditional [default: the artifact's, else checkered]."),
+    mode: Optional[str] = typer.Option(None, "--mode", help=f"{mode_names(original=False)} [default: the artifact's, else checkered]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive | lattice | random [default: lattice]."),
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Keep the first N subsampling steps traditional [default: 0]."),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window."),

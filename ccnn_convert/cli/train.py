@@ -21,7 +21,8 @@ from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import DistillConfig
-from ._common import console, err_console, percent, plain, preprocessing_overrides, run_app, user_errors
+from ._common import (blur_size_help, console, err_console, mode_names, percent, plain, preprocessing_overrides,
+                      run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -61,12 +62,15 @@ def train_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), file.py:factory, a checkpoint with --arch, or a ccnn-convert/ccnn-train artifact."),
     data: Path = typer.Option(..., "--data", help="Folder with train/<class>/ and val/<class>/ images (wnid folders keep ImageNet's classes; other names get their own head); with --distill, also any folder of images."),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoint.pt, last.pt, best.pt, history.json and curves.png (created if missing)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="checkered | dilated | traditional (the network unconverted) [default: the artifact's, else checkered]."),
+    mode: Optional[str] = typer.Option(None, "--mode", help=f"{mode_names(original=False)} (traditional: the network unconverted) [default: the artifact's, else checkered]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive | lattice | random (redrawn on every training forward) [default: lattice]."),
     keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Keep the first N subsampling steps traditional [default: 0]."),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window."),
     edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact | reference [default: reference]."),
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
+    smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    stride_penalty: float = typer.Option(0.0, "--stride-penalty", help="Mode diffstride: add L x the cost the learned strides imply (the paper's complexity regulariser) to the loss."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, a file, or none (train from scratch)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -106,9 +110,10 @@ def train_command(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
-                         seed=seed, train_params=train_params)
+                         seed=seed, train_params=train_params, stride_penalty=stride_penalty)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
-                   dilation=dilation, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, leaf_modules=tuple(leaf or ()),
+                   weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                    trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,
                    distill=distill_config(distill, teacher, temperature, distill_weight, val_fraction))

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ..errors import CCNNError, ParameterError
 from ..outputs import check_output
-from ._common import console, parse_list, plain, run_app, user_errors
+from ._common import (console, mode_names, parse_list, plain, run_app, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
@@ -92,7 +92,7 @@ def features_command(
     model: str = typer.Argument(..., help="Model name (efficientnet_lite0, resnet18, ...), factory or checkpoint."),
     image: str = typer.Option(..., "--image", help="An image file."),
     step: int = typer.Option(2, "--step", help="Show the feature map after this many subsampling steps."),
-    mode: str = typer.Option("checkered", "--mode", help="checkered|dilated|traditional."),
+    mode: str = typer.Option("checkered", "--mode", help=f"{mode_names(original=False)}."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="naive|lattice|random [default: an artifact's, else lattice]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
     dense: bool = typer.Option(False, "--dense", help="Show the submaps put back on the input grid: --mode's dense map beside the dilated one."),
@@ -111,6 +111,9 @@ def features_command(
     from ..visualize import feature_submaps, plot_feature_submaps
 
     mode = check_modes([mode], allowed=CONVERSION_MODES)[0]
+    if dense and mode not in _submap_modes():
+        raise ParameterError("dense", f"{{param}} puts submaps back on the input grid; mode {mode} makes none "
+                                      "(one map per image): drop {param}")
     shown = [mode, "dilated"] if dense else [mode]  # --dense adds a dilated panel
     check_checkered_options_used(shown, edges=edges, dilation=dilation)
     if step < 1:
@@ -137,6 +140,13 @@ def features_command(
     console.print(Text(f"  shown: {maps.shape[0]} submaps of {maps.shape[1]}x{maps.shape[2]} entering step {step + 1}"),
                   soft_wrap=True)
     console.print(Text(f"  wrote {path}"), soft_wrap=True)
+
+
+def _submap_modes() -> list[str]:
+    """The modes converted by multisampling (submaps), from the table of modes."""
+    from ..core.modes import MODES as TABLE
+
+    return [name for name, entry in TABLE.items() if entry.converter_path == TABLE["checkered"].converter_path]
 
 
 def _given(**options) -> dict:

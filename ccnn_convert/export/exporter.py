@@ -101,14 +101,44 @@ def _torch_export(module: nn.Module, input_size, opset: int, example_batch: int,
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module, (example,), None, dynamo=True, dynamic_shapes=({0: batch},),
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                opset_version=max(opset, NATIVE_OPSET), optimize=True, verify=False, report=False,
-                verbose=False)
-            return program.model_proto
+            try:
+                return _to_onnx(module, example, batch, opset)
+            except Exception as exc:
+                if not _is_complex_alias_failure(exc):
+                    raise
+                # torch.export writes a slice that keeps a whole complex spectrum (DiffStride keeping
+                # every frequency of an axis) as aten.alias, which torchlib cannot translate for
+                # complex values. An alias of an unmutated value is that value: drop it and retry.
+                program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+                return _to_onnx(_without_aliases(program), example, batch, opset)
     except Exception as exc:  # the exporter raises many types; all mean "cannot export this"
         raise _export_failure(exc) from exc
+
+
+def _to_onnx(model, example: torch.Tensor, batch, opset: int):
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, dynamic_shapes=({0: batch},),
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        opset_version=max(opset, NATIVE_OPSET), optimize=True, verify=False, report=False,
+        verbose=False)
+    return program.model_proto
+
+
+def _is_complex_alias_failure(exc: BaseException) -> bool:
+    text = "\n".join(str(e) for e in _exception_chain(exc))
+    return "aten.alias" in text and "complex" in text
+
+
+def _without_aliases(program):
+    """``program`` with its ``aten.alias`` nodes replaced by their input (no value is mutated in an
+    inference graph, so an alias and its input are the same tensor)."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    program.graph_module.recompile()
+    return program
 
 
 def _save(proto, path: Path, external_data: bool) -> int:

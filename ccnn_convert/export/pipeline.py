@@ -34,10 +34,11 @@ from ..models import Preprocessing, ResolvedModel, resolve_model
 from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output, staged_directory
-from ..spec import MODES, ORIGINAL, ConversionSpec, check_checkered_options_used
+from ..spec import MODES, ORIGINAL, ConversionSpec, check_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
 from .metadata import build_metadata, scale_to_crop
 from .opset import check_opset
+from .spectral_bases import with_matrix_spectral_pooling
 from .sessions import ProviderChoice, create_session, select_provider
 from .verification import (BenchmarkOptions, BenchmarkResult, Verification, VerificationFailed, VerifyOptions,
                            benchmark as run_benchmark, verify as run_verification)
@@ -67,7 +68,8 @@ class ExportResult:
 def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sampler: str | None = None,
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
-                    dilation: str | None = None) -> ConversionSpec | None:
+                    dilation: str | None = None, smoothness: float | None = None,
+                    blur_size: int | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -78,22 +80,23 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
     if mode not in MODES:
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                   leaf_modules=leaf_modules or None, edges=edges, dilation=dilation)
+                   leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
+                   blur_size=blur_size)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
-    check_checkered_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges,
-                                 dilation=dilation, keep_first=keep_first)
+    check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
+                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first)
     return ConversionSpec.build(mode, base=base, **options)
 
 
 def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | None = None, *,
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
-           edges: str | None = None, dilation: str | None = None,
-           weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
+           edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
+           blur_size: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
            verify: VerifyOptions | None = VerifyOptions(), benchmark: BenchmarkOptions | None = None,
@@ -118,13 +121,14 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
         _check_folder(verify.data)
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
-                           seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation)
+                           seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
+                           smoothness=smoothness, blur_size=blur_size)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None
     prep, size, notes = _input_size(resolved.preprocessing, input_size)
     images = load_images(verify.data, prep, verify.data_limit) if verify is not None and verify.data else None
-    torch_model = _build(resolved.model, spec, size)
+    torch_model = _build(resolved, spec, size)
     metadata = build_metadata(name=resolved.name, weights=resolved.weights, conversion=spec, input_size=size,
                               preprocessing=prep, num_classes=resolved.num_classes,
                               dtype="float16" if fp16 else "float32", opset=opset,
@@ -174,17 +178,21 @@ def _input_size(preprocessing: Preprocessing, input_size: int | None) -> tuple[P
     return scaled, input_size, [note]
 
 
-def _build(model: nn.Module, spec: ConversionSpec | None, size: int) -> nn.Module:
+def _build(resolved: ResolvedModel, spec: ConversionSpec | None, size: int) -> nn.Module:
     if spec is None:
-        return model.eval()
+        return resolved.model.eval()
     logger.info("converting (%s, %s)...", spec.mode, spec.describe())
-    return spec.apply(model, size)
+    return resolved.converted(spec, size)  # with an artifact's learned strides
 
 
 def _write(torch_model: nn.Module, staged: Path, size: int, opset: int, metadata: dict, fp16: bool) -> OnnxInfo:
     logger.info("exporting to ONNX opset %d (torch.export, dynamic batch)...", opset)
     start = time.perf_counter()
-    exported = copy.deepcopy(torch_model).half() if fp16 else torch_model  # the fp32 model stays the reference
+    # Fixed spectral pooling as products with DFT bases: ONNX Runtime runs them 28-500x faster
+    # than its DFT operator on CPU (benchmarks/onnx_spectral.py); the verification below compares
+    # the file with torch_model itself, FFTs and all.
+    exported, _ = with_matrix_spectral_pooling(torch_model, (size, size))
+    exported = copy.deepcopy(exported).half() if fp16 else exported  # the fp32 model stays the reference
     info = export_onnx(exported, staged, size, opset, metadata=metadata,
                        dtype=torch.float16 if fp16 else torch.float32)
     logger.info("exported %d nodes in %.1f s", info.nodes, time.perf_counter() - start)

@@ -13,7 +13,7 @@
 from .artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, save_artifact
 from .head import Head, replace_head
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, imagenet_preprocessing
-from .record import ResolvedModel, count_classes
+from .record import ResolvedModel, conversion_state, count_classes
 from .resolve import build_from_spec, list_model_names, load_artifact, resolve_model
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Preprocessing",
     "ResolvedModel",
     "build_from_spec",
+    "conversion_state",
     "count_classes",
     "imagenet_preprocessing",
     "list_model_names",

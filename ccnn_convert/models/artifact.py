@@ -13,6 +13,9 @@ with ``torch.load(weights_only=True)`` and unpickling runs no code:
     the original model's tensors and what is needed to use it.
 ``conversion``
     :meth:`ccnn_convert.spec.ConversionSpec.to_dict`, including the leaf modules.
+``conversion_state`` (optional)
+    tensors learned by the conversion itself (DiffStride's strides), keyed as in the converted
+    model's state_dict.
 ``head``, ``classes``, ``training`` (version 3, each optional)
     a classifier replaced for transfer learning (:class:`~.head.Head`), the class names of a
     model trained on its own classes, and ``ccnn-train``'s summary of the run. A trained
@@ -37,7 +40,7 @@ from ..outputs import atomic_path
 from ..spec import ConversionSpec
 from .head import Head
 from .preprocessing import Preprocessing
-from .record import ResolvedModel
+from .record import ResolvedModel, learned_state_applies
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactData", "is_artifact", "read_artifact", "save_artifact"]
 
@@ -61,10 +64,12 @@ class ArtifactData:
     head: Head | None = None
     class_names: tuple[str, ...] | None = None
     training: dict | None = None
+    conversion_state: dict | None = None
 
 
 def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, force: bool = False) -> None:
-    """Write spec + original weights + conversion; loadable with weights_only=True."""
+    """Write spec + original weights + conversion (+ the learned ``resolved.conversion_state``);
+    loadable with weights_only=True."""
     if not isinstance(conversion, ConversionSpec):
         raise TypeError(f"conversion must be a ConversionSpec, not {type(conversion).__name__}")
     if resolved.spec.get("source") not in _SAVABLE_SOURCES:
@@ -88,8 +93,11 @@ def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, 
     _check_plain(meta, "artifact")
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
              for k, v in resolved.model.state_dict().items()}
+    learned = {}
+    if resolved.conversion_state and learned_state_applies(resolved.conversion, conversion):
+        learned["conversion_state"] = {k: v.detach().cpu() for k, v in resolved.conversion_state.items()}
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as handle:
-        torch.save({**meta, "state_dict": state}, handle)  # a file object: the same bytes whatever tmp's name
+        torch.save({**meta, "state_dict": state, **learned}, handle)  # a file object: the same bytes whatever tmp's name
 
 
 def is_artifact(obj: Any) -> bool:
@@ -135,8 +143,12 @@ def read_artifact(obj: dict, path: Path) -> ArtifactData:
     training = obj.get("training")
     if training is not None and not isinstance(training, dict):
         raise ModelResolutionError(f"{path}: invalid training summary in artifact")
+    learned = obj.get("conversion_state")
+    if learned is not None and (not isinstance(learned, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in learned.items())):
+        raise ModelResolutionError(f"{path}: invalid conversion_state in artifact")
     return ArtifactData(dict(spec), state, _conversion(obj["conversion"], version, path), preprocessing,
-                        name, weights, classes, head, class_names, training)
+                        name, weights, classes, head, class_names, training, learned or None)
 
 
 def _check_head_weight(state: dict, head: Head, path: Path) -> None:

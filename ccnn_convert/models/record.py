@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import torch
 from torch import nn
+
+from ..errors import ModelResolutionError
 
 from ..spec import ConversionSpec
 from .head import Head
 from .preprocessing import Preprocessing, imagenet_preprocessing
 
-__all__ = ["ResolvedModel", "count_classes"]
+__all__ = ["ResolvedModel", "conversion_state", "count_classes", "learned_state_applies"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +29,9 @@ class ResolvedModel:
     ``head`` records a classifier replaced for transfer learning, ``class_names`` the class
     folder names of a model trained on its own classes (index order), and ``training`` what
     ``ccnn-train`` reports about the run that produced the weights (all plain data).
+    ``conversion_state`` holds what training learned in the conversion itself, beyond the
+    original's weights (DiffStride's strides): the tensors of the converted model's state_dict
+    that the original lacks (:func:`conversion_state`); :meth:`converted` puts them back.
     """
 
     model: nn.Module
@@ -34,6 +44,22 @@ class ResolvedModel:
     head: Head | None = None
     class_names: tuple[str, ...] | None = None
     training: dict | None = None
+    conversion_state: dict[str, torch.Tensor] | None = None
+
+    def converted(self, spec: ConversionSpec, input_size: int | Sequence[int] = 224) -> nn.Module:
+        """``spec`` applied to the model (eval mode), with the learned ``conversion_state`` loaded
+        when ``spec`` is the conversion that learned it (same mode and keep_first)."""
+        model = spec.apply(self.model, input_size)
+        if not self.conversion_state:
+            return model
+        base = self.conversion
+        if not learned_state_applies(base, spec):
+            if base is not None and spec.mode == base.mode:
+                logger.warning(f"{self.name}: its learned {spec.mode} parameters belong to keep_first="
+                               f"{base.keep_first}, not {spec.keep_first}; using the untrained ones")
+            return model
+        _load_conversion_state(model, self.conversion_state, self.name)
+        return model
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str | None = None,
@@ -44,6 +70,29 @@ class ResolvedModel:
         spec = {"source": "module", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
         return cls(module.eval(), shown, preprocessing or imagenet_preprocessing(), spec,
                    "(in memory)", None, count_classes(module))
+
+
+def learned_state_applies(base: ConversionSpec | None, spec: ConversionSpec) -> bool:
+    """Whether parameters learned in conversion ``base`` belong in conversion ``spec``."""
+    return base is not None and (base.mode, base.keep_first) == (spec.mode, spec.keep_first)
+
+
+def conversion_state(converted: nn.Module, original: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of ``converted`` that ``original`` does not share (learned strides), by
+    their names in ``converted``'s state_dict; buffers a conversion adds are rebuilt, not stored."""
+    shared = {id(p) for p in original.parameters()}
+    return {k: p.detach().cpu().clone() for k, p in converted.named_parameters() if id(p) not in shared}
+
+
+def _load_conversion_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own or own[key].shape != value.shape:
+            raise ModelResolutionError(f"{name}: the stored conversion parameter {key!r} does not fit "
+                                       "the converted model")
+    model.load_state_dict(dict(state), strict=False)
+    shown = ", ".join(f"{k}={[round(v, 4) for v in t.flatten().tolist()]}" for k, t in state.items())
+    logger.info(f"{name}: learned conversion parameters loaded ({shown})")
 
 
 def count_classes(model: nn.Module) -> int:

@@ -139,4 +139,5 @@ def _from_artifact(obj: dict, path: Path, trust_factory: bool) -> ResolvedModel:
     if data.head is None:
         check_classes_in_state(data.state_dict, data.num_classes, path)
     return ResolvedModel(model.eval(), data.name, data.preprocessing, data.spec, data.weights,
-                         data.conversion, data.num_classes, data.head, data.class_names, data.training)
+                         data.conversion, data.num_classes, data.head, data.class_names, data.training,
+                         data.conversion_state)

@@ -164,12 +164,8 @@ class DistillTrainer(Trainer):
         with self._autocast():
             teacher_logits = self.teacher(images).float()  # no_grad, eval mode
             logits = logits_of(self.wrapped(images)).float()
-        loss = self.loss(logits, teacher_logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        loss = self._regularised(self.loss(logits, teacher_logits, targets))
+        self._update(loss)
         reference = targets if self.labelled else teacher_logits.argmax(1)
         return loss.detach(), int(logits.argmax(1).eq(reference).sum())
 

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .._helpers import logits_of
+from ..core.diffstride import diffstride_cost, diffstride_layers
 from ..data import Batch, Item, Skipped, collate_items, shard_indices
 from ..errors import DataError, ParameterError
 from ..metrics import topk_correct
@@ -113,6 +114,7 @@ class Trainer:
         self.train_set, self.val_set, self.workers, self.on_step = train_set, val_set, workers, on_step
         _check_options(config, self.device, self.ctx)
         torch.manual_seed(config.seed + 1_000_003 * self.ctx.rank)  # ranks augment and sample differently
+        _check_stride_penalty(config, model)
         self.model = model.to(self.device)
         if config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -143,13 +145,23 @@ class Trainer:
     def _step(self, images: Tensor, targets: Tensor) -> tuple[Tensor, int]:
         with self._autocast():
             logits = logits_of(self.wrapped(images)).float()
-        loss = self.loss_fn(logits, targets)
+        loss = self._regularised(self.loss_fn(logits, targets))
+        self._update(loss)
+        return loss.detach(), int(logits.argmax(1).eq(targets).sum())
+
+    def _regularised(self, loss: Tensor) -> Tensor:
+        """``loss`` plus the paper's complexity regulariser on DiffStride's learned strides, if asked for."""
+        if self.config.stride_penalty:
+            loss = loss + self.config.stride_penalty * diffstride_cost(self.model)
+        return loss
+
+    def _update(self, loss: Tensor) -> None:
+        """One optimizer step (through the grad scaler) and one schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach(), int(logits.argmax(1).eq(targets).sum())
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         seed = self.config.seed * 10_007 + self.epoch * 101 + self.ctx.rank  # worker seeds, per epoch and rank
@@ -287,6 +299,12 @@ class Trainer:
         else:
             logger.warning(f"resuming with {self.ctx.world_size} process(es) instead of {len(rng)}: the "
                            "random draws (augmentation, random sampler) differ from an uninterrupted run")
+
+
+def _check_stride_penalty(config: TrainConfig, model: nn.Module) -> None:
+    if config.stride_penalty and not diffstride_layers(model):
+        raise ParameterError("stride_penalty", "{param} penalises learned strides; the model has none "
+                                               "(only mode diffstride learns them)")
 
 
 def _check_options(config: TrainConfig, device: torch.device, ctx: DistributedContext) -> None:

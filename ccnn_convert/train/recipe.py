@@ -53,6 +53,7 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     train_params: str = "all"  # all | norm | head | norm+head (.params)
+    stride_penalty: float = 0.0  # DiffStride: loss += stride_penalty * diffstride_cost(model)
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs)
@@ -80,6 +81,8 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         object.__setattr__(self, "train_params", check_train_params(self.train_params))
+        if not (math.isfinite(self.stride_penalty) and self.stride_penalty >= 0):
+            raise ParameterError("stride_penalty", f"{{param}} must be zero or more, got {self.stride_penalty}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ParameterError("shift", f"{{param}} must be a number of pixels (0 or more), got {self.shift!r}")
 
@@ -96,6 +99,8 @@ class TrainConfig:
         data = asdict(self)
         data.update(lr=self.learning_rate, weight_decay=self.decay,
                     momentum=(self.momentum if self.momentum is not None else 0.9) if self.optimizer == "sgd" else None)
+        if not self.stride_penalty:
+            del data["stride_penalty"]  # runs without it keep the recipe (and the resume identity) they had
         return data
 
     @classmethod
@@ -110,10 +115,15 @@ def _positive(name: str, value: Any) -> None:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; norm parameters and biases (ndim <= 1) without."""
+    """Two groups: weights with decay; norm parameters, biases (ndim <= 1) and DiffStride's
+    learnable strides without (decay would pull the strides towards 0, i.e. towards no
+    subsampling; their cost is ``stride_penalty``'s business)."""
+    from ..core.diffstride import diffstride_layers
+
+    strides = {id(p) for _, layer in diffstride_layers(model) for p in layer.parameters()}
     decay, no_decay = [], []
     for _, param in _unique_trainable(model.named_parameters()):
-        (no_decay if param.ndim <= 1 else decay).append(param)
+        (no_decay if param.ndim <= 1 or id(param) in strides else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

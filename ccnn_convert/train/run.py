@@ -37,11 +37,11 @@ import torch
 
 from .._helpers import first_line
 from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
-from ..models import ResolvedModel, replace_head, resolve_model, save_artifact
+from ..models import ResolvedModel, conversion_state, replace_head, resolve_model, save_artifact
 from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
-from ..spec import ConversionSpec, check_checkered_options_used
+from ..spec import ConversionSpec, check_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
 from .history import plot_curves, write_history
@@ -77,7 +77,8 @@ def train_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *,
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
-    dilation: str | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
+    dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
+    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
     workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
@@ -87,8 +88,9 @@ def train_model(
     """Resolve, convert and train ``model`` on ``data/train``, validating on ``data/val``.
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
-    network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation`` and
-    ``leaf_modules`` are ``ccnn-convert``'s; the random sampler redraws on every training
+    network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
+    ``blur_size`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
@@ -100,6 +102,11 @@ def train_model(
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     folder = _check_out(out, resume, force)
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
+    if mode is not None:  # before the slow part; an artifact's own mode is checked below
+        check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
+                           smoothness=smoothness, blur_size=blur_size)
+        if config.stride_penalty and mode != "diffstride":
+            _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
     resume_folder = None if resume is None else Path(resume).expanduser().resolve().parent
     _seed_everything(config.seed)  # before the first draw: a new head, --weights none, a factory's init
@@ -112,14 +119,15 @@ def train_model(
             teacher = build_teacher(distill, resolved, trust_factory=trust_factory)  # before training moves the weights
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
-                           edges=edges, dilation=dilation, leaf_modules=leaf_modules)
+                           edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                           leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
         if distill is not None:
             check_teacher_classes(teacher, trained.num_classes)
             identity["distill"] = {**distill.to_dict(), "teacher": teacher.name, "labelled": labelled}
         pre = trained.preprocessing
-        converted = spec.apply(trained.model, pre.crop)
+        converted = trained.converted(spec, pre.crop)  # a diffstride artifact's learned strides too
         if labels is not None:
             train_set, val_set = training_sets(data, labels, pre, config)
         else:
@@ -238,11 +246,17 @@ def _conversion(mode, resolved: ResolvedModel, config: TrainConfig, **options) -
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = {k: v for k, v in options.items() if k != "leaf_modules"}
-    check_checkered_options_used([mode], **given)  # an option that would do nothing is an error
+    check_options_used([mode], **given)  # an option that would do nothing is an error
     spec = ConversionSpec.build(mode, base, leaf_modules=options["leaf_modules"], **given)
+    if config.stride_penalty and spec.mode != "diffstride":
+        _refuse_stride_penalty(spec.mode)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
         spec = dataclasses.replace(spec, seed=config.seed)  # the eval table, the same on every process
     return spec
+
+
+def _refuse_stride_penalty(mode: str) -> None:
+    raise ParameterError("stride_penalty", f"{{param}} penalises learned strides: mode diffstride only, not {mode}")
 
 
 def _trained_record(resolved: ResolvedModel, labels: ClassLabels, num_classes: int | None) -> ResolvedModel:
@@ -290,7 +304,8 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
         if "distill" in identity:
             summary.update(distilled_from=identity["distill"], val_agreement=record.val_agreement,
                            val_kl=record.val_kl)
-        artifact = dataclasses.replace(trained, training=summary)
+        artifact = dataclasses.replace(trained, training=summary, conversion=spec,  # + learned strides
+                                       conversion_state=conversion_state(trainer.model, trained.model) or None)
         save_artifact(staged["last"], artifact, spec)
         best = best_record(history)
         if best is None or best is record:  # ties keep the earlier best

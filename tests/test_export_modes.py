@@ -1,0 +1,86 @@
+"""ONNX export of issue 17's modes: spectral (matrix products with fixed DFT bases), diffstride
+with fixed strides (the DFT operator) and blurpool (plain convolutions), each with a dynamic
+batch and equal to eager PyTorch in ONNX Runtime to 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ccnn_convert import convert
+from ccnn_convert.core.diffstride import diffstride_layers
+from ccnn_convert.export import VerifyOptions, export
+from ccnn_convert.export.spectral_bases import MatrixSpectralPool, with_matrix_spectral_pooling
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def numpy_spectral_pool(x: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+    """The definition: 2-D DFT, keep the out[0] x out[1] frequencies nearest zero (rows
+    0..ceil(h/2)-1 and the last floor(h/2), the same for columns), inverse DFT at that size,
+    real part; scaled so that a constant stays the same constant."""
+    (height, width), (h, w) = x.shape[-2:], out
+    spectrum = np.fft.fft2(x) / (height * width)
+    rows = [*range((h + 1) // 2), *range(height - h // 2, height)]
+    columns = [*range((w + 1) // 2), *range(width - w // 2, width)]
+    cropped = spectrum[..., rows, :][..., :, columns]
+    return np.real(np.fft.ifft2(cropped) * (h * w))
+
+
+@pytest.mark.parametrize("size,out", [((8, 8), (4, 4)), ((9, 7), (5, 3)), ((12, 10), (6, 5)), ((15, 16), (7, 8)),
+                                      ((6, 6), (6, 3))])
+def test_matrix_spectral_pooling_equals_the_fft_definition(size, out):
+    x = np.random.default_rng(0).standard_normal((2, 3, *size))
+    pooled = MatrixSpectralPool(size, out, torch.float64)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(pooled, numpy_spectral_pool(x, out), atol=1e-12)
+    constant = MatrixSpectralPool(size, out, torch.float64)(torch.full((1, 1, *size), 3.0, dtype=torch.float64))
+    np.testing.assert_allclose(constant.numpy(), 3.0, atol=1e-12)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+
+
+def _ort_matches_eager(path, model: nn.Module, size: int, batch: int = 5) -> float:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def test_spectral_exports_as_matrix_products_and_matches_eager(tmp_path):
+    model = _net()
+    converted = convert(model, mode="spectral", example_input=torch.zeros(1, 3, 30, 30)).eval()
+    swapped, replaced = with_matrix_spectral_pooling(converted, (30, 30))
+    assert replaced == 3  # two strided convs and the max pool
+    result = export(converted, tmp_path / "spectral.onnx", mode="original", input_size=30, verify=VerifyOptions())
+    assert result.verification.passed
+    assert "DFT" not in result.info.op_counts and result.info.op_counts.get("MatMul", 0) >= 3
+    assert _ort_matches_eager(result.path, converted, 30) <= 1e-4  # batch 5: not one of the verified batches
+
+
+def test_diffstride_with_learned_strides_exports_with_a_static_crop(tmp_path):
+    model = _net()
+    converted = convert(model, mode="diffstride", example_input=torch.zeros(1, 3, 30, 30))
+    with torch.no_grad():
+        for value, (_, layer) in zip((2.6, 1.7, 3.2), diffstride_layers(converted)):
+            layer.strides.fill_(value)  # as if trained: not the original strides
+    converted.eval()
+    result = export(converted, tmp_path / "diffstride.onnx", mode="original", input_size=30, verify=VerifyOptions())
+    assert result.verification.passed and result.info.op_counts.get("DFT", 0) > 0
+    assert _ort_matches_eager(result.path, converted, 30) <= 1e-4
+
+
+def test_blurpool_exports_as_convolutions(tmp_path):
+    result = export(_net(), tmp_path / "blurpool.onnx", mode="blurpool", input_size=30, verify=VerifyOptions())
+    assert result.verification.passed
+    assert "DFT" not in result.info.op_counts and result.info.op_counts["Conv"] == 5  # 2 convs + 3 blurs
