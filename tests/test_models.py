@@ -417,7 +417,7 @@ def test_artifact_write_is_atomic(tmp_path, monkeypatch):
     resolved = resolve_model("squeezenet1_1", weights="none")
 
     def crash(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a file")
+        (f.write if hasattr(f, "write") else Path(f).write_bytes)(b"half a file")  # a path or an open file
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)

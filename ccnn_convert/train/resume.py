@@ -106,13 +106,14 @@ def _check_history(history: Any, epoch: int, record_fields: tuple, bad) -> None:
         raise bad("history", f"expected a list of {epoch} epoch record(s)")
     names = {f.name for f in record_fields}
     required = {f.name for f in record_fields if f.default is MISSING and f.default_factory is MISSING}
+    nullable = {f.name for f in record_fields if "None" in str(f.type)}  # annotated "float | None"
     for number, record in enumerate(history, 1):
         if not isinstance(record, dict) or not required <= set(record) or not set(record) <= names:
             raise bad("history", f"record {number} does not have an epoch record's entries")
         for key, value in record.items():
             integral = key in ("epoch", "skipped", "peak_memory_bytes")
             kinds = (int,) if integral else (int, float)
-            if value is None and key in ("val_loss", "val_top1", "val_top5", "peak_memory_bytes"):
+            if value is None and key in nullable:
                 continue
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise bad("history", f"record {number}: {key} is {_short(value, 40)}")
