@@ -52,7 +52,8 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
          _MULTISAMPLE),
     Mode("spectral", "the layer at stride 1, then fixed spectral pooling (rfft2, keep the low "
                      "frequencies, irfft2) to the original output size",
-         "the layer at stride 1 (k*k its cost) plus two FFTs per map", "no", (), _DOWNSAMPLE),
+         "the layer at stride 1 (k*k its cost) plus two FFTs per map",
+         "runs without; a pretrained network loses accuracy until fine-tuned", (), _DOWNSAMPLE),
     Mode("diffstride", "the layer at stride 1, then DiffStride: spectral pooling with a learnable "
                        "stride per axis (smooth mask in the Fourier domain)",
          "the layer at stride 1 plus two FFTs; later layers follow the learned strides",
@@ -60,7 +61,8 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
          ("smoothness",), _DOWNSAMPLE),
     Mode("blurpool", "the layer at stride 1, then a depthwise binomial blur with the stride "
                      "(antialiased-cnns' BlurPool)",
-         "the layer at stride 1 plus a depthwise blur", "no (training helps)", ("blur_size",), _DOWNSAMPLE),
+         "the layer at stride 1 plus a depthwise blur",
+         "runs without; a pretrained network loses accuracy until fine-tuned", ("blur_size",), _DOWNSAMPLE),
 )}
 
 # The modes that run a layer at stride 1 and resample its output (no submaps, no grid of samples).
