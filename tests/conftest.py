@@ -17,3 +17,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared reference data not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture
+def quiet_logger(monkeypatch):
+    """Notes (INFO) are not errors: no console handler from another test counts in a one-line
+    check, and none is left for the next test."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("ccnn_convert")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # setup_logging replaces it

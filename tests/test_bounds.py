@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -16,12 +15,8 @@ from ccnn_convert.models.preprocessing import MAX_IMAGE_SIDE, Preprocessing
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def quiet_logger(monkeypatch):
-    """Notes (INFO) are not errors: keep another test's console handler out of the line count."""
-    logger = logging.getLogger("ccnn_convert")
-    monkeypatch.setattr(logger, "handlers", [])
-    monkeypatch.setattr(logger, "propagate", True)
+pytestmark = pytest.mark.usefixtures("quiet_logger")  # tests/conftest.py
+
 PREPROCESSING = {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
 
 

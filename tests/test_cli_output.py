@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,7 @@ from ccnn_convert.cli.convert import app as convert_app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def quiet_logger(monkeypatch):
-    """Notes (INFO) are not errors: no console handler from another test, none left for the next."""
-    logger = logging.getLogger("ccnn_convert")
-    monkeypatch.setattr(logger, "handlers", [])
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "level", logger.level)
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+pytestmark = pytest.mark.usefixtures("quiet_logger")  # tests/conftest.py
 
 # Retitles the terminal (OSC), clears the screen (CSI), and rich markup that must stay literal.
 HOSTILE = "\x1b]0;TITLE\x07[bold red]boom[/]\x1b[2J\u202eevil"

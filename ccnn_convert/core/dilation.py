@@ -43,8 +43,8 @@ from torchvision.models.feature_extraction import DualGraphModule
 from ..errors import ConversionError
 from .layers import pair
 from .options import check_options
-from .ops import ARG_NAMES, VIEWS, call_args, function_op, global_pool_kind, permuted_axes, strided_steps, \
-    tensor_meta, tensor_metas, zero_pads
+from .ops import ARG_NAMES, VIEWS, call_args, function_op, global_pool_kind, permuted_axes, step_converts, \
+    strided_steps, tensor_meta, tensor_metas, zero_pads
 from .report import ConversionReport, LayerRecord
 from .tracing import ANALYSIS_BATCH, analysis_input, check_leaf_modules, copy_structure, propagate_shapes, \
     trace_both_modes, unmatched_leaves
@@ -192,8 +192,9 @@ class _Dilator:
 
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
         batch, _, steps = strided_steps(graph, self.originals)
+        warn = self.report.warn if record else None
         converted = {m.node for index, members in enumerate(steps, start=1)
-                     if self._converts(members, index, record) for m in members}
+                     if step_converts(members, index, self.report.keep_first, warn) for m in members}
         factors = self._propagate(graph, batch, converted)
         if record:
             self.report.steps = len(steps)
@@ -202,16 +203,6 @@ class _Dilator:
                 for member in members:
                     self._record(member, index, converted, factors)
 
-    def _converts(self, members: list, index: int, record: bool) -> bool:
-        if index <= self.report.keep_first:
-            return False
-        problems = [f"{m.name}: {m.unsupported}" for m in members if m.unsupported]
-        strides = {m.stride for m in members}
-        if len(strides) > 1:
-            problems.append(f"layers with different strides {sorted(strides)} meet")
-        if problems and record:
-            self.report.warn(f"step {index} stays traditional ({'; '.join(problems)})")
-        return not problems
 
     # -- factors over the graph
 

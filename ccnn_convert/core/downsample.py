@@ -41,7 +41,7 @@ from .blurpool import blur_pool
 from .diffstride import DiffStride2d
 from .layers import IntPair, pair, pooled_size
 from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
-from .ops import ARG_NAMES, Strided, call_args, strided_steps, tensor_meta
+from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
 from .spectral import spectral_pool
 from .tracing import analysis_input, check_leaf_modules, copy_structure, failing_node, propagate_shapes, \
@@ -150,7 +150,7 @@ class _Downsampler:
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
         _, _, steps = strided_steps(graph, self.originals)
         for index, members in enumerate(steps, start=1):
-            converts = self._converts(members, index, record)
+            converts = step_converts(members, index, self.report.keep_first, self.report.warn if record else None)
             for member in members:
                 after = self._replace(graph, member, index) if converts else None
                 if record:
@@ -159,16 +159,6 @@ class _Downsampler:
             self.report.steps = len(steps)
 
 
-    def _converts(self, members: list[Strided], index: int, record: bool) -> bool:
-        if index <= self.report.keep_first:
-            return False
-        problems = [f"{m.name}: {m.unsupported}" for m in members if m.unsupported]
-        strides = {m.stride for m in members}
-        if len(strides) > 1:
-            problems.append(f"layers with different strides {sorted(strides)} meet")
-        if problems and record:
-            self.report.warn(f"step {index} stays traditional ({'; '.join(problems)})")
-        return not problems
 
     # -- one strided layer: stride 1, then the downsampler
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from .tracing import ANALYSIS_BATCH
 
 __all__ = [
     "ARG_NAMES", "Strided", "VIEWS", "batch_nodes", "call_args", "find_strided", "function_op", "global_pool_kind",
-    "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "strided_steps", "tensor_meta",
+    "group_steps", "is_feature_map", "is_whole_map_pool", "permuted_axes", "step_converts", "strided_steps",
+    "tensor_meta",
     "tensor_metas", "zero_pads",
 ]
 
@@ -356,3 +357,19 @@ def strided_steps(graph: fx.Graph, modules: dict[str, nn.Module]
         if node in batch and (found := find_strided(node, modules)) and not is_whole_map_pool(found):
             strided[node] = found
     return batch, strided, group_steps(graph, strided, batch)
+
+
+def step_converts(members: list[Strided], index: int, keep_first: int, warn: Callable[[str], None] | None = None
+                  ) -> bool:
+    """Whether step ``index`` (its strided layers ``members``) is converted: it is past the first
+    ``keep_first`` steps, and its layers are supported and share one stride. ``warn`` hears why a
+    step past ``keep_first`` stays traditional. Every mode's pass decides with this one rule."""
+    if index <= keep_first:
+        return False
+    problems = [f"{m.name}: {m.unsupported}" for m in members if m.unsupported]
+    strides = {m.stride for m in members}
+    if len(strides) > 1:
+        problems.append(f"layers with different strides {sorted(strides)} meet")
+    if problems and warn is not None:
+        warn(f"step {index} stays traditional ({'; '.join(problems)})")
+    return not problems

@@ -36,7 +36,7 @@ from .edge_pass import apply_exact_edges
 from .report import ConversionReport, LayerRecord, conversion_report
 from .modes import MODES
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
-from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, \
+from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, step_converts, \
     strided_steps, tensor_meta, tensor_metas
 from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_both_modes, unmatched_leaves
 
@@ -188,14 +188,8 @@ class _Rewriter:
         return plan
 
     def _samples(self, members: list[Strided], index: int) -> int | None:
-        if self.report.mode == "traditional" or index <= self.report.keep_first:
-            return None
-        problems = [f"{m.name}: {m.unsupported}" for m in members if m.unsupported]
-        strides = {m.stride for m in members}
-        if len(strides) > 1:
-            problems.append(f"layers with different strides {sorted(strides)} meet")
-        if problems:
-            self.report.warn(f"step {index} stays traditional ({'; '.join(problems)})")
+        if self.report.mode == "traditional" or not step_converts(members, index, self.report.keep_first,
+                                                                  self.report.warn):
             return None
         k = members[0].stride[0]
         n = self.report.density or (k * k if self.report.mode == "dilated" else k)
