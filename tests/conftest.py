@@ -19,10 +19,11 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def quiet_logger(monkeypatch):
-    """Notes (INFO) are not errors: no console handler from another test counts in a one-line
-    check, and none is left for the next test."""
+    """Each test starts with the package logger as a fresh process has it: a console handler that
+    a command installed in an earlier test (setup_logging) would print notes into a later test's
+    output and break its one-line checks; none is left for the next test either."""
     import logging
     import warnings
 

@@ -15,8 +15,6 @@ from ccnn_convert.models.preprocessing import MAX_IMAGE_SIDE, Preprocessing
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.usefixtures("quiet_logger")  # tests/conftest.py
-
 PREPROCESSING = {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
 
 

@@ -22,8 +22,6 @@ from ccnn_convert.cli.convert import app as convert_app
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.usefixtures("quiet_logger")  # tests/conftest.py
-
 # Retitles the terminal (OSC), clears the screen (CSI), and rich markup that must stay literal.
 HOSTILE = "\x1b]0;TITLE\x07[bold red]boom[/]\x1b[2J\u202eevil"
 
