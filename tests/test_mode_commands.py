@@ -23,18 +23,7 @@ from ccnn_convert.core.modes import MODES as MODE_TABLE
 from ccnn_convert.models import load_artifact
 from ccnn_convert.train import TrainConfig, Trainer, parameter_groups
 
-NET = '''
-import torch
-from torch import nn
-
-def make():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, 2),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
-'''
+from test_train import NET  # the same small training net
 
 
 def _cli(app, args):
