@@ -21,11 +21,12 @@ from ccnn_convert import conversion_report, convert
 from ccnn_convert.errors import ConversionError
 
 MAX_PARAMS = 100_000_000
-# The largest variants of families the zoo already covers with smaller members: each took 12-45 s
+# Larger variants of families the zoo already covers with smaller members: each took 10-45 s
 # here (the suite's 20 minutes); benchmarks/model_coverage.py still converts them for docs/models.md.
-LARGE_VARIANTS = ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_m", "resnet152",
-                  "resnext101_32x8d", "resnext101_64x4d", "regnet_x_16gf", "regnet_y_16gf", "convnext_base",
-                  "swin_b", "swin_v2_b")
+LARGE_VARIANTS = ("efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+                  "efficientnet_v2_m", "resnet152", "wide_resnet50_2", "resnext101_32x8d", "resnext101_64x4d",
+                  "regnet_x_16gf", "regnet_y_16gf", "convnext_small", "convnext_base", "swin_b", "swin_v2_s",
+                  "swin_v2_b")
 # The smallest input each family runs at (fixed-size transformers need their training size).
 INPUT_SIZE = {"inception_v3": 75, "alexnet": 64, "googlenet": 64, "vit": 224, "maxvit": 224, "swin": 64}
 HEAVY_DILATED = ("maxvit",)  # dilated at 224 px is minutes on 2 CPU cores; covered by benchmarks
