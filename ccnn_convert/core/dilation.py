@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
-from torchvision.models.feature_extraction import DualGraphModule
 
 from ..errors import ConversionError
 from .layers import pair
@@ -46,8 +45,7 @@ from .options import check_options
 from .ops import ARG_NAMES, VIEWS, call_args, function_op, global_pool_kind, permuted_axes, step_converts, \
     strided_steps, tensor_meta, tensor_metas, zero_pads
 from .report import ConversionReport, LayerRecord
-from .tracing import ANALYSIS_BATCH, analysis_input, check_leaf_modules, copy_structure, propagate_shapes, \
-    trace_both_modes, unmatched_leaves
+from .tracing import ANALYSIS_BATCH, propagate_shapes, trace_copy
 
 __all__ = ["DilatedAvgPool2d", "NativeDilationError", "convert_native", "dilated_avg_pool2d", "padded_max_pool2d"]
 
@@ -143,30 +141,15 @@ def convert_native(model: nn.Module, keep_first: int = 0, example_input: torch.T
     :func:`~ccnn_convert.core.conversion_report` has ``final_submaps == 1``.
     """
     check_options("dilated", keep_first=keep_first)
-    leaf_modules = check_leaf_modules(leaf_modules)
     report = ConversionReport("dilated", "naive", keep_first, None, edges="exact", dilation="native")
-    for leaf in unmatched_leaves(model, leaf_modules):
-        report.warn(f"leaf module {leaf!r} matches nothing in the model")
     originals = dict(model.named_modules())
-    copied = copy_structure(model)
-    example = analysis_input(example_input)
-    graphs = trace_both_modes(copied, leaf_modules, example)
-    pass_ = _Dilator(copied, originals, report)
-    for training in sorted(graphs):  # eval first: its report is the one we keep
-        pass_.rewrite(graphs[training], record=not training)
-    if keep_first > report.steps:
-        report.warn(f"keep_first={keep_first} but the model has {report.steps} subsampling steps: "
-                    "nothing is converted")
-    _check_runs(copied, graphs, example, model)
-    class_name = f"Dilated{type(model).__name__}"
-    if len(graphs) == 1:
-        result = fx.GraphModule(copied, graphs[False], class_name=class_name)
-    else:
-        result = DualGraphModule(copied, graphs[True], graphs[False], class_name=class_name)
-        result.meta = {}
-    result.train(model.training)
-    result.meta["ccnn_report"] = report
-    return result
+    traced = trace_copy(model, leaf_modules, example_input, report.warn)
+    pass_ = _Dilator(traced.root, originals, report)
+    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
+        pass_.rewrite(traced.graphs[training], record=not training)
+    report.warn_if_nothing_converted()
+    _check_runs(traced.root, traced.graphs, traced.example, model)
+    return traced.graph_module(f"Dilated{type(model).__name__}", model.training, {"ccnn_report": report})
 
 
 def _check_runs(root: nn.Module, graphs: dict[bool, fx.Graph], example: Tensor, model: nn.Module) -> None:

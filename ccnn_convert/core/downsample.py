@@ -33,7 +33,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, fx, nn
-from torchvision.models.feature_extraction import DualGraphModule
 
 from .._helpers import first_line
 from ..errors import ConversionError
@@ -44,8 +43,7 @@ from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
 from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
 from .spectral import spectral_pool
-from .tracing import analysis_input, check_leaf_modules, copy_structure, failing_node, propagate_shapes, \
-    trace_both_modes, unmatched_leaves
+from .tracing import failing_node, propagate_shapes, trace_copy
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
 
@@ -85,32 +83,18 @@ def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example
                        leaf_modules: Sequence[type | str] = (), smoothness: float | None = None,
                        blur_size: int | None = None) -> fx.GraphModule:
     """:func:`~.rewrite.convert` for spectral, diffstride and blurpool mode (options already checked)."""
-    leaf_modules = check_leaf_modules(leaf_modules)
     report = ConversionReport(mode, "", keep_first, None, edges="", smoothness=smoothness, blur_size=blur_size)
-    for leaf in unmatched_leaves(model, leaf_modules):
-        report.warn(f"leaf module {leaf!r} matches nothing in the model")
     originals = dict(model.named_modules())
-    copied = copy_structure(model)
-    example = analysis_input(example_input)
-    graphs = trace_both_modes(copied, leaf_modules, example)
-    rewriter = _Downsampler(copied, originals, report, smoothness, blur_size)
-    for training in sorted(graphs):  # eval first: its report is the one we keep
-        rewriter.rewrite(graphs[training], record=not training)
-    if keep_first > report.steps:
-        report.warn(f"keep_first={keep_first} but the model has {report.steps} subsampling steps: "
-                    "nothing is converted")
+    traced = trace_copy(model, leaf_modules, example_input, report.warn)
+    rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size)
+    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
+        rewriter.rewrite(traced.graphs[training], record=not training)
+    report.warn_if_nothing_converted()
     if mode == "diffstride":  # the other modes keep every size: the original's analysis holds
-        _check_shapes(copied, graphs[False], example, model, mode)
+        _check_shapes(traced.root, traced.graphs[False], traced.example, model, mode)
         rewriter.record_sizes()
-
-    class_name = f"{mode.capitalize()}{type(model).__name__}"
-    if len(graphs) == 1:
-        result = fx.GraphModule(copied, graphs[False], class_name=class_name)
-    else:
-        result = DualGraphModule(copied, graphs[True], graphs[False], class_name=class_name)
-        result.meta = {}  # DualGraphModule skips GraphModule.__init__, which creates it
-    result.train(model.training)
-    result.meta["ccnn_report"] = report
+    result = traced.graph_module(f"{mode.capitalize()}{type(model).__name__}", model.training,
+                                 {"ccnn_report": report})
     if mode == "diffstride" and rewriter.diffstride:
         strides = ", ".join(f"{s[0]}x{s[1]}" for s in rewriter.diffstride_strides)
         logger.info("diffstride: %d learnable stride pairs start at the original strides (%s); "

@@ -62,6 +62,12 @@ class ConversionReport:
             self.warnings.append(message)
             logger.warning(message)
 
+    def warn_if_nothing_converted(self) -> None:
+        """After a pass: a ``keep_first`` past the model's steps leaves it as it was."""
+        if self.keep_first > self.steps:
+            self.warn(f"keep_first={self.keep_first} but the model has {self.steps} subsampling steps: "
+                      "nothing is converted")
+
 
 def conversion_report(model: nn.Module) -> ConversionReport:
     """The :class:`ConversionReport` of a model returned by :func:`convert`."""

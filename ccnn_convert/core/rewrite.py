@@ -27,7 +27,6 @@ from typing import Sequence
 
 import torch
 from torch import fx, nn
-from torchvision.models.feature_extraction import DualGraphModule
 
 from . import layers
 from ..errors import ConversionError
@@ -38,7 +37,7 @@ from .modes import MODES
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
 from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, step_converts, \
     strided_steps, tensor_meta, tensor_metas
-from .tracing import analysis_input, check_leaf_modules, copy_structure, trace_both_modes, unmatched_leaves
+from .tracing import trace_copy
 
 __all__ = [
     "CONVERSION_MODES", "DILATIONS", "EDGES", "ConversionReport", "LayerRecord", "check_options",
@@ -125,30 +124,15 @@ def convert_multisample(model: nn.Module, mode: str, keep_first: int = 0, sample
             if dilation == "native":
                 raise
             logger.info("%s: dilated mode uses multisample submaps instead", error.reason)
-    leaf_modules = check_leaf_modules(leaf_modules)
     report = ConversionReport(mode, sampler, keep_first, density, edges=default_edges(mode, edges),
                               dilation="multisample" if mode == "dilated" else None)
-    for leaf in unmatched_leaves(model, leaf_modules):
-        report.warn(f"leaf module {leaf!r} matches nothing in the model")
-
-    model = copy_structure(model)
-    graphs = trace_both_modes(model, leaf_modules, analysis_input(example_input))
-    rewriter = _Rewriter(model, dict(model.named_modules()), report, seed)
-    for training in sorted(graphs):  # eval first: its report is the one we keep
-        rewriter.rewrite(graphs[training], record=not training)
-    if mode != "traditional" and keep_first > report.steps:
-        report.warn(f"keep_first={keep_first} but the model has {report.steps} subsampling steps: "
-                    "nothing is converted")
-
-    class_name = f"Checkered{type(model).__name__}"
-    if len(graphs) == 1:
-        result = fx.GraphModule(model, graphs[False], class_name=class_name)
-    else:
-        result = DualGraphModule(model, graphs[True], graphs[False], class_name=class_name)
-        result.meta = {}  # DualGraphModule skips GraphModule.__init__, which creates it
-    result.train(model.training)
-    result.meta["ccnn_report"] = report
-    return result
+    traced = trace_copy(model, leaf_modules, example_input, report.warn)
+    rewriter = _Rewriter(traced.root, dict(traced.root.named_modules()), report, seed)
+    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
+        rewriter.rewrite(traced.graphs[training], record=not training)
+    if mode != "traditional":  # traditional converts nothing by design
+        report.warn_if_nothing_converted()
+    return traced.graph_module(f"Checkered{type(model).__name__}", model.training, {"ccnn_report": report})
 
 
 # --------------------------------------------------------------------------- the rewrite

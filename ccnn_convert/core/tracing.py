@@ -20,21 +20,22 @@ import copy
 import io
 import itertools
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.stateless import _reparametrize_module
+from torchvision.models.feature_extraction import DualGraphModule
 
 from .._helpers import first_line
 from ..errors import ConversionError, ParameterError
 
 __all__ = [
-    "ANALYSIS_BATCH", "UntraceableError", "analysis_input", "check_leaf_modules", "copy_structure", "failing_node",
-    "on_meta",
-    "propagate_shapes", "register_notrace_function", "register_notrace_module", "trace", "trace_both_modes",
-    "unmatched_leaves",
+    "ANALYSIS_BATCH", "TracedCopy", "UntraceableError", "analysis_input", "check_leaf_modules", "copy_structure",
+    "failing_node", "on_meta", "propagate_shapes", "register_notrace_function", "register_notrace_module", "trace",
+    "trace_both_modes", "trace_copy", "unmatched_leaves",
 ]
 
 ANALYSIS_BATCH = 2  # batch used for shape analysis: tells per-image tensors from others
@@ -234,6 +235,38 @@ def trace_both_modes(model: nn.Module, leaf_modules: Sequence[type | str],
         propagate_shapes(graph_module, example, model)
     model.train(was_training)
     return graphs
+
+
+@dataclass
+class TracedCopy:
+    """What every conversion pass starts from and rewrites: a copy of the model's structure
+    (sharing its tensors), its shape-annotated graphs by training flag, and the analysis input."""
+
+    root: nn.Module
+    graphs: dict[bool, fx.Graph]
+    example: torch.Tensor
+
+    def graph_module(self, class_name: str, training: bool, meta: dict) -> fx.GraphModule:
+        """The rewritten graphs as one module: torchvision's DualGraphModule when they differ."""
+        if len(self.graphs) == 1:
+            result = fx.GraphModule(self.root, self.graphs[False], class_name=class_name)
+        else:
+            result = DualGraphModule(self.root, self.graphs[True], self.graphs[False], class_name=class_name)
+            result.meta = {}  # DualGraphModule skips GraphModule.__init__, which creates it
+        result.train(training)
+        result.meta.update(meta)
+        return result
+
+
+def trace_copy(model: nn.Module, leaf_modules: LeafSpec, example_input: torch.Tensor | None,
+               warn: Callable[[str], None]) -> TracedCopy:
+    """Check the leaf modules (``warn`` about those matching nothing), copy and trace ``model``."""
+    leaf_modules = check_leaf_modules(leaf_modules)
+    for leaf in unmatched_leaves(model, leaf_modules):
+        warn(f"leaf module {leaf!r} matches nothing in the model")
+    root = copy_structure(model)
+    example = analysis_input(example_input)
+    return TracedCopy(root, trace_both_modes(root, leaf_modules, example), example)
 
 
 def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
