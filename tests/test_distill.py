@@ -137,6 +137,25 @@ def test_train_params_change_only_their_tensors(which, changed):
     assert differs == changed
 
 
+def test_frozen_norm_statistics_stay_while_the_affines_train_against_them():
+    """--freeze-norm-stats: running statistics bit-identical after an epoch, affines and head
+    changed, and the step's loss is the one the model gives in eval mode (statistics used, not
+    re-estimated from the batch), computed by hand."""
+    original = _net()
+    teacher = _net()  # the same weights, kept apart from the student's shared tensors
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    student = convert(original, mode="checkered", example_input=_images(1))
+    images = _images(8)
+    with torch.no_grad():
+        expected = float(distillation_loss(student.eval()(images), teacher.eval()(images)))
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.1, train_params="norm+head", freeze_norm_stats=True,
+                         label_smoothing=0.0)
+    loss_sum = _distill_trainer(student, original, _unlabelled(images), None, config).train_epoch()[0]
+    differs = {k for k in before if not torch.equal(before[k], original.state_dict()[k])}
+    assert differs == {k for k in NORM_KEYS if k.endswith(("weight", "bias"))} | HEAD_KEYS
+    assert loss_sum / 8 == pytest.approx(expected, rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # distillation reduces disagreement
 

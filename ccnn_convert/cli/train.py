@@ -100,6 +100,7 @@ def train_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue exactly from a run's OUT/checkpoint.pt (same model, conversion and recipe)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
     train_params: str = typer.Option("all", "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head."),
+    freeze_norm_stats: bool = typer.Option(False, "--freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images."),
     distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
@@ -110,7 +111,8 @@ def train_command(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
-                         seed=seed, train_params=train_params, stride_penalty=stride_penalty)
+                         seed=seed, train_params=train_params, freeze_norm_stats=freeze_norm_stats,
+                         stride_penalty=stride_penalty)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
                    dilation=dilation, smoothness=smoothness, blur_size=blur_size, leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,

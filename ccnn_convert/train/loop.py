@@ -173,7 +173,7 @@ class Trainer:
         """-> (loss sum, correct, images, skipped, seconds) of this process."""
         self.train_module.train()
         self.model.train()
-        hold_frozen_statistics(self.model, self.config.train_params)
+        hold_frozen_statistics(self.model, self.config.train_params, self.config.freeze_norm_stats)
         self.batches.set_epoch(self.epoch)
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, images, skipped
         start = time.perf_counter()

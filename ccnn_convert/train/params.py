@@ -6,7 +6,10 @@ choice (few parameters, and the converted model's statistics are what conversion
 Frozen parameters get ``requires_grad=False``, so the optimizer never holds them (and weight
 decay never touches them). Normalisation layers that do not train also keep their running
 statistics: :func:`hold_frozen_statistics` puts them in eval mode during training, so that
-``head`` changes the classifier and nothing else.
+``head`` changes the classifier and nothing else. ``freeze_norm_stats`` does the same for
+every normalisation layer, trained or not: their affines train against the running statistics
+(as torchvision's FrozenBatchNorm2d fine-tunes detectors), which a few hundred images would
+otherwise re-estimate badly (docs/results.md#distillation).
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ def select_trainable(model: nn.Module, which: str) -> int:
     return sum(p.numel() for p in chosen.values())
 
 
-def hold_frozen_statistics(model: nn.Module, which: str) -> None:
-    """Normalisation layers that do not train use (and keep) their running statistics (call after .train())."""
-    if which in ("all", "norm", "norm+head"):
+def hold_frozen_statistics(model: nn.Module, which: str, freeze_norm_stats: bool = False) -> None:
+    """Normalisation layers that do not train, or all of them with ``freeze_norm_stats``, use
+    (and keep) their running statistics (call after .train())."""
+    if which in ("all", "norm", "norm+head") and not freeze_norm_stats:
         return
     for module in norm_modules(model):
         module.eval()

@@ -53,6 +53,7 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     train_params: str = "all"  # all | norm | head | norm+head (.params)
+    freeze_norm_stats: bool = False  # every normalisation layer keeps (and uses) its running statistics
     stride_penalty: float = 0.0  # DiffStride: loss += stride_penalty * diffstride_cost(model)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,8 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ParameterError("seed", f"{{param}} must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         object.__setattr__(self, "train_params", check_train_params(self.train_params))
+        if not isinstance(self.freeze_norm_stats, bool):
+            raise ParameterError("freeze_norm_stats", f"{{param}} must be True or False, got {self.freeze_norm_stats!r}")
         if not (math.isfinite(self.stride_penalty) and self.stride_penalty >= 0):
             raise ParameterError("stride_penalty", f"{{param}} must be zero or more, got {self.stride_penalty}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
@@ -99,8 +102,9 @@ class TrainConfig:
         data = asdict(self)
         data.update(lr=self.learning_rate, weight_decay=self.decay,
                     momentum=(self.momentum if self.momentum is not None else 0.9) if self.optimizer == "sgd" else None)
-        if not self.stride_penalty:
-            del data["stride_penalty"]  # runs without it keep the recipe (and the resume identity) they had
+        for optional in ("stride_penalty", "freeze_norm_stats"):
+            if not data[optional]:
+                del data[optional]  # runs without it keep the recipe (and the resume identity) they had
         return data
 
     @classmethod
