@@ -12,7 +12,9 @@ evaluated once by a model that never saw it. For each keep_first it compares:
   one pass, no gradient), of every BatchNorm (``all``) or only of those after the first converted
   step (``converted``);
 * ``distilled norm+head`` and ``distilled all``: ``train_model(..., distill=DistillConfig())``,
-  the unconverted model as the teacher, no held-back part (the other fold is the test).
+  the unconverted model as the teacher, no held-back part (the other fold is the test); with
+  ``--variants ...,norm+head-frozen,all-frozen`` also with ``freeze_norm_stats`` (every
+  BatchNorm trains its affine against the pretrained running statistics, which stay).
 
 Every variant is an artifact (``last.pt`` / the recalibrated ``.pt``), reloaded and evaluated here
 on the test fold: top-1 against the folder labels, top-1 agreement with the original, and for the
@@ -46,6 +48,10 @@ from ccnn_convert.train.distill import DistillConfig
 from ccnn_convert.train.unlabelled import find_images
 
 MODEL = "efficientnet_lite0"
+# distilled variants: --variants name -> (train_params, freeze_norm_stats)
+DISTILLED = {"norm+head": ("norm+head", False), "all": ("all", False), "norm+head-frozen": ("norm+head", True),
+             "all-frozen": ("all", True)}
+VARIANTS = ("converted", "recalibrated", *DISTILLED)
 
 
 def folds(root: Path, limit: int | None, seed: int) -> tuple[list[str], list[str]]:
@@ -97,22 +103,26 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
         print(f"  keep_first {keep_first}, {name}: top-1 {rows[name]['correct']}/{len(labels)}, "
               f"agreement {rows[name]['agree']}/{len(labels)}", flush=True)
 
-    score("converted", spec.apply(resolve_model(MODEL).model))
-    for layers in ("all", "converted") if keep_first else ("all",):  # at keep_first 0 they are the same layers
+    if "converted" in args.variants:
+        score("converted", spec.apply(resolve_model(MODEL).model))
+    for layers in () if "recalibrated" not in args.variants else ("all", "converted") if keep_first else ("all",):
+        # at keep_first 0 "all" and "converted" are the same layers
         start = time.perf_counter()
         summary = recalibrate_model(MODEL, data, work / f"recalibrated_{layers}.pt", images=len(train_paths),
                                     keep_first=keep_first, batch_size=args.bn_batch, layers=layers,
                                     workers=args.workers, device="cpu")
         score(f"recalibrated ({summary['layers']})", artifact_model(work / f"recalibrated_{layers}.pt"),
               seconds=time.perf_counter() - start)
-    for train_params in ("norm+head", "all"):
+    for variant in [v for v in args.variants if v in DISTILLED]:
+        train_params, frozen = DISTILLED[variant]
         config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
-                             seed=args.seed, checkpointing=args.checkpointing)
-        result = train_model(MODEL, data, work / train_params, config=config, keep_first=keep_first,
+                             freeze_norm_stats=frozen, seed=args.seed, checkpointing=args.checkpointing)
+        result = train_model(MODEL, data, work / variant, config=config, keep_first=keep_first,
                              workers=args.workers, device="cpu",
                              distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
         records = result.history
-        score(f"distilled {train_params}", artifact_model(work / train_params / "last.pt"),
+        score(f"distilled {train_params}" + (", frozen statistics" if frozen else ""),
+              artifact_model(work / variant / "last.pt"),
               seconds_per_epoch=sum(r.seconds for r in records) / len(records),
               peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
     return rows
@@ -141,7 +151,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--variants", default="converted,recalibrated,norm+head,all",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (-frozen: --freeze-norm-stats)")
     args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     use_huge_pages()
     torch.set_num_threads(args.threads)
     keep_firsts = [int(k) for k in args.keep_first.split(",")]
