@@ -214,13 +214,20 @@ def test_unlabelled_folders_train(project, layout):
         (folder / "notes.txt").write_text("not an image")
         (folder / "sub" / "labels.csv").write_text("a,b\n")
         (folder / ".hidden.png").write_text("hidden: left out")
-    code, out = _cli(_distill_args("photos", "run"))
+    overrides = ["--train-params", "all", "--no-freeze-norm-stats"] if layout == "nested" else []
+    code, out = _cli(_distill_args("photos", "run", *overrides))
     assert code == 0, out
     assert "val agreement" in out and "KL" in out
     summary = load_artifact(project / "run" / "best.pt", trust_factory=True).training
     assert summary["images"] == 9  # 10 images, 1 held back
     assert summary["distilled_from"]["teacher"] == "net.py:make (unconverted)"
-    assert summary["recipe"]["train_params"] == "all" and summary["val_agreement"] is not None
+    assert summary["val_agreement"] is not None
+    recipe = summary["recipe"]
+    if overrides:  # given options win over --distill's recipe
+        assert recipe["train_params"] == "all" and "freeze_norm_stats" not in recipe
+    else:  # --distill's documented defaults (README): norm+head against frozen statistics
+        assert recipe["train_params"] == "norm+head" and recipe["freeze_norm_stats"] is True
+    assert recipe["epochs"] == 1 and recipe["batch_size"] == 4  # given on the command line
 
 
 def test_labelled_data_reports_top1_and_agreement(project):

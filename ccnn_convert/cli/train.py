@@ -20,7 +20,7 @@ from rich.text import Text
 from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
-from ..train.distill import DistillConfig
+from ..train.distill import DISTILL_RECIPE, DistillConfig
 from ._common import (blur_size_help, console, err_console, mode_names, percent, plain, preprocessing_overrides,
                       run_app, smoothness_help, user_errors)
 
@@ -76,8 +76,8 @@ def train_command(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Replace the classifier head with one of N classes (N = the number of class folders)."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
-    epochs: int = typer.Option(10, "--epochs", help="Epochs to train."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Global batch size (split over torchrun processes)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs to train [default: 10; with --distill: 3]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split over torchrun processes) [default: 64; with --distill: 16]."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (with Nesterov momentum) | adamw."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw]."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum [default: 0.9]."),
@@ -99,8 +99,8 @@ def train_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue exactly from a run's OUT/checkpoint.pt (same model, conversion and recipe)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
-    train_params: str = typer.Option("all", "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head."),
-    freeze_norm_stats: bool = typer.Option(False, "--freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images."),
+    train_params: Optional[str] = typer.Option(None, "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head [default: all; with --distill: norm+head]."),
+    freeze_norm_stats: Optional[bool] = typer.Option(None, "--freeze-norm-stats/--no-freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images [default: off; with --distill: on]."),
     distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
@@ -108,11 +108,12 @@ def train_command(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+    recipe = recipe_defaults(distill, epochs=epochs, batch_size=batch_size, train_params=train_params,
+                             freeze_norm_stats=freeze_norm_stats)
+    config = TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
-                         seed=seed, train_params=train_params, freeze_norm_stats=freeze_norm_stats,
-                         stride_penalty=stride_penalty)
+                         seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
                    dilation=dilation, smoothness=smoothness, blur_size=blur_size, leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
@@ -125,6 +126,13 @@ def train_command(
     console.print(summary_table(result))
     written = [str(p) for p in result.files.values() if p.exists()]  # best.pt may be missing after a resume
     console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
+
+
+def recipe_defaults(distill: bool, **given) -> dict:
+    """The options given; those left unset take TrainConfig's defaults, or with --distill the
+    measured distillation recipe (DISTILL_RECIPE)."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return {**DISTILL_RECIPE, **chosen} if distill else chosen
 
 
 def distill_config(distill: bool, teacher, temperature, weight, val_fraction) -> DistillConfig | None:

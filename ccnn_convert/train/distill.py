@@ -32,12 +32,15 @@ from ..models import Preprocessing, ResolvedModel, resolve_model
 from .loop import EpochRecord, Trainer, _as_batch
 from .recipe import TrainConfig
 
-__all__ = ["DistillConfig", "DistillTrainer", "Teacher", "build_teacher", "check_distill_options",
+__all__ = ["DISTILL_RECIPE", "DistillConfig", "DistillTrainer", "Teacher", "build_teacher", "check_distill_options",
            "check_teacher_classes", "distillation_loss"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VAL_FRACTION = 0.1
+# What ``ccnn-train --distill`` uses for the options left unset: the recipe that did best in
+# docs/results.md#distillation (efficientnet_lite0, checkered, 125 unlabelled ImageNet images a fold).
+DISTILL_RECIPE = {"epochs": 3, "batch_size": 16, "train_params": "norm+head", "freeze_norm_stats": True}
 
 
 @dataclass(frozen=True)
