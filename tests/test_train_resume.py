@@ -48,7 +48,9 @@ def replace(src, dst):  # hold the nth rename onto `name` (in the output folder 
         seen.append(dst)
         if len(seen) == nth:
             print("ready", flush=True)
-            time.sleep(seconds)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:  # in slices: a signal another thread got is handled between them
+                time.sleep(0.05)
     real_replace(src, dst)
 
 os.replace = replace
