@@ -105,8 +105,8 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
 
     if "converted" in args.variants:
         score("converted", spec.apply(resolve_model(MODEL).model))
-    for layers in () if "recalibrated" not in args.variants else ("all", "converted") if keep_first else ("all",):
-        # at keep_first 0 "all" and "converted" are the same layers
+    recalibrated = ("all", "converted") if keep_first else ("all",)  # at keep_first 0 the same layers
+    for layers in recalibrated if "recalibrated" in args.variants else ():
         start = time.perf_counter()
         summary = recalibrate_model(MODEL, data, work / f"recalibrated_{layers}.pt", images=len(train_paths),
                                     keep_first=keep_first, batch_size=args.bn_batch, layers=layers,

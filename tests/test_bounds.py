@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torchvision
@@ -13,8 +12,6 @@ from ccnn_convert.models import load_artifact
 from ccnn_convert.models.preprocessing import MAX_IMAGE_SIDE, Preprocessing
 
 runner = CliRunner()
-
-
 PREPROCESSING = {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
 
 

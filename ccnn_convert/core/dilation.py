@@ -145,8 +145,7 @@ def convert_native(model: nn.Module, keep_first: int = 0, example_input: torch.T
     originals = dict(model.named_modules())
     traced = trace_copy(model, leaf_modules, example_input, report.warn)
     pass_ = _Dilator(traced.root, originals, report)
-    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
-        pass_.rewrite(traced.graphs[training], record=not training)
+    traced.rewrite_each(pass_.rewrite)
     report.warn_if_nothing_converted()
     _check_runs(traced.root, traced.graphs, traced.example, model)
     return traced.graph_module(f"Dilated{type(model).__name__}", model.training, {"ccnn_report": report})

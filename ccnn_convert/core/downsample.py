@@ -87,8 +87,7 @@ def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example
     originals = dict(model.named_modules())
     traced = trace_copy(model, leaf_modules, example_input, report.warn)
     rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size)
-    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
-        rewriter.rewrite(traced.graphs[training], record=not training)
+    traced.rewrite_each(rewriter.rewrite)
     report.warn_if_nothing_converted()
     if mode == "diffstride":  # the other modes keep every size: the original's analysis holds
         _check_shapes(traced.root, traced.graphs[False], traced.example, model, mode)

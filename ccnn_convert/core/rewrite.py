@@ -128,8 +128,7 @@ def convert_multisample(model: nn.Module, mode: str, keep_first: int = 0, sample
                               dilation="multisample" if mode == "dilated" else None)
     traced = trace_copy(model, leaf_modules, example_input, report.warn)
     rewriter = _Rewriter(traced.root, dict(traced.root.named_modules()), report, seed)
-    for training in sorted(traced.graphs):  # eval first: its report is the one we keep
-        rewriter.rewrite(traced.graphs[training], record=not training)
+    traced.rewrite_each(rewriter.rewrite)
     if mode != "traditional":  # traditional converts nothing by design
         report.warn_if_nothing_converted()
     return traced.graph_module(f"Checkered{type(model).__name__}", model.training, {"ccnn_report": report})

@@ -246,6 +246,11 @@ class TracedCopy:
     graphs: dict[bool, fx.Graph]
     example: torch.Tensor
 
+    def rewrite_each(self, rewrite: Callable[..., None]) -> None:
+        """``rewrite(graph, record=...)`` on every graph, eval first: its report is the one kept."""
+        for training in sorted(self.graphs):
+            rewrite(self.graphs[training], record=not training)
+
     def graph_module(self, class_name: str, training: bool, meta: dict) -> fx.GraphModule:
         """The rewritten graphs as one module: torchvision's DualGraphModule when they differ."""
         if len(self.graphs) == 1:
