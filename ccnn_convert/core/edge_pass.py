@@ -39,7 +39,7 @@ _POINTWISE_MODULES = (
     nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Flatten,
 )
-_SPATIAL_MODULES = {  # exact types: a subclass may override forward
+_SPATIAL_MODULES = {  # subclasses only with the standard forward (PHC layers)
     nn.Conv2d: "conv2d", nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d",
     **{cls: op for op, cls in layers.MULTISAMPLE_MODULES.items()},
 }
@@ -190,14 +190,15 @@ class _Pass:
     def _layer(self, node: fx.Node) -> _Layer | None:
         if node.op == "call_module":
             module = self.modules.get(node.target)
-            op = next((op for cls, op in _SPATIAL_MODULES.items() if type(module) is cls), None)
+            op = next((op for cls, op in _SPATIAL_MODULES.items()
+                       if isinstance(module, cls) and type(module).forward is cls.forward), None)
             if op is None:
                 return None
             params = {name: getattr(module, name) for name in ARG_NAMES[op][1:] + ("padding_mode",)
                       if hasattr(module, name)}
             kernel = module.kernel_size
             params.setdefault("kernel_size", kernel)
-            sampler = node.args[1] if type(module) in _MULTISAMPLE_CLASSES else None
+            sampler = node.args[1] if isinstance(module, _MULTISAMPLE_CLASSES) else None
             return _Layer(op, params, sampler, edges.pair(kernel))
         if node.op != "call_function":
             return None

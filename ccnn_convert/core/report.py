@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import ConversionError
+
+if TYPE_CHECKING:
+    from .phc import PHCReport
 
 __all__ = ["ConversionReport", "LayerRecord", "conversion_report"]
 
@@ -47,6 +51,7 @@ class ConversionReport:
     dilation: str | None = None  # dilated mode: "multisample" or "native"
     smoothness: float | None = None  # diffstride mode: the smoothness asked for (None: the default)
     blur_size: int | None = None  # blurpool mode: the filter size asked for (None: the default)
+    phc: "PHCReport | None" = None  # the PHC pass before the mode's (.phc), if asked for
 
     @property
     def converted_layers(self) -> int:

@@ -29,12 +29,13 @@ import torch
 from torch import fx, nn
 
 from . import layers
-from ..errors import ConversionError
+from ..errors import ConversionError, ParameterError
 from .dilation import NativeDilationError, convert_native
 from .edge_pass import apply_exact_edges
 from .report import ConversionReport, LayerRecord, conversion_report
 from .modes import MODES
 from .options import CONVERSION_MODES, DILATIONS, EDGES, check_options, default_edges
+from .phc import convert_phc
 from .ops import ARG_NAMES, Strided, call_args, folded_batch_submaps, global_pool_kind, is_feature_map, step_converts, \
     strided_steps, tensor_meta, tensor_metas
 from .tracing import trace_copy
@@ -64,6 +65,8 @@ def convert(
     dilation: str | None = None,
     smoothness: float | None = None,
     blur_size: int | None = None,
+    phc: int | None = None,
+    phc_init: str = "fit",
 ) -> fx.GraphModule:
     """Return a converted copy of ``model``; ``model`` itself is left untouched.
 
@@ -94,6 +97,11 @@ def convert(
             tokens folded from the map).
         smoothness: DiffStride's mask ramp width R in frequency positions (default 4).
         blur_size: blurpool's binomial filter size, 1 to 7 (default 3).
+        phc: every eligible convolution becomes a PHC layer with this many Kronecker products
+            (:mod:`.phc`), before the mode's conversion, which converts PHC layers as the
+            convolutions they are. ``None``: the convolutions stay dense.
+        phc_init: how PHC layers start: ``"fit"`` (the nearest Kronecker sum of the pretrained
+            weight) or ``"xavier"`` (the published random initialisation, to train from scratch).
 
     Returns:
         A ``torch.fx.GraphModule`` with the same parameters as ``model``: same names, and the
@@ -102,13 +110,20 @@ def convert(
         Its :func:`conversion_report` says what was rewritten.
     """
     check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size)
+    if phc is not None:
+        model, phc_report = convert_phc(model, phc, phc_init)
+    elif phc_init != "fit":
+        raise ParameterError("phc_init", "{param} initialises PHC layers; it does nothing without phc")
     options = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
                    smoothness=smoothness, blur_size=blur_size)
     converter = MODES[mode].converter
     # check_options refused every option that does nothing for this mode; the converter takes the rest
     taken = {name: value for name, value in options.items() if name in inspect.signature(converter).parameters}
-    return converter(model, mode=mode, keep_first=keep_first, example_input=example_input,
-                     leaf_modules=leaf_modules, **taken)
+    converted = converter(model, mode=mode, keep_first=keep_first, example_input=example_input,
+                          leaf_modules=leaf_modules, **taken)
+    if phc is not None:
+        conversion_report(converted).phc = phc_report
+    return converted
 
 
 def convert_multisample(model: nn.Module, mode: str, keep_first: int = 0, sampler: str = "lattice",
@@ -282,7 +297,9 @@ class _Rewriter:
             replacements = layers.MULTISAMPLE_MODULES
             current = self.root.get_submodule(node.target)
             if not isinstance(current, tuple(replacements.values())):
-                _set_submodule(self.root, node.target, replacements[strided.op](current))
+                # a layer that builds its weight (PHC) makes its own multisample form
+                replaced = current.multisample() if hasattr(current, "multisample") else replacements[strided.op](current)
+                _set_submodule(self.root, node.target, replaced)
             node.args, node.kwargs = (x, sampler), {}
             return
         args = call_args(node, strided.op)
