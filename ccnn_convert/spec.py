@@ -2,8 +2,9 @@
 
 A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
 model: mode, sampler, keep_first, density, seed, the edge rule (``edges``), how dilated mode is
-computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size`` and the leaf
-modules that make the model traceable. Which option belongs to which mode comes from the table
+computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size``, ``phc`` (PHC
+layers with that many Kronecker products, in every mode) and the leaf modules that make the
+model traceable. Which option belongs to which mode comes from the table
 of modes (:data:`ccnn_convert.core.modes.MODES`). It is built from a
 command's options, from an artifact, or from both
 (:meth:`ConversionSpec.build`: explicit values win over the artifact's, which win over the
@@ -20,6 +21,7 @@ from torch import nn
 
 from .core import CONVERSION_MODES, check_options, convert
 from .core.modes import MODE_OPTIONS, mode_options
+from .core.phc import check_phc
 from .errors import ParameterError
 
 __all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used", "check_modes", "check_options_used"]
@@ -42,6 +44,7 @@ class ConversionSpec:
     dilation: str | None = None  # None: native where a dilation can express the model
     smoothness: float | None = None  # diffstride: the mask's ramp width (None: 4)
     blur_size: int | None = None  # blurpool: the binomial filter's size (None: 3)
+    phc: int | None = None  # PHC layers of this many Kronecker products, before any mode (None: dense)
 
     def __post_init__(self) -> None:
         leaves = self.leaf_modules
@@ -50,28 +53,31 @@ class ConversionSpec:
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
                       self.dilation, self.smoothness, self.blur_size)
+        if self.phc is not None:
+            check_phc(self.phc)
 
     @classmethod
     def build(cls, mode: str, base: "ConversionSpec | None" = None, *, sampler: str | None = None,
               keep_first: int | None = None, density: int | None = None, seed: int | None = None,
               leaf_modules: Iterable[str] | None = None, edges: str | None = None,
               dilation: str | None = None, smoothness: float | None = None,
-              blur_size: int | None = None) -> "ConversionSpec":
+              blur_size: int | None = None, phc: int | None = None) -> "ConversionSpec":
         """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
 
         ``base``'s mode-specific options (sampler, density, seed, edges, dilation, smoothness,
         blur_size) count only when ``mode`` is ``base``'s own mode; each is dropped for the
         modes that do not take it (the table of modes says which do), so one set of options can
         serve several modes (see :func:`check_options_used`).
-        ``base``'s leaf modules always carry over: they describe the model, not the mode.
+        ``base``'s leaf modules and ``phc`` always carry over: they describe the model, not the mode.
         """
         values: dict[str, Any] = {}
         if base is not None:
             values["keep_first"] = base.keep_first
+            values["phc"] = base.phc
             if base.mode == mode:
                 values.update({name: getattr(base, name) for name in MODE_OPTIONS})
         given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed, edges=edges,
-                     dilation=dilation, smoothness=smoothness, blur_size=blur_size)
+                     dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc)
         values.update({k: v for k, v in given.items() if v is not None})
         values = {k: v for k, v in values.items() if k not in MODE_OPTIONS or k in mode_options(mode)}
         leaves = list(base.leaf_modules) if base is not None else []
@@ -82,11 +88,13 @@ class ConversionSpec:
         """Keyword arguments for :func:`ccnn_convert.convert`."""
         return {**asdict(self), "leaf_modules": list(self.leaf_modules)}
 
-    def apply(self, model: nn.Module, input_size: int | Sequence[int] = 224) -> nn.Module:
-        """Convert ``model`` (shape analysis at ``input_size``); the result is in eval mode."""
+    def apply(self, model: nn.Module, input_size: int | Sequence[int] = 224, phc_init: str = "fit") -> nn.Module:
+        """Convert ``model`` (shape analysis at ``input_size``); the result is in eval mode.
+        ``phc_init``: PHC layers fitted to the weights (``"fit"``) or initialised (``"xavier"``)."""
         height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
         example = torch.zeros(1, 3, height, width)
-        return convert(model, example_input=example, **self.convert_kwargs()).eval()
+        init = {"phc_init": phc_init} if self.phc is not None else {}
+        return convert(model, example_input=example, **self.convert_kwargs(), **init).eval()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (str/int/None/list) for artifacts, JSON and ONNX metadata."""
@@ -125,6 +133,9 @@ def check_options_used(modes: Sequence[str], **given: Any) -> None:
     """Refuse a mode-specific option (sampler, density, seed, edges, dilation, smoothness,
     blur_size) that no requested mode takes, and a keep_first above 0 when no mode converts: they
     would do nothing. Dilated mode is always exact at the edges, so ``edges`` does nothing there."""
+    if given.get("phc") is not None and all(mode == ORIGINAL for mode in modes):
+        raise ParameterError("phc", "{param} makes a conversion's convolutions PHC layers; it does nothing with "
+                                    "mode original (the unconverted model)")
     if given.get("keep_first") and all(mode in (ORIGINAL, "traditional") for mode in modes):
         raise ParameterError("keep_first", f"{{param}} leaves the first steps of a conversion traditional; it "
                                            f"does nothing with {', '.join(modes)}")

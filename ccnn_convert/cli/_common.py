@@ -155,6 +155,13 @@ def smoothness_help() -> str:
             f"(default: {DEFAULT_SMOOTHNESS:g}).")
 
 
+def phc_help() -> str:
+    return ("Every mode: make each convolution whose in/groups and out channels divide by N a PHC layer, "
+            "weight = sum of N Kronecker products A_i (x) F_i (about 1/N the parameters); fitted to the "
+            "pretrained weight (nearest Kronecker sum, SVD), Xavier-initialised with --weights none. "
+            "[default: dense; an artifact's]")
+
+
 def blur_size_help() -> str:
     from ..core.options import DEFAULT_BLUR_SIZE, MAX_BLUR_SIZE
 

@@ -12,13 +12,15 @@ from rich.table import Table
 
 from ..core import ConversionReport, conversion_report
 from ..flops import count_flops
+from ..core.phc import PHCReport
 from ..models import resolve_model, save_artifact
+from ..models.record import conversion_state
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output
 from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
-from ._common import (blur_size_help, console, err_console, mode_names, modes_described, plain, printable, run_app,
+from ._common import (blur_size_help, phc_help, console, err_console, mode_names, modes_described, plain, printable, run_app,
                       smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -44,6 +46,7 @@ def main_command(
                                            "dilation can express the model, else multisample]"),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
     input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
@@ -57,10 +60,10 @@ def main_command(
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
     check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first)
+                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first, phc=phc)
     spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                                 leaf_modules=leaf, edges=edges, dilation=dilation, smoothness=smoothness,
-                                blur_size=blur_size)
+                                blur_size=blur_size, phc=phc)
     if output is not None:
         check_output(output, force=force)
     resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)
@@ -76,8 +79,13 @@ def main_command(
     if spec.mode == "dilated" and spec.dilation is None:  # the artifact says which one was used
         spec = dataclasses.replace(spec, dilation=report.dilation)
     console.print(layer_table(report, resolved.name))
+    if report.phc is not None:
+        console.print(phc_table(report.phc))
     print_summary(report, resolved.model, converted, example)
     if output is not None:
+        if spec.phc is not None:  # the artifact stores the PHC layers' A and F (and learned strides)
+            resolved = dataclasses.replace(resolved, conversion=spec,
+                                           conversion_state=conversion_state(converted, resolved.model) or None)
         save_artifact(output, resolved, spec, force=force)
         console.print(Text.assemble("saved ", plain(output, "bold"),
                                     " (reload with ccnn-eval/ccnn-export, or ccnn_convert.models.load_artifact)"),
@@ -100,17 +108,42 @@ def layer_table(report: ConversionReport, name: str) -> Table:
     return table
 
 
+def phc_table(phc: PHCReport) -> Table:
+    """One row per convolution: params before -> after and the fit's relative Frobenius error."""
+    how = "nearest Kronecker sums" if phc.init == "fit" else "Xavier-uniform initialisation"
+    table = Table(title=plain(f"PHC n={phc.n} ({how})"))
+    for column in ("layer", "weight", "params before -> after", "fit error", "status"):
+        table.add_column(column, justify="right" if column.startswith(("params", "fit")) else "left")
+    for layer in phc.layers:
+        status = Text("PHC", style="green") if layer.converted else Text.assemble(("kept", "yellow"),
+                                                                                  printable(f" {layer.kept}"))
+        error = "-" if layer.error is None else f"{layer.error:.4f}"
+        table.add_row(plain(layer.name), _size(layer.shape), f"{layer.params_before:,} -> {layer.params_after:,}",
+                      error, status)
+    return table
+
+
+def phc_summary(phc: PHCReport) -> str:
+    error = "" if phc.error is None else f"; fit error {phc.error:.4f} (relative Frobenius, all fitted weights)"
+    return (f"PHC n={phc.n}: {len(phc.converted)} convolutions, {len(phc.kept)} kept dense; their parameters "
+            f"{phc.params_before:,} -> {phc.params_after:,}{error}")
+
+
 def print_summary(report: ConversionReport, original: torch.nn.Module, converted: torch.nn.Module,
                   example: torch.Tensor) -> None:
     flops_before, flops_after = count_flops(original, example), count_flops(converted, example)
     same = _same_parameters(original, converted)
+    after = sum(p.numel() for p in converted.parameters())
+    if report.phc is not None:
+        console.print(phc_summary(report.phc))
     console.print(
         f"layers converted: {report.converted_layers}, kept: {report.kept_layers} "
         f"(in {report.steps} subsampling steps); final submaps: {report.final_submaps}\n"
         f"FLOPs per image: {flops_before / 1e9:.3f} G original -> {flops_after / 1e9:.3f} G converted "
         f"({flops_after / max(flops_before, 1):.2f}x)\n"
         f"parameters: {sum(p.numel() for p in original.parameters()):,} "
-        f"({'unchanged' if same else '[red]CHANGED[/]'})")
+        + (f"-> {after:,} (PHC layers)" if report.phc is not None
+           else f"({'unchanged' if same else '[red]CHANGED[/]'})"))
     if report.averaged_at:
         *inner, last = report.averaged_at
         pools = f" (and {len(inner)} pools inside the network over all submaps)" if inner else ""

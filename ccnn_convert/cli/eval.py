@@ -18,7 +18,7 @@ from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
-from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, plain,
+from ._common import (blur_size_help, phc_help, console, err_console, mode_names, parse_list, percent, plain,
                       preprocessing_overrides, printable, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
@@ -104,6 +104,7 @@ def eval_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native (default: the artifact's, else native where a dilation can express the model, else multisample)."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -128,7 +129,7 @@ def eval_command(
         check_output(json_path, force=force)  # fail now, not after a long evaluation
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
-        seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+        seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc,
         leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
         preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,

@@ -39,6 +39,7 @@ from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
 from .metadata import build_metadata, scale_to_crop
 from .opset import check_opset
 from .spectral_bases import with_matrix_spectral_pooling
+from ..core.phc import dense_copy
 from .sessions import ProviderChoice, create_session, select_provider
 from .verification import (BenchmarkOptions, BenchmarkResult, Verification, VerificationFailed, VerifyOptions,
                            benchmark as run_benchmark, verify as run_verification)
@@ -69,7 +70,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
                     dilation: str | None = None, smoothness: float | None = None,
-                    blur_size: int | None = None) -> ConversionSpec | None:
+                    blur_size: int | None = None, phc: int | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -81,14 +82,14 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                    leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
-                   blur_size=blur_size)
+                   blur_size=blur_size, phc=phc)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
     check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first)
+                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first, phc=phc)
     return ConversionSpec.build(mode, base=base, **options)
 
 
@@ -96,7 +97,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
            edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-           blur_size: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
+           blur_size: int | None = None, phc: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
            verify: VerifyOptions | None = VerifyOptions(), benchmark: BenchmarkOptions | None = None,
@@ -122,7 +123,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
                            seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size)
+                           smoothness=smoothness, blur_size=blur_size, phc=phc)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None
@@ -192,6 +193,7 @@ def _write(torch_model: nn.Module, staged: Path, size: int, opset: int, metadata
     # than its DFT operator on CPU (benchmarks/onnx_spectral.py); the verification below compares
     # the file with torch_model itself, FFTs and all.
     exported, _ = with_matrix_spectral_pooling(torch_model, (size, size))
+    exported = dense_copy(exported)  # PHC layers as the materialised weight (the same numbers)
     exported = copy.deepcopy(exported).half() if fp16 else exported  # the fp32 model stays the reference
     info = export_onnx(exported, staged, size, opset, metadata=metadata,
                        dtype=torch.float16 if fp16 else torch.float32)

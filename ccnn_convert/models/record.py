@@ -9,13 +9,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..core.phc import MultisamplePHConv2d, PHConv2d
 from ..errors import ModelResolutionError
 
 from ..spec import ConversionSpec
 from .head import Head
 from .preprocessing import Preprocessing, imagenet_preprocessing
 
-__all__ = ["ResolvedModel", "conversion_state", "count_classes", "learned_state_applies"]
+__all__ = ["ResolvedModel", "conversion_state", "count_classes", "learned_state_applies", "phc_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +49,22 @@ class ResolvedModel:
 
     def converted(self, spec: ConversionSpec, input_size: int | Sequence[int] = 224) -> nn.Module:
         """``spec`` applied to the model (eval mode), with the learned ``conversion_state`` loaded
-        when ``spec`` is the conversion that learned it (same mode and keep_first)."""
-        model = spec.apply(self.model, input_size)
+        when ``spec`` is the conversion that learned it (same mode, keep_first and phc); learned
+        PHC layers (A, F) also in another mode with the same phc."""
+        # PHC layers of a model built from scratch start as the published ones, not fitted to random weights
+        model = spec.apply(self.model, input_size, phc_init="xavier" if self.weights == "none" else "fit")
         if not self.conversion_state:
             return model
         base = self.conversion
         if not learned_state_applies(base, spec):
+            if base is not None and spec.phc is not None and spec.phc == base.phc:
+                # A PHC layer's A and F are its weights in every mode (same names): they carry over
+                if state := phc_state(model, self.conversion_state):
+                    _load_conversion_state(model, state, self.name)
             if base is not None and spec.mode == base.mode:
                 logger.warning(f"{self.name}: its learned {spec.mode} parameters belong to keep_first="
-                               f"{base.keep_first}, not {spec.keep_first}; using the untrained ones")
+                               f"{base.keep_first}, phc={base.phc}, not keep_first={spec.keep_first}, "
+                               f"phc={spec.phc}; using the untrained ones")
             return model
         _load_conversion_state(model, self.conversion_state, self.name)
         return model
@@ -74,7 +82,18 @@ class ResolvedModel:
 
 def learned_state_applies(base: ConversionSpec | None, spec: ConversionSpec) -> bool:
     """Whether parameters learned in conversion ``base`` belong in conversion ``spec``."""
-    return base is not None and (base.mode, base.keep_first) == (spec.mode, spec.keep_first)
+    return base is not None and (base.mode, base.keep_first, base.phc) == (spec.mode, spec.keep_first, spec.phc)
+
+
+def phc_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` that are PHC layers' own parameters in ``model`` (A, F and bias)."""
+    modules = dict(model.named_modules())
+    kept = {}
+    for key, value in state.items():
+        owner = modules.get(key.rpartition(".")[0])
+        if isinstance(owner, (PHConv2d, MultisamplePHConv2d)):
+            kept[key] = value
+    return kept
 
 
 def conversion_state(converted: nn.Module, original: nn.Module) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from ..models import ResolvedModel, conversion_state, replace_head, resolve_mode
 from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
+from ..core.phc import check_phc
 from ..spec import ConversionSpec, check_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
@@ -78,7 +79,7 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
-    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
+    phc: int | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
     workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
@@ -89,7 +90,7 @@ def train_model(
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
     network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
-    ``blur_size`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    ``blur_size``, ``phc`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
     strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
@@ -100,11 +101,13 @@ def train_model(
     config = config if config is not None else TrainConfig()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
+    if phc is not None:
+        check_phc(phc)  # before the slow part
     folder = _check_out(out, resume, force)
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
     if mode is not None:  # before the slow part; an artifact's own mode is checked below
         check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size)
+                           smoothness=smoothness, blur_size=blur_size, phc=phc)
         if config.stride_penalty and mode != "diffstride":
             _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
@@ -120,7 +123,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-                           leaf_modules=leaf_modules)
+                           phc=phc, leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
         if distill is not None:
