@@ -277,6 +277,10 @@ def test_convert_then_eval_with_phc_2(tmp_path, monkeypatch):
     weight = numpy_kronecker_sum(artifact.conversion_state["3.A"].double().numpy(),
                                  artifact.conversion_state["3.F"].double().numpy())
     np.testing.assert_allclose(weight, artifact.model[3].weight.detach().double().numpy(), atol=1e-5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # what ccnn-eval builds from the artifact == the original (the fit is exact)
+        torch.testing.assert_close(artifact.converted(artifact.conversion, 32)(x), artifact.model(x),
+                                   rtol=1e-4, atol=1e-5)
 
     _images(tmp_path / "val")
     code, out = _cli(eval_app, ["phc.pt", "--trust-factory", "--data", "val", "--modes", "original,traditional",
