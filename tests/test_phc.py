@@ -4,6 +4,7 @@ written independently in NumPy (np.kron per kernel tap, an SVD of blocks cut out
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -186,6 +187,36 @@ def test_every_mode_converts_the_phc_layers_as_the_convs_they_are(mode, options)
     converted(x).square().sum().backward()
     phc_layers = [m for m in converted.modules() if hasattr(m, "A")]
     assert len(phc_layers) == 3 and all(m.A.grad is not None and m.F.grad is not None for m in phc_layers)
+
+
+class SamePadConv(nn.Conv2d):
+    """A conv class with its own forward reading self.weight (as EfficientNet-Lite's static "same" padding)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("mode", ["checkered", "dilated"])
+def test_a_conv_class_with_its_own_forward_gets_the_kronecker_weight(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SamePadConv(8, 8, 3), nn.ReLU(), SamePadConv(8, 16, 3, stride=2),
+                          nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(2, 3, 15, 16)
+    converted = convert(model, mode=mode, phc=2, example_input=x).eval()
+    report = conversion_report(converted).phc
+    assert [layer.name for layer in report.converted] == ["1", "3"]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("1", "3"):
+            A, Fs, _ = nearest_kronecker_sum(model.get_submodule(name).weight, 2)
+            reference.get_submodule(name).weight.copy_(torch.from_numpy(
+                numpy_kronecker_sum(A.double().numpy(), Fs.double().numpy())))
+        expected = convert(reference, mode=mode, example_input=x).eval()(x)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+        dense = dense_copy(converted)  # what ONNX exports: the weight as a constant, not A and F
+        reads = {node.target.rpartition(".")[2] for node in dense.graph.nodes if node.op == "get_attr"}
+        assert "kronecker_sum" not in dense.code and not reads & {"A", "F"}
+        torch.testing.assert_close(dense(x), converted(x), rtol=0, atol=1e-6)
 
 
 def test_xavier_init_ignores_the_weights():

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..errors import ParameterError
 from .layers import MultisampleConv2d, pair
 from .tracing import copy_structure, register_notrace_module
 
 __all__ = ["PHC_INITS", "MultisamplePHConv2d", "PHCLayer", "PHCReport", "PHConv2d", "convert_phc", "dense_copy",
-           "kronecker_sum", "nearest_kronecker_sum", "phc_parameter_count"]
+           "is_phc_layer", "kronecker_sum", "nearest_kronecker_sum", "phc_parameter_count"]
 
 PHC_INITS = ("fit", "xavier")  # from a pretrained weight, or the published random initialisation
 
@@ -42,6 +42,11 @@ def kronecker_sum(A: Tensor, F: Tensor) -> Tensor:
     n, o, c, kh, kw = F.shape
     # out[p, a, q, b] = sum_i A[i, p, q] F[i, a, b]: row block p, column block q
     return torch.einsum("ipq,iabhw->paqbhw", A, F).reshape(n * o, n * c, kh, kw)
+
+
+# A conv traced through (its class overrides forward) calls this once per forward: one fx node,
+# which dense_copy replaces by the materialised weight.
+torch.fx.wrap("kronecker_sum")
 
 
 def rearranged(weight: Tensor, n: int) -> Tensor:
@@ -84,7 +89,8 @@ class _KroneckerWeight:
 
     @property
     def weight(self) -> Tensor:
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or isinstance(self.A, torch.fx.Proxy)):
             return kronecker_sum(self.A, self.F)  # a training forward builds it once, with its graph
         key = (self.A._version, self.F._version, self.A.device, self.A.dtype, self.F.device, self.F.dtype)
         if self._weight_cache is None or self._weight_cache[0] != key:
@@ -239,7 +245,8 @@ def convert_phc(model: nn.Module, n: int, init: str = "fit") -> tuple[nn.Module,
     ``init="fit"``: :func:`nearest_kronecker_sum` of each pretrained weight; ``"xavier"``: the
     published random initialisation (a model trained from scratch). A conv whose ``in/groups`` or
     ``out`` channels are not divisible by ``n`` (the 3-channel stem, depthwise convs) stays dense
-    and is listed in the report, as is one whose class overrides ``forward``.
+    and is listed in the report. A conv whose class overrides ``forward`` keeps it: only its
+    ``weight`` becomes the Kronecker sum (:func:`_with_kronecker_weight`).
     """
     check_phc(n)
     check_phc_init(init)
@@ -258,10 +265,39 @@ def convert_phc(model: nn.Module, n: int, init: str = "fit") -> tuple[nn.Module,
             layer = PHConv2d(n, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                              conv.dilation, conv.bias is not None, conv.groups, conv.padding_mode, name)
             layer.to(conv.weight.device)
+            if conv.bias is not None:
+                with torch.no_grad():  # a copy: the original's bias tensor stays as it was
+                    conv.bias = nn.Parameter(layer.bias.detach().clone())
+        if type(conv).forward is not nn.Conv2d.forward:  # keep the class's forward, swap the weight
+            layer = _with_kronecker_weight(conv, n, layer.A.data, layer.F.data)
         layer.train(conv.training)
         record.params_after = sum(p.numel() for p in layer.parameters())
         _set_submodule(copied, name, layer)
     return copied, report
+
+
+def is_phc_layer(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a Kronecker sum of its ``A`` and ``F``."""
+    return isinstance(module, _KroneckerWeight)
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def _with_kronecker_weight(conv: nn.Conv2d, n: int, A: Tensor, F: Tensor) -> nn.Conv2d:
+    """``conv`` itself (a class that overrides forward, e.g. EfficientNet-Lite's static "same"
+    padding), its class swapped for a subclass whose ``weight`` is the Kronecker sum: its own
+    forward reads ``self.weight`` and runs unchanged (traced through, as before)."""
+    cls = type(conv)
+    if cls not in _SWAPPED:
+        _SWAPPED[cls] = type(f"PHC{cls.__name__}", (_KroneckerWeight, cls), {"__module__": __name__})
+    requires_grad = conv.weight.requires_grad
+    del conv.weight
+    conv.__class__ = _SWAPPED[cls]
+    conv.n, conv._weight_cache = n, None
+    conv.A = nn.Parameter(A, requires_grad=requires_grad)
+    conv.F = nn.Parameter(F, requires_grad=requires_grad)
+    return conv
 
 
 def _record(name: str, conv: nn.Conv2d, n: int) -> PHCLayer:
@@ -269,9 +305,7 @@ def _record(name: str, conv: nn.Conv2d, n: int) -> PHCLayer:
     record = PHCLayer(name, tuple(conv.weight.shape), params, params, None,
                       norm2=float(conv.weight.detach().double().square().sum()))
     per_group = conv.in_channels // conv.groups
-    if type(conv).forward is not nn.Conv2d.forward:
-        record.kept = f"{type(conv).__name__} overrides forward"
-    elif per_group % n or conv.out_channels % n:
+    if per_group % n or conv.out_channels % n:
         what = "depthwise" if per_group == 1 else ("grouped" if conv.groups > 1 else "")
         record.kept = (f"{what + ': ' if what else ''}in/groups={per_group}, out={conv.out_channels} "
                        f"not both divisible by {n}")
@@ -295,12 +329,35 @@ def dense_copy(model: nn.Module) -> nn.Module:
             replacements[name] = lambda m=module: _dense_conv(m)
         elif isinstance(module, MultisamplePHConv2d):
             replacements[name] = lambda m=module: MultisampleConv2d(_dense_conv(m))
-    if not replacements:
+    graph = getattr(model, "graph", None)
+    traced = [node for node in graph.nodes if node.target is kronecker_sum] if isinstance(graph, fx.Graph) else []
+    if not replacements and not traced:
         return model
-    copied = copy_structure(model)
+    # A deep-copied GraphModule starts in training mode; the mode is set first, since switching
+    # it may switch the graph (train and eval graphs)
+    copied = copy_structure(model).train(model.training)
     for name, make in replacements.items():
         _set_submodule(copied, name, make())
+    if traced:
+        _materialise_traced(copied)
     return copied
+
+
+def _materialise_traced(graph_module: fx.GraphModule) -> None:
+    """Each ``kronecker_sum(A, F)`` node of a conv traced through becomes a constant weight."""
+    for index, node in enumerate([n for n in graph_module.graph.nodes if n.target is kronecker_sum]):
+        with torch.no_grad():
+            A, F = (graph_module.get_parameter(arg.target) for arg in node.args)
+            name = f"ccnn_phc_weight{index}"
+            graph_module.register_buffer(name, kronecker_sum(A, F).detach().clone())
+        with graph_module.graph.inserting_before(node):
+            node.replace_all_uses_with(graph_module.graph.get_attr(name))
+        sources = node.args
+        graph_module.graph.erase_node(node)
+        for arg in sources:
+            if not arg.users:
+                graph_module.graph.erase_node(arg)
+    graph_module.recompile()
 
 
 def _dense_conv(layer: nn.Module) -> nn.Conv2d:

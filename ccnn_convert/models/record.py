@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.phc import MultisamplePHConv2d, PHConv2d
+from ..core.phc import is_phc_layer
 from ..errors import ModelResolutionError
 
 from ..spec import ConversionSpec
@@ -91,7 +91,7 @@ def phc_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, 
     kept = {}
     for key, value in state.items():
         owner = modules.get(key.rpartition(".")[0])
-        if isinstance(owner, (PHConv2d, MultisamplePHConv2d)):
+        if owner is not None and is_phc_layer(owner):
             kept[key] = value
     return kept
 
