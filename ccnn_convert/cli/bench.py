@@ -19,7 +19,8 @@ from ..errors import CCNNError, ParameterError
 from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
-from ._common import (blur_size_help, phc_help, console, mode_names, parse_list, plain, run_app, smoothness_help, user_errors)
+from ._common import (blur_size_help, console, mode_names, parse_list, phc_help, plain, run_app, smoothness_help,
+                      user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 

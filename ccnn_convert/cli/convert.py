@@ -20,8 +20,8 @@ from ..outputs import check_output
 from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
-from ._common import (blur_size_help, phc_help, console, err_console, mode_names, modes_described, plain, printable, run_app,
-                      smoothness_help, user_errors)
+from ._common import (blur_size_help, console, err_console, mode_names, modes_described, phc_help, plain, printable,
+                      run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a CNN's strided convolutions and pools into checkered (multisampling), dilated, spectral, "

@@ -18,7 +18,7 @@ from .._helpers import format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
-from ._common import (blur_size_help, phc_help, console, err_console, mode_names, parse_list, percent, plain,
+from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
                       preprocessing_overrides, printable, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])

@@ -19,8 +19,8 @@ from ..errors import CCNNError
 from ..spec import ConversionSpec
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
-from ._common import (blur_size_help, phc_help, console, err_console, mode_names, plain, preprocessing_overrides, run_app,
-                      smoothness_help, user_errors)
+from ._common import (blur_size_help, console, err_console, mode_names, phc_help, plain, preprocessing_overrides,
+                      run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 

@@ -21,8 +21,8 @@ from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import DISTILL_RECIPE, DistillConfig
-from ._common import (blur_size_help, phc_help, console, err_console, mode_names, percent, plain, preprocessing_overrides,
-                      run_app, smoothness_help, user_errors)
+from ._common import (blur_size_help, console, err_console, mode_names, percent, phc_help, plain,
+                      preprocessing_overrides, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -116,7 +116,8 @@ def train_command(
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
-                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc, leaf_modules=tuple(leaf or ()),
+                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc,
+                   leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                    trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,

@@ -298,7 +298,8 @@ class _Rewriter:
             current = self.root.get_submodule(node.target)
             if not isinstance(current, tuple(replacements.values())):
                 # a layer that builds its weight (PHC) makes its own multisample form
-                replaced = current.multisample() if hasattr(current, "multisample") else replacements[strided.op](current)
+                replaced = (current.multisample() if hasattr(current, "multisample")
+                            else replacements[strided.op](current))
                 _set_submodule(self.root, node.target, replaced)
             node.args, node.kwargs = (x, sampler), {}
             return
