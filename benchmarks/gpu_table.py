@@ -67,9 +67,8 @@ def outcome(row: dict, cell: str) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    aligns = ["---:" if name.endswith((" x", "time", "memory", "ms", "/step", "speedup", "ORT", "eager", "compiled",
-                                       "diff", "tolerance"))
-              else "---" for name in header]
+    numeric = (" x", "time", "memory", "/step", "speedup", "ORT", "eager", "compiled", "diff", "tolerance")
+    aligns = ["---:" if name.endswith(numeric) else "---" for name in header]
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |",
             *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -87,8 +86,8 @@ def inference_lines(part: dict) -> list[str]:
 def onnx_lines(part: dict) -> list[str]:
     lines = [f"- provider `{p['provider']}`: " + ("available" if p["available"] else f"missing ({p['reason']})")
              for p in part.get("providers", [])]
-    rows = [[r["model"], r["mode"], r["precision"], r["provider"], str(r["batch"]), outcome(r, millis(r.get("eager_ms"))),
-             millis(r.get("ort_ms")), times(r.get("ort_over_eager")),
+    rows = [[r["model"], r["mode"], r["precision"], r["provider"], str(r["batch"]),
+             outcome(r, millis(r.get("eager_ms"))), millis(r.get("ort_ms")), times(r.get("ort_over_eager")),
              sci(r.get("max_rel")), f"{r['tolerance']:g}", "-" if "parity_ok" not in r else yes(r["parity_ok"])]
             for r in part.get("rows", [])]
     if rows:
@@ -101,7 +100,8 @@ def training_lines(part: dict) -> list[str]:
     rows = [[r["model"], r["mode"], yes(r["checkpointing"]), yes(r["amp"]), str(r["batch"]),
              outcome(r, ms(r.get("step_s"))), times(r.get("time_ratio")), mib(r.get("peak_bytes")),
              times(r.get("memory_ratio"))] for r in part.get("rows", [])]
-    return table(["model", "mode", "checkpointing", "AMP", "batch", "s/step", "time x", "peak memory", "memory x"], rows)
+    return table(["model", "mode", "checkpointing", "AMP", "batch", "time/step", "time x", "peak memory", "memory x"],
+                 rows)
 
 
 def compile_lines(part: dict) -> list[str]:

@@ -51,7 +51,7 @@ def test_tiny_run_measures_every_part_and_writes_every_key(run):
         assert part["rows"], name
     inference = data["parts"]["inference"]["rows"]
     assert {(r["model"], r["mode"], r["precision"]) for r in inference} == {
-        (m, mode, p) for m in ("tiny_a", "tiny_b") for mode in gpu_check.MODES for p in ("fp32", "amp")}
+        (m, mode, p) for m in ("tiny_a", "tiny_b") for mode in gpu_check.MODES for p in ("fp32", "autocast-bf16")}
     for row in inference:
         assert INFERENCE_KEYS <= set(row) and not row.get("error"), row
     onnx = data["parts"]["onnx"]
