@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import json
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -518,6 +519,8 @@ def parse_args(argv: list[str] | None):
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         parser.error(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device must be cuda, cuda:N or cpu, not {args.device!r}")
     if args.quick and args.tiny:
         parser.error("--quick and --tiny are two different plans; choose one")
     if args.seconds is not None and args.seconds <= 0:
@@ -534,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: no CUDA device (torch {torch.__version__} sees none); for the CPU smoke run use "
               "--device cpu --tiny", file=sys.stderr)
         return 2
-    if device.type not in ("cuda", "cpu"):
-        print(f"gpu_check: --device must be cuda, cuda:N or cpu, not {args.device}", file=sys.stderr)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        print(f"gpu_check: --device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+              file=sys.stderr)
         return 2
     if device.type == "cpu" and not args.tiny:
         print("gpu_check: --device cpu runs only with --tiny (the full plan would take hours on a CPU)",
