@@ -102,8 +102,9 @@ def table_row(m: Measurement) -> list[str]:
     time = fmt_seconds(m.median_s) if m.skipped is None else f"not run ({m.skipped})"
     onnx_time = fmt_seconds(m.median_onnx_s) if m.onnx_skipped is None else m.onnx_skipped
     return [m.model, m.label, str(m.submaps), time, fmt_ratio(m.time_ratio), fmt_ratio(m.cpu_time_ratio),
-            onnx_time, fmt_ratio(m.onnx_time_ratio), format_flops(m.flops), fmt_ratio(m.flop_ratio), _fmt_bytes(m.peak_memory_bytes),
-            fmt_ratio(m.memory_ratio), fmt_count(m.params), "-" if m.top1 is None else f"{m.top1:.2f}"]
+            onnx_time, fmt_ratio(m.onnx_time_ratio), format_flops(m.flops), fmt_ratio(m.flop_ratio),
+            _fmt_bytes(m.peak_memory_bytes), fmt_ratio(m.memory_ratio), fmt_count(m.params),
+            "-" if m.top1 is None else f"{m.top1:.2f}"]
 
 
 def table_rows(measurements: Sequence[Measurement]) -> tuple[list[str], list[list[str]]]:

@@ -27,12 +27,17 @@ app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 _FLAGS = {"image_size": "--size", "leaf_modules": "--leaf", "models": "MODELS"}
 
 
+_WRAPPING = ("time/batch", "ORT time/batch")  # "not run (why)", "cannot export: why"
+
+
 def results_table(report: BenchReport) -> Table:
     table = Table(title="cost per batch (x = relative to the original)", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
     headers, rows = table_rows(report.measurements)
     for index, name in enumerate(headers):
-        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=name != "time/batch")
+        wraps = name in _WRAPPING  # their cells may hold a reason; the numbers still fit on one line
+        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=not wraps,
+                         min_width=len("999.9 ms") if wraps else None)
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     return table
