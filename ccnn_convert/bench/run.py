@@ -174,7 +174,7 @@ def _option_settings(options: BenchOptions, command: str | None) -> dict:
             "edges": options.edges, "dilation": options.dilation, "smoothness": options.smoothness,
             "blur_size": options.blur_size,
             "leaf_modules": list(options.leaf_modules), "weights": options.weights,
-            "max_seconds": timing.max_seconds, "command": command}
+            "max_seconds": timing.max_seconds, "onnx": timing.onnx, "command": command}
 
 
 # --------------------------------------------------------------------------- files

@@ -27,12 +27,17 @@ app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 _FLAGS = {"image_size": "--size", "leaf_modules": "--leaf", "models": "MODELS"}
 
 
+_WRAPPING = ("time/batch", "ORT time/batch")  # "not run (why)", "cannot export: why"
+
+
 def results_table(report: BenchReport) -> Table:
     table = Table(title="cost per batch (x = relative to the original)", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
     headers, rows = table_rows(report.measurements)
     for index, name in enumerate(headers):
-        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=name != "time/batch")
+        wraps = name in _WRAPPING  # their cells may hold a reason; the numbers still fit on one line
+        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=not wraps,
+                         min_width=len("999.9 ms") if wraps else None)
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     return table
@@ -60,6 +65,7 @@ def bench_command(
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra profiled pass per variant)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export every variant to ONNX and time it in ONNX Runtime (CPU provider): the deployed cost. One export per variant, so off by default."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Skip variants estimated (original time x FLOP ratio) to take longer per batch."),
     data: Optional[str] = typer.Option(None, "--data", help="Also measure top-1 on this image folder (<wnid>/<image>, or flat with --labels)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels for a flat --data folder."),
@@ -81,7 +87,7 @@ def bench_command(
             check_fits_in_memory(4 * 3 * size * size * batch_size, f"a batch of {batch_size} {size}x{size} images",
                                  "batch_size")
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
-                           max_seconds=max_seconds)
+                           max_seconds=max_seconds, onnx=onnx)
     options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
                            leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
                            blur_size=blur_size, sweep=sweep,

@@ -38,6 +38,7 @@ from ..spec import MODES, ORIGINAL, ConversionSpec, check_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
 from .metadata import build_metadata, scale_to_crop
 from .opset import check_opset
+from .diffstride_bases import with_matrix_diffstride
 from .spectral_bases import with_matrix_spectral_pooling
 from .sessions import ProviderChoice, create_session, select_provider
 from .verification import (BenchmarkOptions, BenchmarkResult, Verification, VerificationFailed, VerifyOptions,
@@ -185,13 +186,20 @@ def _build(resolved: ResolvedModel, spec: ConversionSpec | None, size: int) -> n
     return resolved.converted(spec, size)  # with an artifact's learned strides
 
 
+def with_matrix_products(model: nn.Module, size: int) -> nn.Module:
+    """``model`` for export at ``size``: fixed spectral pooling and frozen DiffStride as products
+    with fixed bases (a copy; ``model`` itself when it has neither). ONNX Runtime runs those
+    28-500x faster than its DFT operator on CPU (benchmarks/onnx_spectral.py)."""
+    exported, _ = with_matrix_spectral_pooling(model, (size, size))
+    exported, _ = with_matrix_diffstride(exported, (size, size))
+    return exported
+
+
 def _write(torch_model: nn.Module, staged: Path, size: int, opset: int, metadata: dict, fp16: bool) -> OnnxInfo:
     logger.info("exporting to ONNX opset %d (torch.export, dynamic batch)...", opset)
     start = time.perf_counter()
-    # Fixed spectral pooling as products with DFT bases: ONNX Runtime runs them 28-500x faster
-    # than its DFT operator on CPU (benchmarks/onnx_spectral.py); the verification below compares
-    # the file with torch_model itself, FFTs and all.
-    exported, _ = with_matrix_spectral_pooling(torch_model, (size, size))
+    # the verification below compares the file with torch_model itself, FFTs and all
+    exported = with_matrix_products(torch_model, size)
     exported = copy.deepcopy(exported).half() if fp16 else exported  # the fp32 model stays the reference
     info = export_onnx(exported, staged, size, opset, metadata=metadata,
                        dtype=torch.float16 if fp16 else torch.float32)
