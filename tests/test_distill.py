@@ -92,7 +92,8 @@ def test_distill_weight_mixes_in_the_label_loss():
                                DistillConfig(weight=0.25, temperature=3.0), labelled=True)
     kd = distillation_loss(student, teacher, 3.0)
     ce = -math.log(math.exp(0.5) / (math.exp(1.0) + math.exp(-2.0) + math.exp(0.5)))
-    assert float(trainer.loss(student, teacher, targets)) == pytest.approx(0.25 * float(kd) + 0.75 * ce, rel=1e-6)
+    teacher_log_probs = torch.log_softmax(teacher / 3.0, dim=1)  # the teacher's distribution at T
+    assert float(trainer.loss(student, teacher_log_probs, targets)) == pytest.approx(0.25 * float(kd) + 0.75 * ce, rel=1e-6)
 
 
 def test_a_student_equal_to_its_teacher_has_zero_loss_and_zero_gradients():
