@@ -116,7 +116,7 @@ class DistillConfig:
 
 
 def distill_recipe(mode: str) -> dict[str, Any]:
-    """The training options ``--distill`` uses for ``mode`` where none is given."""
+    """The training options a distillation uses for ``mode`` where none is given (the CLI fills them in)."""
     return dict(DISTILL_RECIPES.get(mode, DISTILL_RECIPE))
 
 
@@ -208,6 +208,7 @@ class TeacherEnsemble(nn.Module):
             raise ParameterError("teacher", f"the teachers {names} score {', '.join(map(str, sorted(counts)))} "
                                             "classes: an ensemble's members must score the same classes")
         self.num_classes = members[0].num_classes
+        self.train(False)
 
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         return super().train(False)  # always in eval mode
@@ -285,6 +286,10 @@ class DistillTrainer(Trainer):
 
     def uses_labels(self) -> bool:
         return self.labelled and self.distill.weight < 1
+
+    def train_epoch(self) -> tuple[float, float, int, int, float]:
+        self.teacher.eval()  # whatever a caller did to it: its statistics and dropout must not move
+        return super().train_epoch()
 
     def loss(self, logits: Tensor, teacher_log_probs: Tensor, targets: Tensor) -> Tensor:
         """``teacher_log_probs`` at the distillation temperature; ``targets`` class indices or

@@ -324,11 +324,18 @@ class _Untrained:
         kept = self.beats(history)
         best = best_record(history)
         if kept and is_main:
-            logger.warning(f"the trained model agrees less with the teacher on the held-back images (best epoch "
-                           f"{best.epoch}: {best.val_agreement:.2f}%, KL {best.val_kl:.4f}) than the untrained "
-                           f"conversion ({self.score.agreement:.2f}%, KL {self.score.kl:.4f}): best.pt is the "
+            how = ("scores lower" if best.val_top1 is not None and self.score.top1 is not None
+                   and best.val_top1 < self.score.top1 else "agrees less with the teacher"
+                   if best.val_agreement < self.score.agreement else "agrees as often, with a higher KL,")
+            logger.warning(f"the trained model {how} on the held-back images than the untrained conversion (best "
+                           f"epoch {best.epoch}: {_scores(best.val_top1, best.val_agreement, best.val_kl)}; untrained: "
+                           f"{_scores(self.score.top1, self.score.agreement, self.score.kl)}): best.pt is the "
                            "untrained conversion")
         return {**self.score.to_dict(), "kept_as_best": kept}
+
+
+def _scores(top1: float | None, agreement: float, kl: float) -> str:
+    return (f"top-1 {top1:.2f}%, " if top1 is not None else "") + f"agreement {agreement:.2f}%, KL {kl:.4g}"
 
 
 def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: ConversionSpec, identity: dict,
