@@ -486,6 +486,8 @@ def test_the_teacher_stays_in_eval_mode_whatever_train_is_called_with():
 def test_a_teacher_built_from_a_model_in_training_mode_does_not_move():
     """Planted bug (issue 24): build_teacher leaving the teacher's model in training mode, where
     its BatchNorm statistics would follow the batches and dropout would drop."""
+    single = Teacher(_dropout_net().train(), "net", 3, imagenet_preprocessing(), imagenet_preprocessing())  # as build_teacher makes it
+    assert not any(m.training for m in single.model.modules())
     resolved = ResolvedModel.from_module(_dropout_net())
     resolved.model.train()
     teacher = build_teacher(DistillConfig(), resolved)
