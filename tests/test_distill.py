@@ -288,6 +288,9 @@ def test_another_teacher_sees_the_images_renormalised_to_its_own_preprocessing()
     ("weight without labels", "--distill-weight 0.5 mixes in the label loss"),
     ("no distill", "--temperature only apply with --distill"),
     ("bad train params", "unknown --train-params 'bias'"),
+    ("bad tta", "--teacher-tta takes distinct views from flip, shift, got 'flip,zoom'"),
+    ("ensemble classes", "the teachers net.py:make, net.py:make4 score 3, 4 classes"),
+    ("two mixes", "--augment 'mixup,cutmix' names more than one per-image augmentation or more than one batch mix"),
 ])
 def test_bad_input_is_one_line(project, case, message):
     folder = project / "photos"
@@ -298,7 +301,9 @@ def test_bad_input_is_one_line(project, case, message):
         for i in range(6):
             _png(folder / f"{i}.png", i)
     extra = {"teacher classes": ["--teacher", "net.py:make4"], "weight without labels": ["--distill-weight", "0.5"],
-             "bad train params": ["--train-params", "bias"]}.get(case, [])
+             "bad train params": ["--train-params", "bias"], "bad tta": ["--teacher-tta", "flip,zoom"],
+             "ensemble classes": ["--teacher", "net.py:make,net.py:make4"],
+             "two mixes": ["--augment", "mixup,cutmix"]}.get(case, [])
     args = _distill_args("photos", "run", *extra)
     if case == "no distill":
         args = [a for a in args if a != "--distill"] + ["--temperature", "2"]
@@ -537,3 +542,16 @@ def test_training_that_makes_it_worse_keeps_the_untrained_conversion_as_best(pro
     assert not all(torch.equal(last.model.state_dict()[k], v) for k, v in original.items())
     assert best.training["untrained"] is True and best.training["val_agreement"] == 100.0
     assert best.training["val_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_recipe_is_the_mode_s_own_and_an_artifact_s_mode_chooses_it(project):
+    from ccnn_convert.cli.convert import app as convert_app
+    from ccnn_convert.train.distill import distill_recipe, recipe_mode
+
+    result = CliRunner().invoke(convert_app, ["net.py:make", "--mode", "blurpool", "--input-size", "32", "-o", "b.pt"])
+    assert result.exit_code == 0, result.output
+    assert recipe_mode("b.pt", None) == "blurpool" and recipe_mode("b.pt", "checkered") == "checkered"
+    assert recipe_mode("net.py:make", None) == "checkered"
+    assert distill_recipe("checkered")["freeze_norm_stats"] is True  # submaps keep the original's statistics
+    assert distill_recipe("blurpool")["freeze_norm_stats"] is False  # a blur before a norm changes them
+    assert distill_recipe("blurpool")["augment"] == distill_recipe("checkered")["augment"] == "strong,mixup"
