@@ -1,5 +1,6 @@
 """Does distillation from the original win back what conversion costs? Cross-validated on the
-shared ImageNet sample, efficientnet_lite0, checkered (lattice) at keep_first 0 and 3.
+shared ImageNet sample, efficientnet_lite0, checkered (lattice) at keep_first 0 and 3 (or
+another ``--mode``).
 
 The 250 images (one per class) are split by image, with a seed, into two folds. For each fold,
 the other fold's images serve as *unlabelled* training data (a flat folder of symlinks: the class
@@ -14,7 +15,14 @@ evaluated once by a model that never saw it. For each keep_first it compares:
 * ``distilled norm+head`` and ``distilled all``: ``train_model(..., distill=DistillConfig())``,
   the unconverted model as the teacher, no held-back part (the other fold is the test); with
   ``--variants ...,norm+head-frozen,all-frozen`` also with ``freeze_norm_stats`` (every
-  BatchNorm trains its affine against the pretrained running statistics, which stay).
+  BatchNorm trains its affine against the pretrained running statistics, which stay);
+* ``fm`` and ``fm-tta`` (issue 23): function matching, ``--distill``'s per-mode recipe
+  (``distill_recipe(mode)``: strong crops + mixup on the tensor teacher and student share,
+  norm+head, statistics frozen or not as the recipe says) for ``--fm-epochs``, with
+  ``--fm-val-fraction`` of the training fold held back, as a user's run does: the row scores
+  ``best.pt`` (the untrained conversion when no epoch beats it) and records the held-back
+  agreement of every epoch (``agreement_by_epoch``: where it stops rising). ``fm-tta``'s
+  teacher is the original averaged over flips and shifts (``teacher_tta=("flip", "shift")``).
 
 Every variant is an artifact (``last.pt`` / the recalibrated ``.pt``), reloaded and evaluated here
 on the test fold: top-1 against the folder labels, top-1 agreement with the original, and for the
@@ -23,6 +31,10 @@ agreement are pooled over the two test folds (250 images). Run from the reposito
 
     python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 \
         --keep-first 0,3 --epochs 0:1,3:3 --json distill_lite0.json
+    python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 \
+        --keep-first 3 --variants converted,fm,fm-tta --fm-epochs 20 --json distill_fm.json
+    python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 --mode blurpool \
+        --keep-first 0 --variants converted,recalibrated,fm,fm-tta --fm-epochs 20 --json distill_fm_blurpool.json
 
 ``--limit N`` uses N images only (a smoke test; say so when quoting numbers).
 """
@@ -44,14 +56,16 @@ from ccnn_convert.models import load_artifact, resolve_model
 from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.train import TrainConfig, train_model
 from ccnn_convert.train.calibrate import recalibrate_model
-from ccnn_convert.train.distill import DistillConfig
+from ccnn_convert.train.distill import FUNCTION_MATCHING_EPOCHS, DistillConfig, distill_recipe
 from ccnn_convert.train.unlabelled import find_images
 
 MODEL = "efficientnet_lite0"
 # distilled variants: --variants name -> (train_params, freeze_norm_stats)
 DISTILLED = {"norm+head": ("norm+head", False), "all": ("all", False), "norm+head-frozen": ("norm+head", True),
              "all-frozen": ("all", True)}
-VARIANTS = ("converted", "recalibrated", *DISTILLED)
+# function matching: --variants name -> the teacher's test-time views
+FUNCTION_MATCHING = {"fm": (), "fm-tta": ("flip", "shift")}
+VARIANTS = ("converted", "recalibrated", *DISTILLED, *FUNCTION_MATCHING)
 
 
 def folds(root: Path, limit: int | None, seed: int) -> tuple[list[str], list[str]]:
@@ -88,12 +102,12 @@ def artifact_model(path: Path) -> torch.nn.Module:
     return resolved.conversion.apply(resolved.model, resolved.preprocessing.crop)
 
 
-def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, reference: torch.Tensor,
+def run_fold(keep_first: int, epochs: int, fm_epochs: int, train_paths: list[str], test: tuple, reference: torch.Tensor,
              work: Path, args) -> dict[str, dict]:
     """Every variant of one keep_first trained on ``train_paths`` and scored on ``test``."""
     images, labels = test
     data = flat_folder(train_paths, work / "train")
-    spec = ConversionSpec.build("checkered", keep_first=keep_first)
+    spec = ConversionSpec.build(args.mode, keep_first=keep_first)
     rows: dict[str, dict] = {}
 
     def score(name: str, model: torch.nn.Module, **extra) -> None:
@@ -109,7 +123,7 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
     for layers in recalibrated if "recalibrated" in args.variants else ():
         start = time.perf_counter()
         summary = recalibrate_model(MODEL, data, work / f"recalibrated_{layers}.pt", images=len(train_paths),
-                                    keep_first=keep_first, batch_size=args.bn_batch, layers=layers,
+                                    mode=args.mode, keep_first=keep_first, batch_size=args.bn_batch, layers=layers,
                                     workers=args.workers, device="cpu")
         score(f"recalibrated ({summary['layers']})", artifact_model(work / f"recalibrated_{layers}.pt"),
               seconds=time.perf_counter() - start)
@@ -117,7 +131,7 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
         train_params, frozen = DISTILLED[variant]
         config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
                              freeze_norm_stats=frozen, seed=args.seed, checkpointing=args.checkpointing)
-        result = train_model(MODEL, data, work / variant, config=config, keep_first=keep_first,
+        result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
                              workers=args.workers, device="cpu",
                              distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
         records = result.history
@@ -125,6 +139,21 @@ def run_fold(keep_first: int, epochs: int, train_paths: list[str], test: tuple, 
               artifact_model(work / variant / "last.pt"),
               seconds_per_epoch=sum(r.seconds for r in records) / len(records),
               peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
+    for variant in [v for v in args.variants if v in FUNCTION_MATCHING]:
+        recipe = {**distill_recipe(args.mode), "epochs": fm_epochs, "batch_size": args.batch_size}
+        config = TrainConfig(lr=args.lr, seed=args.seed, checkpointing=args.checkpointing, **recipe)
+        distill = DistillConfig(temperature=args.temperature, val_fraction=args.fm_val_fraction,
+                                teacher_tta=FUNCTION_MATCHING[variant])
+        result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
+                             workers=args.workers, device="cpu", distill=distill)
+        records = result.history
+        untrained = result.info.get("untrained") or {}
+        score(f"function matching{', TTA teacher' if distill.teacher_tta else ''} (best.pt)",
+              artifact_model(work / variant / "best.pt"),
+              seconds_per_epoch=sum(r.seconds for r in records) / len(records),
+              peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=fm_epochs,
+              agreement_by_epoch=[r.val_agreement for r in records], untrained_agreement=untrained.get("val_agreement"),
+              kept_untrained=untrained.get("kept_as_best"))
     return rows
 
 
@@ -140,6 +169,11 @@ def main() -> None:
     parser.add_argument("images_root", type=Path, help="ImageNet-style <wnid>/<image> folder (the shared sample)")
     parser.add_argument("--keep-first", default="0,3", help="comma-separated keep_first values")
     parser.add_argument("--epochs", default="0:1,3:3", help="epochs for every keep_first (N), or per keep_first (K:N,...)")
+    parser.add_argument("--mode", default="checkered", help="the conversion mode (checkered, blurpool, spectral, ...)")
+    parser.add_argument("--fm-epochs", default=str(FUNCTION_MATCHING_EPOCHS),
+                        help="epochs of the fm variants, for every keep_first (N) or per keep_first (K:N,...)")
+    parser.add_argument("--fm-val-fraction", type=float, default=0.1,
+                        help="the share of the training fold the fm variants hold back (best.pt, agreement by epoch)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -161,6 +195,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_firsts = [int(k) for k in args.keep_first.split(",")]
     epochs = parse_epochs(args.epochs, keep_firsts)
+    fm_epochs = parse_epochs(args.fm_epochs, keep_firsts)
     fold_a, fold_b = folds(args.images_root, args.limit, args.seed)
     original = resolve_model(MODEL)
     transform = original.preprocessing.transform()
@@ -177,13 +212,14 @@ def main() -> None:
                               "images": len(reference)})
             for keep_first in keep_firsts:
                 work = Path(tmp) / f"fold{fold}_kf{keep_first}"
-                results[keep_first].append(run_fold(keep_first, epochs[keep_first], train_paths, test, reference,
+                results[keep_first].append(run_fold(keep_first, epochs[keep_first], fm_epochs[keep_first], train_paths,
+                                                    test, reference,
                                                     work, args))
     print_table(originals, results, epochs)
     print(f"\n{time.perf_counter() - began:.0f} s in all")
     if args.json is not None:
         args.json.write_text(json.dumps({"original": originals, "results": {str(k): v for k, v in results.items()},
-                                         "epochs": epochs, "settings": vars(args) | {"images_root": str(args.images_root),
+                                         "epochs": epochs, "fm_epochs": fm_epochs, "settings": vars(args) | {"images_root": str(args.images_root),
                                                                                      "json": str(args.json)}},
                                         indent=2) + "\n")
 
@@ -205,9 +241,16 @@ def print_table(originals: list[dict], results: dict[int, list[dict]], epochs: d
             top1, agreement, _ = pooled(rows)
             timed = [r["seconds_per_epoch"] for r in rows if "seconds_per_epoch" in r]
             memory = [r["peak_memory_bytes"] for r in rows if "peak_memory_bytes" in r]
-            cost = (f"{epochs[keep_first]} | {sum(timed) / len(timed):.0f} | {max(memory) / 2**30:.2f}" if timed
-                    else " | | ")
+            cost = (f"{rows[0].get('epochs', epochs[keep_first])} | {sum(timed) / len(timed):.0f} | "
+                    f"{max(memory) / 2**30:.2f}" if timed else " | | ")
             print(f"| {keep_first} | {name} | {top1:.1f} | {top1 - base:+.1f} | {agreement:.1f} | {cost} |")
+    for keep_first, folds_rows in results.items():  # function matching: held-back agreement by epoch, per fold
+        for name in folds_rows[0]:
+            for fold, row in enumerate(fold[name] for fold in folds_rows):
+                if "agreement_by_epoch" in row:
+                    curve = ", ".join("-" if a is None else f"{a:.0f}" for a in row["agreement_by_epoch"])
+                    print(f"keep_first {keep_first}, {name}, fold {fold}: held-back agreement % by epoch {curve} "
+                          f"(untrained {row['untrained_agreement']}, best.pt untrained: {row['kept_untrained']})")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_options_used
 from .data import ClassLabels, choose_labels, class_folders, training_sets
-from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
+from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teacher, check_distill_options,
+                      check_teacher_classes, untrained_is_better)
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig
@@ -136,6 +137,7 @@ def train_model(
             DistillTrainer, teacher=teacher, distill=distill, labelled=labelled)
         trainer = make_trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
                                on_step=on_step if ctx.is_main else None)
+        untrained = _Untrained.measure(trainer) if distill is not None else None  # before a state loads
         if state is not None:
             _load_state(trainer, state, identity, resume)
             if ctx.is_main and resume_folder == folder.resolve():
@@ -155,7 +157,7 @@ def train_model(
             training_state = trainer.state_dict()  # every process: RNG states are gathered
             if ctx.is_main:
                 best_source = None if resume_folder in (None, folder.resolve()) else resume_folder / OUTPUT_FILES["best"]
-                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source)
+                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source, untrained)
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
@@ -163,6 +165,8 @@ def train_model(
             trainer.fit(finish_epoch)
         finally:
             trainer.close()  # before distributed_from_env destroys the process group
+        if untrained is not None:
+            info["untrained"] = untrained.report(trainer.history, ctx.is_main)
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
 
 
@@ -285,11 +289,61 @@ def _identity(trained: ResolvedModel, weights: str, spec: ConversionSpec, config
             "recipe": {k: v for k, v in config.to_dict().items() if k not in ("checkpointing", "amp")}}
 
 
+class _Untrained:
+    """The untrained conversion of a distillation: its held-back score and its state, kept so
+    that best.pt is the untrained conversion while no epoch beats it."""
+
+    def __init__(self, score: HeldBackScore | None, state: dict[str, torch.Tensor]):
+        self.score, self.state = score, state
+
+    @classmethod
+    def measure(cls, trainer: DistillTrainer) -> "_Untrained":
+        score = trainer.held_back_score()
+        if score is None and trainer.ctx.is_main:
+            logger.info("no held-back images: the result is not compared with the untrained conversion")
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if score is not None else {}
+        return cls(score, state)
+
+    def beats(self, history: list[EpochRecord]) -> bool:
+        return untrained_is_better(self.score, best_record(history))
+
+    @contextlib.contextmanager
+    def loaded(self, model: torch.nn.Module):
+        """``model`` (which shares its tensors with the record being saved) holds the untrained state meanwhile."""
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            model.load_state_dict(current)
+
+    def report(self, history: list[EpochRecord], is_main: bool) -> dict | None:
+        """The untrained conversion's scores beside the result's; warns when it is kept as best.pt."""
+        if self.score is None:
+            return None
+        kept = self.beats(history)
+        best = best_record(history)
+        if kept and is_main:
+            how = ("scores lower" if best.val_top1 is not None and self.score.top1 is not None
+                   and best.val_top1 < self.score.top1 else "agrees less with the teacher"
+                   if best.val_agreement < self.score.agreement else "agrees as often, with a higher KL,")
+            logger.warning(f"the trained model {how} on the held-back images than the untrained conversion (best "
+                           f"epoch {best.epoch}: {_scores(best.val_top1, best.val_agreement, best.val_kl)}; untrained: "
+                           f"{_scores(self.score.top1, self.score.agreement, self.score.kl)}): best.pt is the "
+                           "untrained conversion")
+        return {**self.score.to_dict(), "kept_as_best": kept}
+
+
+def _scores(top1: float | None, agreement: float, kl: float) -> str:
+    return (f"top-1 {top1:.2f}%, " if top1 is not None else "") + f"agreement {agreement:.2f}%, KL {kl:.4g}"
+
+
 def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: ConversionSpec, identity: dict,
-                 training_state: dict, data, best_source: Path | None) -> None:
+                 training_state: dict, data, best_source: Path | None, untrained: _Untrained | None = None) -> None:
     """Write an epoch's files as one unit: into a staging folder, then renamed into ``folder``
     with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
-    the run resumed from another folder, copied while this folder has none."""
+    the run resumed from another folder, copied while this folder has none. ``untrained``: a
+    distillation's untrained conversion, best.pt while it beats every epoch."""
     folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
     for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
         shutil.rmtree(stale, ignore_errors=True)
@@ -308,7 +362,12 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
                                        conversion_state=conversion_state(trainer.model, trained.model) or None)
         save_artifact(staged["last"], artifact, spec)
         best = best_record(history)
-        if best is None or best is record:  # ties keep the earlier best
+        if untrained is not None and untrained.beats(history):
+            with untrained.loaded(trainer.model):
+                save_artifact(staged["best"], dataclasses.replace(
+                    trained, training={**summary, "epochs": 0, "untrained": True, **untrained.score.to_dict()},
+                    conversion=spec, conversion_state=conversion_state(trainer.model, trained.model) or None), spec)
+        elif best is None or best is record:  # ties keep the earlier best
             save_artifact(staged["best"], artifact, spec)
         elif not (folder / OUTPUT_FILES["best"]).exists():
             _copy_best(best_source, best.epoch, staged["best"])
