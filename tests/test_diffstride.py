@@ -138,7 +138,7 @@ def _loss_and_strides(layer: DiffStride2d, height: int, width: int, seed: int = 
     return loss, layer.strides.detach().clone()
 
 
-@pytest.mark.parametrize("height,width,stride", [(16, 16, (2, 2)), (28, 28, (2, 2)), (15, 17, (3, 2)),
+@pytest.mark.parametrize("height,width,stride", [(16, 16, (2, 2)), (28, 28, (2, 2)), (12, 18, (3, 3)),
                                                  (20, 24, (2, 3))])
 def test_gradient_at_integer_strides_is_the_right_hand_derivative(height, width, stride):
     """At integer strides a mask position sits on the ramp's top: the loss has a kink. The

@@ -66,8 +66,9 @@ def original_size(geometry: Geometry, size: IntPair) -> IntPair:
 
 
 def spectral_downsample(x: Tensor, geometry: Geometry) -> Tensor:
-    """Spectral pooling of a stride-1 layer's output to the original layer's output size."""
-    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])))
+    """Spectral pooling of a stride-1 layer's output to the original layer's output size, in the
+    modes' convention (:data:`~.spectral.MODE_CONVENTION`, read here so that a benchmark can set it)."""
+    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])), MODE_CONVENTION)
 
 
 def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
