@@ -278,3 +278,17 @@ def test_a_trained_conversion_learns_strides_and_reloads_them(caplog):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images[:4]), model(images[:4]))
     assert conversion_report(reloaded).mode == "diffstride"
+
+
+def test_the_mode_uses_the_published_layer():
+    """diffstride mode on an odd map: its DiffStride layer is the published one (a 15x17 map at
+    strides 2, R = 4, keeps every column and comes out 16 wide), after the stride-1 conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1)).eval()
+    x = torch.randn(1, 2, 15, 17)
+    converted = convert(model, mode="diffstride", example_input=x)
+    expected = DiffStride2d(2.0)(nn.functional.conv2d(x, model[0].weight, model[0].bias, 1, 1))
+    with torch.no_grad():
+        got = converted(x)
+    assert got.shape[-2:] == (15, 16)
+    torch.testing.assert_close(got, expected)

@@ -42,7 +42,7 @@ from .layers import IntPair, pair, pooled_size
 from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
 from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
-from .spectral import MODE_CONVENTION, spectral_pool
+from .spectral import DIFFSTRIDE_MODE_CONVENTION, MODE_CONVENTION, spectral_pool
 from .tracing import failing_node, propagate_shapes, trace_copy
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
@@ -185,7 +185,7 @@ class _Downsampler:
         if index not in self.diffstride:
             name = f"ccnn_diffstride_step{index}"
             self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness,
-                                                      convention=MODE_CONVENTION))
+                                                      convention=DIFFSTRIDE_MODE_CONVENTION))
             self.diffstride[index] = name
             self.diffstride_strides.append(stride)
         return self.diffstride[index]
