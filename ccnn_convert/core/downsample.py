@@ -42,7 +42,7 @@ from .layers import IntPair, pair, pooled_size
 from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
 from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
-from .spectral import spectral_pool
+from .spectral import DIFFSTRIDE_MODE_CONVENTION, MODE_CONVENTION, spectral_pool
 from .tracing import failing_node, propagate_shapes, trace_copy
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
@@ -66,8 +66,9 @@ def original_size(geometry: Geometry, size: IntPair) -> IntPair:
 
 
 def spectral_downsample(x: Tensor, geometry: Geometry) -> Tensor:
-    """Spectral pooling of a stride-1 layer's output to the original layer's output size."""
-    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])))
+    """Spectral pooling of a stride-1 layer's output to the original layer's output size, in the
+    modes' convention (:data:`~.spectral.MODE_CONVENTION`, read here so that a benchmark can set it)."""
+    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])), MODE_CONVENTION)
 
 
 def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
@@ -183,7 +184,8 @@ class _Downsampler:
     def _diffstride_module(self, index: int, stride: IntPair) -> str:
         if index not in self.diffstride:
             name = f"ccnn_diffstride_step{index}"
-            self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness))
+            self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness,
+                                                      convention=DIFFSTRIDE_MODE_CONVENTION))
             self.diffstride[index] = name
             self.diffstride_strides.append(stride)
         return self.diffstride[index]

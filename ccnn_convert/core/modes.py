@@ -51,11 +51,13 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("traditional", "nothing changes (the traced model as it is)", "same as the original", "no", (),
          _MULTISAMPLE),
     Mode("spectral", "the layer at stride 1, then fixed spectral pooling (rfft2, keep the low "
-                     "frequencies, irfft2) to the original output size",
+                     "frequencies, irfft2) to the original output size; convention symmetric: an even size's "
+                     "Nyquist row is the mean of rows +h/2 and -h/2",
          "the layer at stride 1 (k*k its cost) plus two FFTs per map",
          "runs without; a pretrained network loses accuracy until fine-tuned", (), _DOWNSAMPLE),
     Mode("diffstride", "the layer at stride 1, then DiffStride: spectral pooling with a learnable "
-                       "stride per axis (smooth mask in the Fourier domain)",
+                       "stride per axis (smooth mask in the Fourier domain); convention published: crop and inverse "
+                       "as the authors' layer",
          "the layer at stride 1 plus two FFTs; later layers follow the learned strides",
          "to learn its strides (untrained: the original ones)",
          ("smoothness",), _DOWNSAMPLE),
