@@ -150,7 +150,7 @@ def recalibrate_model(
     loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], pre.transform()), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_items)
     run_on = resolve_device(device)
-    converted = spec.apply(resolved.model, pre.crop).to(run_on)
+    converted = resolved.converted(spec, pre.crop).to(run_on)  # an artifact's learned strides too
     chosen = None
     if layers == "converted":
         probe = torch.zeros(1, 3, pre.crop, pre.crop, device=run_on)

@@ -114,7 +114,7 @@ def build_teacher(config: DistillConfig, student: ResolvedModel, *, trust_factor
     resolved = resolve_model(config.teacher, trust_factory=trust_factory)
     model = resolved.model
     if resolved.conversion is not None:
-        model = resolved.conversion.apply(model, resolved.preprocessing.crop)
+        model = resolved.converted(resolved.conversion, resolved.preprocessing.crop)  # with what it learned
     if resolved.preprocessing.crop != student.preprocessing.crop:
         logger.info(f"the teacher {resolved.name} sees the student's {student.preprocessing.crop} px crops "
                     f"(its own preprocessing crops {resolved.preprocessing.crop} px)")

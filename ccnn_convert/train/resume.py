@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CCNNError
 from ..models.checkpoints import safe_load
-from ..outputs import atomic_path
+from ..outputs import atomic_path, save_torch
 
 __all__ = ["STATE_FORMAT", "check_identity", "check_training_state", "load_training_state", "rng_states",
            "restore_rng_states", "save_training_state"]
@@ -44,7 +44,7 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 def save_training_state(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the state atomically (replacing the previous epoch's)."""
     with atomic_path(path, force=True) as tmp, open(tmp, "wb") as handle:
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
+        save_torch({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

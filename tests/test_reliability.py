@@ -1,0 +1,282 @@
+"""Issue 24: what an adversarial probe found in the new modes, distillation, recalibration and
+resume. One test (or one parametrized test) per item: the exit code, the single line, and the
+state of the files involved (their md5 before and after)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from ccnn_convert.core.diffstride import DiffStride2d, diffstride_layers, kept_size
+from ccnn_convert.models import conversion_state, load_artifact, resolve_model, save_artifact
+from ccnn_convert.spec import ConversionSpec
+
+from test_train import NET  # a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes
+
+LEARNED = ((3.0, 2.5), (1.5, 2.0), (2.25, 1.25))  # DiffStride's strides "learned" by a training run
+SMOOTHNESS = 2.0
+
+
+def _cli(app, args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def _one_line(out: str) -> str:
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out, out
+    return lines[0]
+
+
+def _images(folder: Path, count: int, seed: int = 0, size: int = 36) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _save_diffstride_artifact(folder: Path, strides=LEARNED, name: str = "ds.pt") -> Path:
+    """What ccnn-train --mode diffstride writes, with strides set instead of learned (fast)."""
+    (folder / "net.py").write_text(NET)
+    resolved = resolve_model(f"{folder / 'net.py'}:make")
+    resolved.preprocessing = resolved.preprocessing.with_overrides(resize=32, crop=32)
+    spec = ConversionSpec(mode="diffstride", smoothness=SMOOTHNESS)
+    converted = resolved.converted(spec, 32)
+    for (_, layer), value in zip(diffstride_layers(converted), strides):
+        layer.strides.data = torch.tensor(value)
+    trained = dataclasses.replace(resolved, conversion=spec, class_names=("cyan", "magenta", "yellow"),
+                                  num_classes=3, conversion_state=conversion_state(converted, resolved.model),
+                                  training={"epochs": 1})
+    save_artifact(folder / name, trained, spec)
+    return folder / name
+
+
+@pytest.fixture
+def diffstride_artifact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return _save_diffstride_artifact(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# item 1: ccnn-recalibrate of a trained DiffStride artifact recalibrates the learned network
+
+
+def _hand_statistics(images: torch.Tensor, weights: dict, strides) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """NET with its strided layers at stride 1, each followed by DiffStride at the given strides,
+    BatchNorm in train mode (batch statistics): -> (mean, unbiased var) of each BatchNorm's input."""
+    pools = [DiffStride2d(s, SMOOTHNESS).eval() for s in strides]
+    stats = []
+
+    def batchnorm(x, index):
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
+        stats.append((mean, var))
+        scale = weights[f"{index}.weight"] / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
+        return (x - mean[:, None, None]) * scale[:, None, None] + weights[f"{index}.bias"][:, None, None]
+
+    with torch.no_grad():
+        x = pools[0](F.conv2d(images, weights["0.weight"], weights["0.bias"], stride=1, padding=1))
+        x = torch.relu(batchnorm(x, 1))
+        x = pools[1](F.max_pool2d(x, 2, stride=1))
+        x = pools[2](F.conv2d(x, weights["4.weight"], weights["4.bias"], stride=1, padding=1))
+        batchnorm(x, 5)
+    return stats
+
+
+def test_recalibrating_a_diffstride_artifact_estimates_the_learned_networks_statistics(diffstride_artifact, tmp_path):
+    from ccnn_convert.cli.recalibrate import app
+
+    data = _images(tmp_path / "photos", 4)
+    before = _md5(diffstride_artifact)
+    code, out = _cli(app, [diffstride_artifact, "--trust-factory", "--data", data, "--images", 4, "--batch-size", 4,
+                           "--workers", 0, "--device", "cpu", "-o", tmp_path / "recal.pt"])
+    assert code == 0, out
+    assert _md5(diffstride_artifact) == before
+    result = load_artifact(tmp_path / "recal.pt", trust_factory=True)
+    assert {k: v.tolist() for k, v in result.conversion_state.items()} == {
+        f"ccnn_diffstride_step{i}.strides": list(s) for i, s in enumerate(LEARNED, 1)}
+    pre = result.preprocessing
+    images = torch.stack([pre.transform()(Image.open(data / f"{i}.png").convert("RGB")) for i in range(4)])
+    weights = load_artifact(diffstride_artifact, trust_factory=True).model.state_dict()
+    saved = result.model.state_dict()
+    expected = _hand_statistics(images, weights, LEARNED)
+    untrained = _hand_statistics(images, weights, [(2.0, 2.0)] * 3)
+    for (mean, var), (wrong_mean, _), index in zip(expected, untrained, (1, 5)):
+        torch.testing.assert_close(saved[f"{index}.running_mean"], mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved[f"{index}.running_var"], var, rtol=1e-4, atol=1e-5)
+    # the untrained network's statistics are far from them: the test tells the two apart
+    assert (expected[1][0] - untrained[1][0]).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# item 2: ccnn-convert and ccnn-visualize features default to the artifact's own mode and strides
+
+
+def test_convert_of_a_diffstride_artifact_keeps_its_mode_and_learned_strides(diffstride_artifact, tmp_path):
+    from ccnn_convert.cli.convert import app
+
+    before = _md5(diffstride_artifact)
+    code, out = _cli(app, [diffstride_artifact, "--trust-factory", "--input-size", 32, "-o", tmp_path / "again.pt"])
+    assert code == 0, out
+    assert _md5(diffstride_artifact) == before
+    again = load_artifact(tmp_path / "again.pt", trust_factory=True)
+    assert again.conversion.mode == "diffstride" and again.conversion.smoothness == SMOOTHNESS
+    assert {k: tuple(v.tolist()) for k, v in again.conversion_state.items()} == {
+        f"ccnn_diffstride_step{i}.strides": s for i, s in enumerate(LEARNED, 1)}
+    # item 9: the original's parameters are unchanged; the 6 strides are the conversion's own
+    text = " ".join(out.split())
+    assert "CHANGED" not in text and "(+6: the conversion's own; the original's unchanged)" in text, out
+
+
+def test_visualize_features_of_a_diffstride_artifact_shows_the_learned_strides_maps(diffstride_artifact, tmp_path):
+    from ccnn_convert.cli.visualize import app
+
+    image = _images(tmp_path / "one", 1) / "0.png"
+    code, out = _cli(app, ["features", diffstride_artifact, "--trust-factory", "--image", image, "--step", 1,
+                           "--out", tmp_path / "f.png"])
+    assert code == 0, out
+    h, w = kept_size(32, 32, LEARNED[0], SMOOTHNESS)  # 16x18; the untrained 2x2 strides keep 20x20
+    assert (h, w) != kept_size(32, 32, (2.0, 2.0), SMOOTHNESS)
+    assert f"shown: 1 submaps of {h}x{w} entering step 2" in " ".join(out.split()), out
+
+
+# --------------------------------------------------------------------------------------------
+# items 5 and 13: tampered learned strides are refused in one line
+
+
+def _tamper_strides(path: Path, value: float) -> None:
+    obj = torch.load(path, weights_only=True)
+    obj["conversion_state"]["ccnn_diffstride_step2.strides"] = torch.tensor([value, 2.0])
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -3.0, 0.5, float("inf")])
+@pytest.mark.parametrize("command", ["convert", "convert --mode diffstride", "eval"])
+def test_tampered_learned_strides_are_one_line(diffstride_artifact, tmp_path, value, command):
+    from ccnn_convert.cli.convert import app as convert_app
+    from ccnn_convert.cli.eval import app as eval_app
+
+    _tamper_strides(diffstride_artifact, value)
+    before = _md5(diffstride_artifact)
+    if command == "eval":
+        data = tmp_path / "val"
+        for name in ("cyan", "magenta", "yellow"):
+            _images(data / name, 1)
+        code, out = _cli(eval_app, [diffstride_artifact, "--trust-factory", "--data", data, "--workers", 0,
+                                    "--device", "cpu"])
+    else:
+        code, out = _cli(convert_app, [diffstride_artifact, "--trust-factory", "--input-size", 32,
+                                       *command.split()[1:], "-o", tmp_path / "out.pt"])
+    assert code == 2, out
+    line = _one_line(out)
+    assert "invalid learned strides ccnn_diffstride_step2.strides" in line and ">= 1" in line, line
+    assert _md5(diffstride_artifact) == before and not (tmp_path / "out.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# item 9: the "strides start at the original ones" line only where it is true
+
+
+def test_the_untrained_strides_note_is_left_out_for_learned_strides(diffstride_artifact, caplog):
+    import logging
+
+    resolved = load_artifact(diffstride_artifact, trust_factory=True)
+    with caplog.at_level(logging.INFO, logger="ccnn_convert"):
+        resolved.converted(resolved.conversion, 32)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("start at the original strides" in m for m in messages), messages
+    assert any("learned conversion parameters loaded" in m for m in messages), messages
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ccnn_convert"):
+        resolved.converted(dataclasses.replace(resolved.conversion, keep_first=1), 32)  # not what was learned
+    assert any("start at the original strides" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------
+# item 11: a signal while torch.save writes an artifact or a checkpoint
+
+
+SAVE_RUNNER = textwrap.dedent("""
+    import sys, threading, torch.serialization
+    real_writer, never = torch.serialization._open_zipfile_writer, threading.Event()
+
+    class BlockingBuffer:  # torch.save's zip writer writes here; its third write blocks
+        def __init__(self, buffer):
+            self.buffer, self.writes = buffer, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:  # mid-file: the writer's clean-up then fails too ("unexpected pos")
+                print("ready", flush=True)
+                while not never.wait(0.05):  # in slices: the handler runs in the main thread between them
+                    pass
+            return self.buffer.write(data)
+
+        def flush(self):
+            self.buffer.flush()
+
+    torch.serialization._open_zipfile_writer = lambda f: real_writer(BlockingBuffer(f))
+    sys.argv = sys.argv[1:]
+    from ccnn_convert.cli import entry
+    getattr(entry, sys.argv[0])()
+""")
+
+
+
+def _stop_inside_torch_save(folder: Path, argv: list[str], signum: int) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", SAVE_RUNNER, *argv], cwd=folder, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.strip() == "ready":
+            break
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+SAVING = {
+    "convert": (["convert", "net.py:make", "--input-size", "32", "-o", "out.pt", "--force"], signal.SIGTERM, 143),
+    # ccnn-recalibrate writes through the same save_artifact as ccnn-convert
+    "train": (["train", "net.py:make", "--data", "data", "--out", "run", "--epochs", "1", "--batch-size", "4",
+               "--workers", "0", "--resize", "32", "--crop", "32", "--device", "cpu"], signal.SIGINT, 130),
+}
+
+
+@pytest.mark.parametrize("command", sorted(SAVING))
+def test_a_signal_inside_torch_save_is_one_line_and_leaves_the_old_file(tmp_path, command):
+    argv, signum, code = SAVING[command]
+    (tmp_path / "net.py").write_text(NET)
+    for name in ("cyan", "magenta", "yellow"):
+        _images(tmp_path / "data" / "train" / name, 2)
+        _images(tmp_path / "data" / "val" / name, 1)
+    (tmp_path / "out.pt").write_bytes(b"the previous file")
+    before = _md5(tmp_path / "out.pt")
+    listing = _files(tmp_path)
+    returncode, stderr = _stop_inside_torch_save(tmp_path, argv, signum)
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    assert returncode == code, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == f"error: {word}", stderr
+    assert sum("error" in line for line in stderr.splitlines()) == 1, stderr
+    assert _md5(tmp_path / "out.pt") == before and _files(tmp_path) == listing  # nothing partial, no temporary
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
