@@ -24,7 +24,7 @@ from ccnn_convert.core.diffstride import DiffStride2d, diffstride_layers, kept_s
 from ccnn_convert.models import conversion_state, load_artifact, resolve_model, save_artifact
 from ccnn_convert.spec import ConversionSpec
 
-from test_train import NET  # a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes
+from test_train import NET, project  # noqa: F401  (a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes; the fixture)
 
 LEARNED = ((3.0, 2.5), (1.5, 2.0), (2.25, 1.25))  # DiffStride's strides "learned" by a training run
 SMOOTHNESS = 2.0
@@ -280,3 +280,39 @@ def test_a_signal_inside_torch_save_is_one_line_and_leaves_the_old_file(tmp_path
 
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+# --------------------------------------------------------------------------------------------
+# item 3: --resume CK --force into another run's folder replaces that run's best.pt
+
+
+def test_a_resume_forced_into_another_runs_folder_leaves_none_of_its_best_pt(project, monkeypatch):
+    import shutil
+
+    from ccnn_convert.cli.train import app as train_app
+    from ccnn_convert.train import loop
+    from test_train_resume import _args, _stop_after_first_epoch
+
+    real_validate = loop.Trainer.validate
+
+    def epoch_one_best(self):  # the resumed epochs never beat epoch 1, so best.pt is not rewritten
+        loss, top1, top5, images, skipped = real_validate(self)
+        return loss, images if self.epoch == 0 else 0.0, top5, images, skipped
+
+    code, out = _cli(train_app, _args("other", 1))  # another run, whose best.pt is its epoch 1
+    assert code == 0, out
+    shutil.copytree(project / "other", project / "other2")
+    monkeypatch.setattr(loop.Trainer, "validate", epoch_one_best)
+    _stop_after_first_epoch("c", 3)
+    theirs, ours = _md5(project / "other" / "best.pt"), _md5(project / "c" / "best.pt")
+    assert theirs != ours
+    code, out = _cli(train_app, _args("other", 3, "--resume", "c/checkpoint.pt", "--force"))
+    assert code == 0, out
+    assert _md5(project / "other" / "best.pt") == ours  # the resumed run's best epoch, not the other run's
+    assert "other/best.pt" in out
+    # without the resumed run's best.pt, the other run's is removed, and not claimed written
+    (project / "c" / "best.pt").unlink()
+    code, out = _cli(train_app, _args("other2", 3, "--resume", "c/checkpoint.pt", "--force"))
+    assert code == 0, out
+    assert not (project / "other2" / "best.pt").exists() and "other2/best.pt" not in out
+    assert load_artifact(project / "other2" / "last.pt", trust_factory=True).training["epochs"] == 3

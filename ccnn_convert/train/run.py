@@ -150,12 +150,16 @@ def train_model(
         if labels is not None and labels.new_head and ctx.is_main and state is None:
             logger.info(f"new {labels.new_head}-class head: {trained.head.module}")
         start_epoch = trainer.epoch
+        # Until this run writes its first epoch here, a best.pt in a folder other than the resumed
+        # one belongs to another run (--force): it is replaced by the resumed run's, or removed.
+        foreign_best = {"source": None if resume_folder in (None, folder.resolve())
+                        else resume_folder / OUTPUT_FILES["best"]}
 
         def finish_epoch(record: EpochRecord) -> None:
             training_state = trainer.state_dict()  # every process: RNG states are gathered
             if ctx.is_main:
-                best_source = None if resume_folder in (None, folder.resolve()) else resume_folder / OUTPUT_FILES["best"]
-                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source)
+                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, foreign_best["source"])
+                foreign_best["source"] = None  # the folder's best.pt is this run's now
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
@@ -289,7 +293,8 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
                  training_state: dict, data, best_source: Path | None) -> None:
     """Write an epoch's files as one unit: into a staging folder, then renamed into ``folder``
     with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
-    the run resumed from another folder, copied while this folder has none."""
+    the run resumed from another folder, while ``folder``'s best.pt is not this run's: it is copied
+    in its place, or, when it is not the best epoch's, the foreign best.pt is removed."""
     folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
     for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
         shutil.rmtree(stale, ignore_errors=True)
@@ -310,13 +315,15 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
         best = best_record(history)
         if best is None or best is record:  # ties keep the earlier best
             save_artifact(staged["best"], artifact, spec)
-        elif not (folder / OUTPUT_FILES["best"]).exists():
+        elif best_source is not None or not (folder / OUTPUT_FILES["best"]).exists():
             _copy_best(best_source, best.epoch, staged["best"])
         write_history(staged["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
                                                    "recipe": identity["recipe"], "data": str(data)})
         plot_curves(staged["curves"], history, f"{trained.name}, {spec.mode} ({spec.describe()})")
         save_training_state(staged["state"], {"identity": identity, **training_state})
         with _signals_held():
+            if best_source is not None and not staged["best"].exists():  # another run's: not this run's best
+                (folder / OUTPUT_FILES["best"]).unlink(missing_ok=True)
             for key in sorted(staged, key=lambda k: k == "state"):  # checkpoint.pt last: it vouches for the rest
                 if staged[key].exists():
                     os.replace(staged[key], folder / OUTPUT_FILES[key])
