@@ -316,3 +316,23 @@ def test_a_resume_forced_into_another_runs_folder_leaves_none_of_its_best_pt(pro
     assert code == 0, out
     assert not (project / "other2" / "best.pt").exists() and "other2/best.pt" not in out
     assert load_artifact(project / "other2" / "last.pt", trust_factory=True).training["epochs"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# item 4: the closed-form schedule a resumed checkpoint's learning rates are checked against
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_the_resume_check_of_learning_rates_follows_torchs_schedule(warmup):
+    import warnings
+
+    from ccnn_convert.train.recipe import TrainConfig, build_scheduler, lr_factor
+
+    config = TrainConfig(epochs=4, lr=0.1, warmup_epochs=warmup)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=5)
+    for step in range(20):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(config, 5, step), rel=1e-9, abs=1e-15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no optimizer step before the schedule's: not the point here
+            scheduler.step()

@@ -11,6 +11,7 @@ continue the same run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,13 +72,18 @@ _ENTRIES = ("identity", "model", "optimizer", "scheduler", "scaler", "rng", "epo
 
 def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_state: Mapping[str, torch.Tensor],
                          param_group_sizes: list[int], epochs: int, steps_per_epoch: int,
-                         record_fields: tuple) -> None:
+                         record_fields: tuple, fresh_optimizer: Mapping[str, Any] | None = None,
+                         fresh_scheduler: Mapping[str, Any] | None = None, param_shapes: list | None = None,
+                         lr_factor: Any = None) -> None:
     """Validate every entry of a loaded training state against the run it should continue,
     before any of it is used; anything odd is one CCNNError line.
 
     ``model_state`` is the model's own state dict (names, shapes and dtypes to match),
     ``param_group_sizes`` the parameter count of each optimizer group, ``record_fields`` the
-    ``dataclasses.fields`` of an epoch record.
+    ``dataclasses.fields`` of an epoch record. ``fresh_optimizer`` and ``fresh_scheduler`` are the
+    state dicts this run starts with: the saved groups' settings must be theirs, each group's
+    learning rate its initial one times ``lr_factor(step)`` (the schedule), and each state
+    tensor of the optimizer the shape of its parameter in ``param_shapes`` (by index).
     """
     def bad(entry: str, why: str) -> CCNNError:
         return CCNNError(f"cannot resume from {path}: invalid {entry} in training checkpoint ({why})")
@@ -91,9 +97,17 @@ def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_st
     _check_history(state["history"], epoch, record_fields, bad)
     _check_model(state["model"], model_state, bad)
     _check_optimizer(state["optimizer"], param_group_sizes, bad)
+    step = epoch * steps_per_epoch
+    if fresh_optimizer is not None:
+        _check_groups(state["optimizer"]["param_groups"], fresh_optimizer["param_groups"],
+                      None if lr_factor is None else lr_factor(step), bad)
+    if param_shapes is not None:
+        _check_optimizer_shapes(state["optimizer"]["state"], param_shapes, bad)
     scheduler = state["scheduler"]
-    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != epoch * steps_per_epoch:
-        raise bad("scheduler", f"expected a schedule at step {epoch * steps_per_epoch}")
+    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != step:
+        raise bad("scheduler", f"expected a schedule at step {step}")
+    if fresh_scheduler is not None:
+        _check_schedule_settings(scheduler, fresh_scheduler, bad)
     scaler = state["scaler"]
     if not isinstance(scaler, dict) or not all(isinstance(k, str) and isinstance(v, (int, float, bool))
                                                for k, v in scaler.items()):
@@ -144,6 +158,55 @@ def _check_optimizer(saved: Any, group_sizes: list[int], bad) -> None:
     for index, value in saved["state"].items():
         if not isinstance(value, dict) or not all(isinstance(v, (torch.Tensor, int, float, type(None))) for v in value.values()):
             raise bad("optimizer", f"the state of parameter {_short(index, 20)} is not tensors and numbers")
+
+
+def _check_groups(saved: list, fresh: list, factor: float | None, bad) -> None:
+    """Every setting of each group as this run would have written it; lr as the schedule sets it."""
+    for number, (group, own) in enumerate(zip(saved, fresh), 1):
+        for key, value in own.items():
+            if key in ("params", "lr"):
+                continue
+            if key not in group or group[key] != value or type(group[key]) is not type(value):
+                raise bad("optimizer", f"group {number}: {key} is {_short(group.get(key), 40)}, this run's is "
+                                       f"{_short(value, 40)}")
+        if set(group) - set(own):
+            raise bad("optimizer", f"group {number}: unexpected {_short(sorted(set(group) - set(own))[0], 40)}")
+        if factor is None:
+            continue
+        lr, expected = group.get("lr"), own["initial_lr"] * factor
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isclose(
+                lr, expected, rel_tol=1e-6, abs_tol=1e-12 * own["initial_lr"]):
+            raise bad("optimizer", f"group {number}: lr is {_short(lr, 40)}; the schedule is at {expected:.6g}")
+
+
+def _check_optimizer_shapes(saved: Mapping, shapes: list, bad) -> None:
+    """A momentum buffer (or Adam's moments) has its parameter's shape; a step count is a scalar."""
+    for index, values in saved.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(shapes):
+            raise bad("optimizer", f"state of parameter {_short(index, 20)}, which the run does not have")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != tuple(shapes[index]):
+                raise bad("optimizer", f"{name} of parameter {index} is {tuple(value.shape)}, the parameter "
+                                       f"is {tuple(shapes[index])}")
+
+
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+                      "_schedulers"}
+
+
+def _check_schedule_settings(saved: Mapping, fresh: Mapping, bad) -> None:
+    """The schedule's settings (base rates, length, milestones, ...) as this run has them."""
+    for key, value in fresh.items():
+        if key in _SCHEDULE_PROGRESS:
+            continue
+        if saved.get(key) != value:
+            raise bad("scheduler", f"{key} is {_short(saved.get(key), 40)}, this run's is {_short(value, 40)}")
+    inner, own = saved.get("_schedulers"), fresh.get("_schedulers")
+    if own is not None:
+        if not isinstance(inner, list) or len(inner) != len(own) or not all(isinstance(i, dict) for i in inner):
+            raise bad("scheduler", "expected this run's chained schedules")
+        for part, fresh_part in zip(inner, own):
+            _check_schedule_settings(part, fresh_part, bad)
 
 
 def _check_rng(saved: Any, bad) -> None:

@@ -46,7 +46,7 @@ from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
-from .recipe import TrainConfig
+from .recipe import TrainConfig, lr_factor
 from .resume import check_identity, check_training_state, load_training_state, save_training_state
 from .unlabelled import is_labelled_layout, unlabelled_sets
 
@@ -208,10 +208,14 @@ def _resume_path(resume) -> Path:
 def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
     """Check a loaded training state against this run, entry by entry, then restore it."""
     check_identity(state["identity"], identity, path)
+    steps = len(trainer.batches)
     check_training_state(state, path, model_state=trainer.model.state_dict(),
                          param_group_sizes=[len(g["params"]) for g in trainer.optimizer.param_groups],
-                         epochs=trainer.config.epochs, steps_per_epoch=len(trainer.batches),
-                         record_fields=dataclasses.fields(EpochRecord))
+                         epochs=trainer.config.epochs, steps_per_epoch=steps,
+                         record_fields=dataclasses.fields(EpochRecord),
+                         fresh_optimizer=trainer.optimizer.state_dict(), fresh_scheduler=trainer.scheduler.state_dict(),
+                         param_shapes=[tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"]],
+                         lr_factor=lambda step: lr_factor(trainer.config, steps, step))
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
