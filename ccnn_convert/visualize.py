@@ -44,6 +44,7 @@ from torch import Tensor, fx, nn
 
 from .core import conversion_report
 from .core.features import DenseMap, extract_features, graph_node_names
+from .core.options import check_seed
 from .core.sequences import Offset, sampler_sequence
 from .errors import CCNNError, ParameterError
 from .models.record import ResolvedModel
@@ -234,6 +235,8 @@ def plot_positions(path: str | Path, size: int = 16, steps: int = 3, stride: int
     Each submap has its own colour (submap ``s`` of a row is the same colour in every panel of
     that step); grey positions are sampled by no submap.
     """
+    if seed is not None:
+        check_seed(seed)
     if steps < 1:
         raise ParameterError("steps", "{param} must be at least 1")
     if size < 1:

@@ -336,3 +336,113 @@ def test_the_resume_check_of_learning_rates_follows_torchs_schedule(warmup):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no optimizer step before the schedule's: not the point here
             scheduler.step()
+
+
+# --------------------------------------------------------------------------------------------
+# item 6: a class folder whose images sit in a subfolder is not called empty
+
+
+def test_images_in_a_class_subfolder_are_not_warned_as_missing(tmp_path, caplog):
+    import logging
+
+    from ccnn_convert.data import find_samples
+    from ccnn_convert.train.data import _warn_empty_classes
+
+    _images(tmp_path / "train" / "cyan" / "deeper" / "still", 2)
+    _images(tmp_path / "train" / "magenta", 2)
+    (tmp_path / "train" / "yellow").mkdir()
+    samples = find_samples(tmp_path / "train", imagenet_labels=False)
+    assert {Path(p).relative_to(tmp_path / "train").parts[0] for p, _ in samples.items} == {"cyan", "magenta"}
+    with caplog.at_level(logging.WARNING, logger="ccnn_convert"):
+        _warn_empty_classes(tmp_path / "train", ["cyan", "magenta", "yellow"], samples.items)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "1 class folder(s)" in warnings[0] and "'yellow'" in warnings[0], warnings
+    assert "cyan" not in warnings[0]
+
+
+# --------------------------------------------------------------------------------------------
+# item 7: ccnn-eval counts files as files and images as images
+
+TINY = '''
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 1000))
+'''
+
+
+def test_eval_says_how_many_files_were_found_and_how_many_images_read(tmp_path, monkeypatch):
+    from ccnn_convert.cli.eval import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY)
+    folder = _images(tmp_path / "data" / "n01440764", 1)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "notes.txt").write_text("notes")
+    code, out = _cli(app, ["tiny.py:make", "--data", "data", "--modes", "original", "--workers", 0, "--crop", 32,
+                           "--resize", 36, "--device", "cpu"])
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "tiny.py:make: 1 image " in text and "all 3 files" in text, out
+    assert "data: all 3 files (imagefolder): 1 image read, 2 skipped" in text, out
+    assert "all 3 images" not in text and "3 images" not in text
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: an invalid label on line 1 of a labels CSV is not taken for a header
+
+
+def test_an_invalid_label_on_line_one_is_named_as_such(tmp_path, monkeypatch):
+    from ccnn_convert.cli.eval import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY)
+    _images(tmp_path / "flat", 2)
+    (tmp_path / "labels.csv").write_text("0.png,banana\n1.png,3\n")
+    before = _md5(tmp_path / "labels.csv")
+    code, out = _cli(app, ["tiny.py:make", "--data", "flat", "--labels", "labels.csv", "--modes", "original",
+                           "--workers", 0, "--device", "cpu"])
+    assert code == 2 and _md5(tmp_path / "labels.csv") == before
+    assert _one_line(out) == "error: labels.csv line 1: label 'banana' is neither a class index nor a wnid"
+    # a real header (it names no file of the folder) is still skipped
+    from ccnn_convert.data import find_samples
+
+    (tmp_path / "labels.csv").write_text("filename,label\n0.png,1\n1.png,3\n")
+    assert sorted(t for _, t in find_samples(tmp_path / "flat", labels=tmp_path / "labels.csv").items) == [1, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# items 10 and 14: options that would do nothing, and seeds out of range, are one line
+
+
+def _no_norm_project(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY.replace("1000", "3"))
+    for split, count in (("train", 2), ("val", 1)):
+        for name in ("cyan", "magenta", "yellow"):
+            _images(tmp_path / "data" / split / name, count)
+
+
+@pytest.mark.parametrize("command,args,flag", [
+    ("train", ["tiny.py:make", "--data", "data", "--out", "run", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+               "--resize", "32", "--crop", "32", "--device", "cpu", "--freeze-norm-stats"], "--freeze-norm-stats"),
+    ("bench", ["tiny.py:make", "--modes", ""], "--modes"),
+    ("bench", ["tiny.py:make", "--modes", ",,"], "--modes"),
+    ("recalibrate", ["tiny.py:make", "--data", "data", "--images", "1", "-o", "out.pt", "--seed", "-1"], "--seed"),
+    ("recalibrate", ["tiny.py:make", "--data", "data", "--images", "1", "-o", "out.pt", "--seed", str(2**64)], "--seed"),
+    ("visualize", ["positions", "--seed", "-1", "--out", "p.png"], "--seed"),
+    ("visualize", ["positions", "--seed", str(2**64), "--out", "p.png"], "--seed"),
+])
+def test_an_option_that_would_do_nothing_or_a_seed_out_of_range_is_one_line(tmp_path, monkeypatch, command, args,
+                                                                             flag):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    _no_norm_project(tmp_path)
+    before = _files(tmp_path)
+    app = importlib.import_module(f"ccnn_convert.cli.{command}").app
+    code, out = _cli(app, args)
+    assert code == 2, out
+    line = _one_line(out)
+    assert line.startswith("error: ") and flag in line, line
+    assert _files(tmp_path) == before  # nothing written

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..core.options import check_seed
 from ..data import DecodedImages, collate_items
 from ..errors import DataError, ParameterError
 from ..models import ResolvedModel, resolve_model, save_artifact
@@ -127,6 +128,7 @@ def recalibrate_model(
     table as in ``ccnn-train``), save an artifact at ``out``.
     ``layers="converted"`` recalibrates only the BatchNorms whose input the conversion changed.
     -> its ``training`` summary."""
+    check_seed(seed)  # before anything is loaded, as the other commands
     if layers not in LAYERS:
         raise ParameterError("layers", f"unknown {{param}} {layers!r}; choose {', '.join(LAYERS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
