@@ -446,3 +446,83 @@ def test_an_option_that_would_do_nothing_or_a_seed_out_of_range_is_one_line(tmp_
     line = _one_line(out)
     assert line.startswith("error: ") and flag in line, line
     assert _files(tmp_path) == before  # nothing written
+
+
+# --------------------------------------------------------------------------------------------
+# the smaller items: --help, and messages
+
+
+COMMANDS = ("convert", "eval", "export", "bench", "train", "recalibrate", "visualize")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_writes_each_default_once_and_in_one_style(command):
+    import importlib
+    import inspect
+
+    from typer.models import OptionInfo
+
+    app = importlib.import_module(f"ccnn_convert.cli.{command}").app
+    for registered in app.registered_commands:
+        for parameter in inspect.signature(registered.callback).parameters.values():
+            info = parameter.default
+            if not isinstance(info, OptionInfo) or not info.help:
+                continue
+            assert "(default" not in info.help, (command, parameter.name, info.help)  # typer's style: [default: X]
+            typer_shows_one = info.default is not None and info.show_default and not isinstance(info.default, bool)
+            assert not ("[default" in info.help and typer_shows_one), (command, parameter.name, info.help)
+
+
+def test_python_m_usage_names_the_command():
+    from ccnn_convert.cli._common import command_name
+
+    assert command_name("/site/ccnn_convert/cli/eval.py") == "ccnn-eval"
+    assert command_name("/usr/bin/ccnn-eval") == "ccnn-eval"
+    done = subprocess.run([sys.executable, "-m", "ccnn_convert.cli.convert", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "100"}, timeout=120)
+    assert done.returncode == 0 and "Usage: ccnn-convert [OPTIONS]" in done.stdout, done.stdout
+
+
+def test_a_class_count_mismatch_without_a_teacher_does_not_blame_the_teacher_flag(project):
+    from ccnn_convert.cli.train import app
+
+    (project / "tiny.py").write_text(TINY)  # 1000 classes; the data's 3 class folders give the student a new head
+    code, out = _cli(app, ["tiny.py:make", "--data", "data", "--out", "run", "--distill", "--workers", 0, "--resize", 32,
+                           "--crop", 32, "--device", "cpu"])
+    assert code == 2, out
+    line = _one_line(out)
+    assert not line.startswith("error: --teacher") and "the default teacher" in line and line.endswith("--teacher")
+    assert "1000 classes and the student 3" in line and not (project / "run").exists()
+
+
+def test_recalibrate_names_the_folder_it_counted(project):
+    from ccnn_convert.cli.recalibrate import app
+
+    code, out = _cli(app, ["net.py:make", "--data", "data", "--images", 99, "-o", "out.pt"])
+    assert code == 2 and not (project / "out.pt").exists()
+    assert _one_line(out) == f"error: --images 99 is more than the 24 images under {Path('data') / 'train'}"
+
+
+def test_a_resume_message_names_the_resume_flag(project):
+    from ccnn_convert.cli.train import app
+    from test_train_resume import _args
+
+    (project / "run").mkdir()
+    (project / "run" / "checkpoint.pt").write_bytes(b"another run's")
+    code, out = _cli(app, _args("run", 1))
+    assert code == 2 and _md5(project / "run" / "checkpoint.pt") == _md5_of(b"another run's")
+    line = _one_line(out)
+    assert "continue it with --resume run/checkpoint.pt, or replace it with --force" in line, line
+
+
+def _md5_of(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def test_a_factory_that_is_an_int_is_an_int(tmp_path, monkeypatch):
+    from ccnn_convert.cli.convert import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.py").write_text("make = 3\n")
+    code, out = _cli(app, ["f.py:make"])
+    assert code == 2 and "make is an int, not callable" in _one_line(out)

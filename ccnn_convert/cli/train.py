@@ -101,7 +101,7 @@ def train_command(
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
     train_params: Optional[str] = typer.Option(None, "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head [default: all; with --distill: norm+head]."),
     freeze_norm_stats: Optional[bool] = typer.Option(None, "--freeze-norm-stats/--no-freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images [default: off; with --distill: on]."),
-    distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
+    distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (MODEL unconverted and frozen, or --teacher) by temperature-scaled KL; --data may then be any folder of images."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),

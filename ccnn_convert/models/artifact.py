@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .._helpers import first_line, package_version
+from .._helpers import a_type, first_line, package_version
 from ..errors import CCNNError, ModelResolutionError
 from ..outputs import atomic_path, save_torch
 from ..spec import ConversionSpec
@@ -206,4 +206,4 @@ def _check_plain(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]")
     elif obj is not None and not isinstance(obj, (str, int, float, bool)):
-        raise ModelResolutionError(f"{where} is a {type(obj).__name__}; artifacts hold only plain values")
+        raise ModelResolutionError(f"{where} is {a_type(obj)}; artifacts hold only plain values")

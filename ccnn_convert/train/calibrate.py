@@ -106,7 +106,8 @@ def recalibrate_batchnorm(model: nn.Module, batches, device: torch.device | str 
 def _calibration_images(data: str | os.PathLike, images: int, seed: int) -> list[str]:
     """``images`` files picked with ``seed`` from DIR/train (labelled layout) or from every image under DIR."""
     root = Path(data).expanduser()
-    paths = find_images(root / "train" if is_labelled_layout(root) else root)
+    root = root / "train" if is_labelled_layout(root) else root  # the folder counted, named in the error
+    paths = find_images(root)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ParameterError("images", f"{{param}} must be a positive number of images, got {images!r}")
     if images > len(paths):

@@ -124,6 +124,7 @@ def train_model(
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
         if distill is not None:
+            _check_default_teacher_classes(distill, teacher, trained)
             check_teacher_classes(teacher, trained.num_classes)
             identity["distill"] = {**distill.to_dict(), "teacher": teacher.name, "labelled": labelled}
         pre = trained.preprocessing
@@ -170,6 +171,14 @@ def train_model(
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
 
 
+def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> None:
+    """No teacher was named: the mismatch is the student's new head's, and naming a teacher fixes it."""
+    if distill.teacher is None and teacher.num_classes != trained.num_classes:
+        raise ParameterError("teacher", f"the default teacher, {teacher.name}, has {teacher.num_classes} classes and "
+                                        f"the student {trained.num_classes} (a new head): name a teacher with the "
+                                        "student's classes with {param}")
+
+
 def _seed_everything(seed: int) -> None:
     """Seed every generator a run draws from (torch, numpy, Python's) with ``seed``."""
     random.seed(seed)
@@ -188,8 +197,9 @@ def _check_out(out, resume, force: bool) -> Path:
             raise ParameterError("force", f"{folder} holds {', '.join(present)} but no checkpoint.pt (a run stopped "
                                           "before its first epoch was saved): nothing to resume; start over with {param}")
         if present:
-            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with resume "
-                                          f"{folder / OUTPUT_FILES['state']}, or replace it with {{param}}")
+            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with "
+                                          f"{{param:resume}} {folder / OUTPUT_FILES['state']}, or replace it with "
+                                          "{param}", also=("resume",))
     return check_output_dir(folder, list(OUTPUT_FILES.values()), force=force or own_folder, parents=True)
 
 
