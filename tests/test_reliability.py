@@ -526,3 +526,23 @@ def test_a_factory_that_is_an_int_is_an_int(tmp_path, monkeypatch):
     (tmp_path / "f.py").write_text("make = 3\n")
     code, out = _cli(app, ["f.py:make"])
     assert code == 2 and "make is an int, not callable" in _one_line(out)
+
+
+def test_a_diffstride_teacher_artifact_runs_with_its_learned_strides(diffstride_artifact):
+    from ccnn_convert.train.distill import DistillConfig, build_teacher
+
+    student = load_artifact(diffstride_artifact, trust_factory=True)
+    teacher = build_teacher(DistillConfig(teacher=str(diffstride_artifact)), student, trust_factory=True)
+    assert [tuple(layer.strides.tolist()) for _, layer in diffstride_layers(teacher.model)] == list(LEARNED)
+
+
+def test_no_command_converts_a_resolved_model_around_the_one_path():
+    """Item 1: ResolvedModel.converted loads what a conversion learned; converting a resolved
+    model's module directly (spec.apply(resolved.model, ...)) would drop it in silence."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "ccnn_convert"
+    pattern = re.compile(r"\.apply\(\s*[\w.]*resolved[\w.]*\.model\b|conversion\.apply\(")
+    offenders = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
