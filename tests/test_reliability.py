@@ -473,14 +473,19 @@ def test_help_writes_each_default_once_and_in_one_style(command):
             assert not ("[default" in info.help and typer_shows_one), (command, parameter.name, info.help)
 
 
-def test_python_m_usage_names_the_command():
-    from ccnn_convert.cli._common import command_name
+def test_python_m_usage_names_the_command(monkeypatch, capsys):
+    from ccnn_convert.cli import _common
+    from ccnn_convert.cli.convert import main
 
-    assert command_name("/site/ccnn_convert/cli/eval.py") == "ccnn-eval"
-    assert command_name("/usr/bin/ccnn-eval") == "ccnn-eval"
-    done = subprocess.run([sys.executable, "-m", "ccnn_convert.cli.convert", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "100"}, timeout=120)
-    assert done.returncode == 0 and "Usage: ccnn-convert [OPTIONS]" in done.stdout, done.stdout
+    assert _common.command_name("/usr/bin/ccnn-eval") == "ccnn-eval"
+    for name in ("terminate_like_interrupt", "exit_when_stopped"):  # not in the test process: pytest keeps its own
+        monkeypatch.setattr(_common.signals, name, lambda: None)
+    monkeypatch.setattr(sys, "argv", [str(Path(_common.__file__).parent / "convert.py"), "--help"])  # python -m's
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 0
+    assert "Usage: ccnn-convert [OPTIONS]" in capsys.readouterr().out
 
 
 def test_a_class_count_mismatch_without_a_teacher_does_not_blame_the_teacher_flag(project):
