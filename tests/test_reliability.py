@@ -551,3 +551,26 @@ def test_no_command_converts_a_resolved_model_around_the_one_path():
     offenders = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py"))
                  for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_tampered_learned_strides_in_a_training_checkpoint_are_one_line(project):
+    from ccnn_convert.cli.train import app as train_app
+    from ccnn_convert.train import TrainConfig, train_model
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model("net.py:make", "data", "run", config=TrainConfig(epochs=2, batch_size=8, lr=0.05), mode="diffstride",
+                    preprocessing={"resize": 32, "crop": 32}, workers=0, device="cpu", on_epoch=stop)
+    state = torch.load(project / "run" / "checkpoint.pt", weights_only=True)
+    state["model"]["ccnn_diffstride_step1.strides"] = torch.tensor([float("nan"), 2.0])
+    torch.save(state, project / "run" / "checkpoint.pt")
+    before = {name: _md5(project / "run" / name) for name in os.listdir(project / "run")}
+    code, out = _cli(train_app, ["net.py:make", "--data", "data", "--out", "run", "--epochs", 2, "--batch-size", 8,
+                                 "--lr", 0.05, "--mode", "diffstride", "--resize", 32, "--crop", 32, "--workers", 0,
+                                 "--device", "cpu", "--resume", "run/checkpoint.pt"])
+    assert code == 2, out
+    line = _one_line(out)
+    assert "invalid model" in line and "learned strides ccnn_diffstride_step1.strides = (nan, 2)" in line, line
+    assert {name: _md5(project / "run" / name) for name in os.listdir(project / "run")} == before

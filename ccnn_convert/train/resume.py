@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..core.diffstride import check_strides
 from ..errors import CCNNError
 from ..models.checkpoints import safe_load
 from ..outputs import atomic_path, save_torch
@@ -74,7 +75,7 @@ def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_st
                          param_group_sizes: list[int], epochs: int, steps_per_epoch: int,
                          record_fields: tuple, fresh_optimizer: Mapping[str, Any] | None = None,
                          fresh_scheduler: Mapping[str, Any] | None = None, param_shapes: list | None = None,
-                         lr_factor: Any = None) -> None:
+                         lr_factor: Any = None, strides: tuple[str, ...] = ()) -> None:
     """Validate every entry of a loaded training state against the run it should continue,
     before any of it is used; anything odd is one CCNNError line.
 
@@ -84,6 +85,7 @@ def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_st
     state dicts this run starts with: the saved groups' settings must be theirs, each group's
     learning rate its initial one times ``lr_factor(step)`` (the schedule), and each state
     tensor of the optimizer the shape of its parameter in ``param_shapes`` (by index).
+    ``strides`` names the model's learned DiffStride strides: finite numbers >= 1.
     """
     def bad(entry: str, why: str) -> CCNNError:
         return CCNNError(f"cannot resume from {path}: invalid {entry} in training checkpoint ({why})")
@@ -96,6 +98,10 @@ def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_st
                         "its last.pt and best.pt are the results")
     _check_history(state["history"], epoch, record_fields, bad)
     _check_model(state["model"], model_state, bad)
+    for key in strides:
+        shown = check_strides(state["model"][key].tolist())
+        if shown is not None:  # the layer would clamp them in silence, or fail on NaN
+            raise bad("model", f"learned strides {key} = {shown}; each must be a finite number >= 1")
     _check_optimizer(state["optimizer"], param_group_sizes, bad)
     step = epoch * steps_per_epoch
     if fresh_optimizer is not None:

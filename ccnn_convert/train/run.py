@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .._helpers import first_line
+from ..core.diffstride import diffstride_layers
 from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
 from ..models import ResolvedModel, conversion_state, replace_head, resolve_model, save_artifact
 from ..models.checkpoints import safe_load
@@ -225,7 +226,8 @@ def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
                          record_fields=dataclasses.fields(EpochRecord),
                          fresh_optimizer=trainer.optimizer.state_dict(), fresh_scheduler=trainer.scheduler.state_dict(),
                          param_shapes=[tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"]],
-                         lr_factor=lambda step: lr_factor(trainer.config, steps, step))
+                         lr_factor=lambda step: lr_factor(trainer.config, steps, step),
+                         strides=tuple(f"{name}.strides" for name, _ in diffstride_layers(trainer.model)))
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
