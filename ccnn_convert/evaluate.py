@@ -431,10 +431,16 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
 
 
 def _selection(selected: int, total: int, limit: int | None, classes: int) -> str:
+    """Files, not images: which of them decode is known only once they are read (skipped ones are
+    counted apart)."""
     if limit is None or selected == total:
-        return f"all {total} images"
-    return (f"{selected} of {total} images, stratified round-robin over classes "
+        return f"all {_count(total, 'file')}"
+    return (f"{selected} of {total} files, stratified round-robin over classes "
             f"({classes} classes, spread over the class list)")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _dataset(items, pre: Preprocessing, consistency: bool) -> tuple[int | None, DecodedImages]:

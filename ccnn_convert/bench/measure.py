@@ -144,11 +144,10 @@ class TimingOptions:
 
 def measured_modes(modes: Sequence[str] | None) -> list[str]:
     """['checkered', 'dilated'] -> ['original', 'checkered', 'dilated']: the original always comes
-    first (every ratio is taken against it). None gives the default modes; [] the original only."""
+    first (every ratio is taken against it). None gives the default modes; [] is refused, as in
+    ccnn-eval (an empty list asks for nothing: ["original"] measures the original alone)."""
     if modes is None:
         return list(DEFAULT_MODES)
-    if not modes:
-        return [ORIGINAL]
     return [ORIGINAL, *(mode for mode in check_modes(modes) if mode != ORIGINAL)]
 
 

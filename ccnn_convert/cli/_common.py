@@ -152,14 +152,14 @@ def smoothness_help() -> str:
     from ..core.options import DEFAULT_SMOOTHNESS
 
     return (f"Mode diffstride: width R of the Fourier mask's ramp, in frequency positions "
-            f"(default: {DEFAULT_SMOOTHNESS:g}).")
+            f"[default: {DEFAULT_SMOOTHNESS:g}]")
 
 
 def blur_size_help() -> str:
     from ..core.options import DEFAULT_BLUR_SIZE, MAX_BLUR_SIZE
 
     return (f"Mode blurpool: size of the binomial blur filter, 1 to {MAX_BLUR_SIZE} "
-            f"(default: {DEFAULT_BLUR_SIZE}).")
+            f"[default: {DEFAULT_BLUR_SIZE}]")
 
 
 # --------------------------------------------------------------------------- errors
@@ -227,6 +227,13 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
     return decorate(func) if func is not None else decorate
 
 
+def command_name(argv0: str) -> str:
+    """The command's name for its usage line: ``ccnn-eval``, also under ``python -m
+    ccnn_convert.cli.eval``, whose argv[0] is the module's file (``eval.py``)."""
+    name = argv0.replace("\\", "/").rsplit("/", 1)[-1]
+    return f"ccnn-{name[:-3]}" if name.endswith(".py") else name
+
+
 def run_app(app: typer.Typer, runs_models: bool = False) -> None:
     """Run a command's typer app: one-line errors, no pretty tracebacks, logging on stderr.
 
@@ -238,6 +245,6 @@ def run_app(app: typer.Typer, runs_models: bool = False) -> None:
     signals.terminate_like_interrupt()  # again: harmless, and covers callers that skip entry.py
     setup_logging()
     try:
-        app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+        app(prog_name=command_name(sys.argv[0]))
     finally:
         signals.exit_when_stopped()  # also under python -m, which skips entry.py

@@ -88,7 +88,7 @@ def bench_command(
                                  "batch_size")
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
                            max_seconds=max_seconds, onnx=onnx)
-    options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
+    options = BenchOptions(modes=tuple(parse_list(modes)), sampler=sampler, keep_first=keep_first, seed=seed,
                            leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
                            blur_size=blur_size, sweep=sweep,
                            image_size=size, device=device, weights=weights,

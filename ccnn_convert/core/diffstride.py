@@ -50,12 +50,19 @@ from .layers import pair
 from .options import DEFAULT_SMOOTHNESS
 from .spectral import Convention, check_convention, crop_low
 
-__all__ = ["DiffStride2d", "diffstride_cost", "diffstride_layers", "diffstride_mask", "kept_size", "row_positions"]
+__all__ = ["DiffStride2d", "check_strides", "diffstride_cost", "diffstride_layers", "diffstride_mask", "kept_size", "row_positions"]
 
 
 def row_positions(height: int) -> list[int]:
     """Position of each FFT row: counted from zero at both ends (``min(k, H-1-k)``)."""
     return [min(k, height - 1 - k) for k in range(height)]
+
+
+def check_strides(strides: Sequence) -> str | None:
+    """None if ``strides`` are numbers a layer can use (finite, >= 1), else the offending values shown."""
+    if all(isinstance(s, (int, float)) and not isinstance(s, bool) and 1 <= s < math.inf for s in strides):
+        return None
+    return "(" + ", ".join(f"{s:g}" if isinstance(s, float) else repr(s) for s in strides) + ")"
 
 
 def _clipped(stride: float, size: int) -> float:
@@ -105,7 +112,7 @@ class DiffStride2d(nn.Module):
         super().__init__()
         first = pair(stride) if isinstance(stride, int) else tuple(stride) if isinstance(stride, (tuple, list)) \
             else (stride, stride)
-        if len(first) != 2 or not all(isinstance(s, (int, float)) and 1 <= s < math.inf for s in first):
+        if len(first) != 2 or check_strides(first) is not None:
             raise ValueError(f"DiffStride2d: stride must be one or two numbers >= 1, got {stride!r}")
         if isinstance(smoothness, bool) or not isinstance(smoothness, (int, float)) or not 0 < smoothness < math.inf:
             raise ValueError(f"DiffStride2d: smoothness must be a positive number, got {smoothness!r}")

@@ -80,6 +80,9 @@ def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
 # --------------------------------------------------------------------------- API
 
 
+UNTRAINED_STRIDES_NOTE = "ccnn_untrained_strides"  # marks the log record that says the strides start untrained
+
+
 def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example_input: torch.Tensor | None = None,
                        leaf_modules: Sequence[type | str] = (), smoothness: float | None = None,
                        blur_size: int | None = None) -> fx.GraphModule:
@@ -98,7 +101,8 @@ def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example
     if mode == "diffstride" and rewriter.diffstride:
         strides = ", ".join(f"{s[0]}x{s[1]}" for s in rewriter.diffstride_strides)
         logger.info("diffstride: %d learnable stride pairs start at the original strides (%s); "
-                    "train the model (ccnn-train) to learn them", len(rewriter.diffstride), strides)
+                    "train the model (ccnn-train) to learn them", len(rewriter.diffstride), strides,
+                    extra={UNTRAINED_STRIDES_NOTE: True})  # a loader of learned strides leaves it out
     return result
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..core.options import check_seed
 from ..data import DecodedImages, collate_items
 from ..errors import DataError, ParameterError
 from ..models import ResolvedModel, resolve_model, save_artifact
@@ -105,7 +106,8 @@ def recalibrate_batchnorm(model: nn.Module, batches, device: torch.device | str 
 def _calibration_images(data: str | os.PathLike, images: int, seed: int) -> list[str]:
     """``images`` files picked with ``seed`` from DIR/train (labelled layout) or from every image under DIR."""
     root = Path(data).expanduser()
-    paths = find_images(root / "train" if is_labelled_layout(root) else root)
+    root = root / "train" if is_labelled_layout(root) else root  # the folder counted, named in the error
+    paths = find_images(root)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ParameterError("images", f"{{param}} must be a positive number of images, got {images!r}")
     if images > len(paths):
@@ -127,6 +129,7 @@ def recalibrate_model(
     table as in ``ccnn-train``), save an artifact at ``out``.
     ``layers="converted"`` recalibrates only the BatchNorms whose input the conversion changed.
     -> its ``training`` summary."""
+    check_seed(seed)  # before anything is loaded, as the other commands
     if layers not in LAYERS:
         raise ParameterError("layers", f"unknown {{param}} {layers!r}; choose {', '.join(LAYERS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -150,7 +153,7 @@ def recalibrate_model(
     loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], pre.transform()), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_items)
     run_on = resolve_device(device)
-    converted = spec.apply(resolved.model, pre.crop).to(run_on)
+    converted = resolved.converted(spec, pre.crop).to(run_on)  # an artifact's learned strides too
     chosen = None
     if layers == "converted":
         probe = torch.zeros(1, 3, pre.crop, pre.crop, device=run_on)

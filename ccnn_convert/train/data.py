@@ -143,11 +143,18 @@ def training_sets(data: str | os.PathLike, labels: ClassLabels, pre: Preprocessi
 
 def _warn_empty_classes(folder: Path, classes: Sequence[str], items: Sequence[tuple[str, int]]) -> None:
     """A class folder without a file is a class the model never sees in training: say so."""
-    present = {Path(path).parent.name for path, _ in items}
+    present = {_class_folder(folder, Path(path)) for path, _ in items}  # images may sit in subfolders
     empty = [name for name in classes if name not in present]
     if empty:
         logger.warning(f"{len(empty)} class folder(s) of {folder} hold no file and are never trained: "
                        f"{', '.join(ascii(name) for name in empty[:5])}{', ...' if len(empty) > 5 else ''}")
+
+
+def _class_folder(folder: Path, path: Path) -> str:
+    try:
+        return path.relative_to(folder).parts[0]
+    except ValueError:  # not under it as written (a link resolved): its own folder
+        return path.parent.name
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

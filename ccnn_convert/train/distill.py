@@ -242,7 +242,7 @@ def _named_teacher(name: str, student: ResolvedModel, trust_factory: bool) -> Te
     resolved = resolve_model(name, trust_factory=trust_factory)
     model = resolved.model
     if resolved.conversion is not None:
-        model = resolved.conversion.apply(model, resolved.preprocessing.crop)
+        model = resolved.converted(resolved.conversion, resolved.preprocessing.crop)  # with what it learned
     if resolved.preprocessing.crop != student.preprocessing.crop:
         logger.info(f"the teacher {resolved.name} sees the student's {student.preprocessing.crop} px crops "
                     f"(its own preprocessing crops {resolved.preprocessing.crop} px)")

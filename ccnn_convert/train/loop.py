@@ -30,7 +30,7 @@ from ..metrics import topk_correct
 from ..runtime import DistributedContext, peak_rss_since_reset, reset_peak_rss, synchronize
 from .data import GlobalBatchSampler, mix_batch
 from .memory import checkpoint_blocks, is_out_of_memory, out_of_memory_error
-from .params import hold_frozen_statistics, select_trainable
+from .params import check_freeze_norm_stats, hold_frozen_statistics, select_trainable
 from .recipe import TrainConfig, build_optimizer, build_scheduler
 from .resume import restore_rng_states, rng_states
 
@@ -124,6 +124,7 @@ class Trainer:
         if config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         select_trainable(self.model, config.train_params)  # before DDP and the optimizer see the parameters
+        check_freeze_norm_stats(self.model, config.freeze_norm_stats)
         self.train_module = checkpoint_blocks(self.model) if config.checkpointing else self.model
         self.wrapped = self._distributed(self.train_module)
         self.optimizer = build_optimizer(self.model, config)

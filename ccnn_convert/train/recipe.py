@@ -187,3 +187,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
                                     CosineAnnealingLR(optimizer, T_max=total - warmup)],
                         milestones=[warmup])
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int, step: int) -> float:
+    """The schedule of :func:`build_scheduler` in closed form: the learning rate after ``step``
+    steps over the initial one (what a resumed checkpoint's optimizer groups must hold)."""
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    return (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .._helpers import first_line
+from ..core.diffstride import diffstride_layers
 from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
 from ..models import ResolvedModel, conversion_state, replace_head, resolve_model, save_artifact
 from ..models.checkpoints import safe_load
@@ -47,7 +48,7 @@ from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teache
                       check_teacher_classes, untrained_is_better)
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
-from .recipe import TrainConfig
+from .recipe import TrainConfig, lr_factor
 from .resume import check_identity, check_training_state, load_training_state, save_training_state
 from .unlabelled import is_labelled_layout, unlabelled_sets
 
@@ -125,6 +126,7 @@ def train_model(
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
         if distill is not None:
+            _check_default_teacher_classes(distill, teacher, trained)
             check_teacher_classes(teacher, trained.num_classes)
             identity["distill"] = {**distill.to_dict(), "teacher": teacher.name, "labelled": labelled}
         pre = trained.preprocessing
@@ -152,12 +154,17 @@ def train_model(
         if labels is not None and labels.new_head and ctx.is_main and state is None:
             logger.info(f"new {labels.new_head}-class head: {trained.head.module}")
         start_epoch = trainer.epoch
+        # Until this run writes its first epoch here, a best.pt in a folder other than the resumed
+        # one belongs to another run (--force): it is replaced by the resumed run's, or removed.
+        foreign_best = {"source": None if resume_folder in (None, folder.resolve())
+                        else resume_folder / OUTPUT_FILES["best"]}
 
         def finish_epoch(record: EpochRecord) -> None:
             training_state = trainer.state_dict()  # every process: RNG states are gathered
             if ctx.is_main:
-                best_source = None if resume_folder in (None, folder.resolve()) else resume_folder / OUTPUT_FILES["best"]
-                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source, untrained)
+                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, foreign_best["source"],
+                             untrained)
+                foreign_best["source"] = None  # the folder's best.pt is this run's now
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
@@ -168,6 +175,14 @@ def train_model(
         if untrained is not None:
             info["untrained"] = untrained.report(trainer.history, ctx.is_main)
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
+
+
+def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> None:
+    """No teacher was named: the mismatch is the student's new head's, and naming a teacher fixes it."""
+    if distill.teacher is None and teacher.num_classes != trained.num_classes:
+        raise ParameterError("teacher", f"the default teacher, {teacher.name}, has {teacher.num_classes} classes and "
+                                        f"the student {trained.num_classes} (a new head): name a teacher with the "
+                                        "student's classes with {param}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -188,8 +203,9 @@ def _check_out(out, resume, force: bool) -> Path:
             raise ParameterError("force", f"{folder} holds {', '.join(present)} but no checkpoint.pt (a run stopped "
                                           "before its first epoch was saved): nothing to resume; start over with {param}")
         if present:
-            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with resume "
-                                          f"{folder / OUTPUT_FILES['state']}, or replace it with {{param}}")
+            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with "
+                                          f"{{param:resume}} {folder / OUTPUT_FILES['state']}, or replace it with "
+                                          "{param}", also=("resume",))
     return check_output_dir(folder, list(OUTPUT_FILES.values()), force=force or own_folder, parents=True)
 
 
@@ -208,10 +224,15 @@ def _resume_path(resume) -> Path:
 def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
     """Check a loaded training state against this run, entry by entry, then restore it."""
     check_identity(state["identity"], identity, path)
+    steps = len(trainer.batches)
     check_training_state(state, path, model_state=trainer.model.state_dict(),
                          param_group_sizes=[len(g["params"]) for g in trainer.optimizer.param_groups],
-                         epochs=trainer.config.epochs, steps_per_epoch=len(trainer.batches),
-                         record_fields=dataclasses.fields(EpochRecord))
+                         epochs=trainer.config.epochs, steps_per_epoch=steps,
+                         record_fields=dataclasses.fields(EpochRecord),
+                         fresh_optimizer=trainer.optimizer.state_dict(), fresh_scheduler=trainer.scheduler.state_dict(),
+                         param_shapes=[tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"]],
+                         lr_factor=lambda step: lr_factor(trainer.config, steps, step),
+                         strides=tuple(f"{name}.strides" for name, _ in diffstride_layers(trainer.model)))
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
@@ -342,8 +363,9 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
                  training_state: dict, data, best_source: Path | None, untrained: _Untrained | None = None) -> None:
     """Write an epoch's files as one unit: into a staging folder, then renamed into ``folder``
     with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
-    the run resumed from another folder, copied while this folder has none. ``untrained``: a
-    distillation's untrained conversion, best.pt while it beats every epoch."""
+    the run resumed from another folder, while ``folder``'s best.pt is not this run's: it is copied
+    in its place, or, when it is not the best epoch's, the foreign best.pt is removed. ``untrained``:
+    a distillation's untrained conversion, best.pt while it beats every epoch."""
     folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
     for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
         shutil.rmtree(stale, ignore_errors=True)
@@ -369,13 +391,15 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
                     conversion=spec, conversion_state=conversion_state(trainer.model, trained.model) or None), spec)
         elif best is None or best is record:  # ties keep the earlier best
             save_artifact(staged["best"], artifact, spec)
-        elif not (folder / OUTPUT_FILES["best"]).exists():
+        elif best_source is not None or not (folder / OUTPUT_FILES["best"]).exists():
             _copy_best(best_source, best.epoch, staged["best"])
         write_history(staged["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
                                                    "recipe": identity["recipe"], "data": str(data)})
         plot_curves(staged["curves"], history, f"{trained.name}, {spec.mode} ({spec.describe()})")
         save_training_state(staged["state"], {"identity": identity, **training_state})
         with _signals_held():
+            if best_source is not None and not staged["best"].exists():  # another run's: not this run's best
+                (folder / OUTPUT_FILES["best"]).unlink(missing_ok=True)
             for key in sorted(staged, key=lambda k: k == "state"):  # checkpoint.pt last: it vouches for the rest
                 if staged[key].exists():
                     os.replace(staged[key], folder / OUTPUT_FILES[key])
