@@ -32,7 +32,8 @@ def test_the_table_is_the_one_list_of_modes_and_options():
     for name in MODE_OPTIONS:
         assert name in convert_parameters and name in spec_fields, name
     expected = {"checkered": {"sampler", "density", "seed", "edges"}, "dilated": {"dilation"}, "traditional": set(),
-                "spectral": set(), "diffstride": {"smoothness"}, "blurpool": {"blur_size"}}
+                "spectral": {"resample_at"}, "diffstride": {"smoothness", "resample_at"},
+                "blurpool": {"blur_size", "resample_at"}}
     assert {name: set(mode.options) for name, mode in MODES.items()} == expected
     assert RESAMPLING_MODES == NEW_MODES
     for mode in MODES.values():
