@@ -22,7 +22,7 @@ from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import DISTILL_RECIPE, DistillConfig
 from ._common import (blur_size_help, console, err_console, mode_names, percent, plain, preprocessing_overrides,
-                      run_app, smoothness_help, user_errors)
+                      resample_at_help, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -70,6 +70,7 @@ def train_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     stride_penalty: float = typer.Option(0.0, "--stride-penalty", help="Mode diffstride: add L x the cost the learned strides imply (the paper's complexity regulariser) to the loss."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, a file, or none (train from scratch)."),
@@ -115,7 +116,8 @@ def train_command(
                          augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
-                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, leaf_modules=tuple(leaf or ()),
+                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                    trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,

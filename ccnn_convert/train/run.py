@@ -78,6 +78,7 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
+    resample_at: str | None = None,
     leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
@@ -89,7 +90,7 @@ def train_model(
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
     network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
-    ``blur_size`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    ``blur_size``, ``resample_at`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
     strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
@@ -104,7 +105,7 @@ def train_model(
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
     if mode is not None:  # before the slow part; an artifact's own mode is checked below
         check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
         if config.stride_penalty and mode != "diffstride":
             _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
@@ -120,6 +121,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                           resample_at=resample_at,
                            leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
