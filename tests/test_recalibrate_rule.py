@@ -100,3 +100,50 @@ def test_the_command_re_estimates_only_the_changed_norms(project):
 def test_a_bad_choice_is_one_line(project, options, flag):
     code, out = _cli("net.py:make", "--data", "photos", "-o", "rec.pt", "--images", "3", *options, *COMMON)
     assert code == 2 and flag in out and len(out.strip().splitlines()) == 1, out
+
+
+# --------------------------------------------------------------------------- before a distillation
+
+
+def _distill(tmp_path, *options):
+    from test_distill import NET as DISTILL_NET
+    from test_distill import _cli as train_cli
+    from test_distill import _distill_args, _png
+
+    (tmp_path / "net.py").write_text(DISTILL_NET)
+    for i in range(6):
+        _png(tmp_path / "photos" / f"{i}.png", i)
+    code, out = train_cli(_distill_args("photos", "run", "--force", *options))
+    if code != 0:
+        return code, out, None
+    artifact = load_artifact(tmp_path / "run" / "last.pt", trust_factory=True)
+    return code, out, {k: v for k, v in artifact.model.state_dict().items() if "running" in k}
+
+
+def _distill_original():
+    from test_distill import NET as DISTILL_NET
+
+    scope: dict = {}
+    exec(DISTILL_NET, scope)
+    return {k: v for k, v in scope["make"]().state_dict().items() if "running" in k}
+
+
+def test_distillation_first_re_estimates_the_changed_norms_and_keeps_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original = _distill_original()
+    # the distillation recipe freezes the statistics: what the artifact holds is what recalibration left
+    code, out, statistics = _distill(tmp_path, "--mode", "blurpool", "--resample-at", "activation")
+    assert code == 0, out
+    assert torch.equal(statistics["1.running_var"], original["1.running_var"])  # its input kept its statistics
+    assert not torch.equal(statistics["4.running_var"], original["4.running_var"])  # after the blur: re-estimated
+    code, out, statistics = _distill(tmp_path, "--mode", "blurpool", "--recalibrate", "none")
+    assert code == 0, out
+    assert all(torch.equal(statistics[name], value) for name, value in original.items())
+
+
+def test_recalibrate_without_distill_is_one_line(tmp_path, monkeypatch):
+    from test_distill import _cli as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out = train_cli(["resnet18", "--data", ".", "--out", "o", "--recalibrate", "all"])
+    assert code == 2 and "--recalibrate" in out and len(out.strip().splitlines()) == 1, out

@@ -106,6 +106,7 @@ def train_command(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="With --distill: which BatchNorms to re-estimate on the training images before training: auto (those whose input statistics the conversion changed, measured) | all | none [default: auto]."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
@@ -117,6 +118,7 @@ def train_command(
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
                    dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   recalibrate=recalibrate,
                    leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),

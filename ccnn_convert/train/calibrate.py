@@ -48,7 +48,7 @@ from ..spec import ConversionSpec, check_checkered_options_used
 from .unlabelled import UNLABELLED, find_images, is_labelled_layout
 
 __all__ = ["LAYERS", "RECALIBRATE", "STATISTICS_TOLERANCE", "batchnorm_layers", "converted_batchnorm_layers",
-           "input_statistics", "norm_layers_to_recalibrate", "recalibrate_batchnorm", "recalibrate_model",
+           "input_statistics", "norm_layers_to_recalibrate", "recalibrate_batchnorm", "recalibrate_before_training", "recalibrate_model",
            "statistics_change"]
 
 LAYERS = ("all", "converted")  # the older --layers choice: every BatchNorm | those after a converted step
@@ -188,6 +188,20 @@ def recalibrate_batchnorm(model: nn.Module, batches, device: torch.device | str 
     if not seen:
         raise DataError("no image could be decoded for BatchNorm recalibration")
     return seen
+
+
+def recalibrate_before_training(original: nn.Module, converted: nn.Module, paths: Sequence[str], transform,
+                                rule: str, device: torch.device | str = "cpu", batch_size: int = 32) -> dict:
+    """Before a distillation: re-estimate the BatchNorms ``rule`` chooses (:func:`norm_layers_to_recalibrate`)
+    over the training images ``paths`` under the eval ``transform`` (the training run then keeps them,
+    with the rest, frozen or not as its recipe says). ``converted`` may share ``original``'s tensors:
+    the statistics are measured before anything changes. -> ``{"recalibrate", "layers", "of", "images"}``."""
+    loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], transform), batch_size=batch_size,
+                        num_workers=0, collate_fn=collate_items)
+    batches = [batch.images.to(device) for batch in loader if batch.images.numel()]
+    chosen = norm_layers_to_recalibrate(original, converted, batches, rule) if batches else []
+    seen = recalibrate_batchnorm(converted, batches, device, chosen) if chosen else 0
+    return {"recalibrate": rule, "layers": len(chosen), "of": len(batchnorm_layers(converted)), "images": seen}
 
 
 def _calibration_images(data: str | os.PathLike, images: int, seed: int) -> list[str]:

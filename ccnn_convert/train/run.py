@@ -42,6 +42,7 @@ from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_options_used
+from .calibrate import RECALIBRATE, recalibrate_before_training
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
 from .history import plot_curves, write_history
@@ -78,7 +79,7 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
-    resample_at: str | None = None,
+    resample_at: str | None = None, recalibrate: str | None = None,
     leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
@@ -96,9 +97,12 @@ def train_model(
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
     files there need ``force``. ``distill`` trains against a teacher (:mod:`.distill`); ``data``
-    may then be any folder of images. Under torchrun, every process calls this; rank 0 writes.
+    may then be any folder of images. ``recalibrate`` (distillation only; default ``auto``) first
+    re-estimates the BatchNorms whose input statistics the conversion changed
+    (:func:`~.calibrate.recalibrate_before_training`); ``all``, every one; ``none``, none. Under torchrun, every process calls this; rank 0 writes.
     """
     config = config if config is not None else TrainConfig()
+    rule = _recalibration_rule(recalibrate, distill)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     folder = _check_out(out, resume, force)
@@ -134,6 +138,12 @@ def train_model(
             train_set, val_set = training_sets(data, labels, pre, config)
         else:
             train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
+        recalibrated = None
+        if rule is not None and state is None:  # (a resumed run's statistics are in its state)
+            recalibrated = recalibrate_before_training(trained.model.to(target), converted.to(target),
+                                                       [p for p, _ in train_set.samples], pre.transform(), rule, target)
+            logger.info("recalibrated %d of %d BatchNorm layers (%s) on %d training images", recalibrated["layers"],
+                        recalibrated["of"], rule, recalibrated["images"])
         make_trainer = Trainer if distill is None else functools.partial(
             DistillTrainer, teacher=teacher, distill=distill, labelled=labelled)
         trainer = make_trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
@@ -146,6 +156,7 @@ def train_model(
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
                 "val_images": len(val_set) if val_set is not None else 0, "classes": trained.num_classes,
                 "new_head": labels.new_head if labels is not None else None, "distill": identity.get("distill"),
+                "recalibrated": recalibrated,
                 "steps_per_epoch": len(trainer.batches), "epochs": config.epochs, "start_epoch": trainer.epoch}
         if on_start is not None and ctx.is_main:
             on_start(info)
@@ -166,6 +177,19 @@ def train_model(
         finally:
             trainer.close()  # before distributed_from_env destroys the process group
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
+
+
+def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None) -> str | None:
+    """The rule that picks the norms to re-estimate before distilling (None: no recalibration)."""
+    if distill is None:
+        if recalibrate is not None:
+            raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
+                                                "it only applies with distill")
+        return None
+    rule = "auto" if recalibrate is None else recalibrate
+    if rule not in RECALIBRATE:
+        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+    return None if rule == "none" else rule
 
 
 def _seed_everything(seed: int) -> None:
