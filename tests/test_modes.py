@@ -134,7 +134,7 @@ def test_conversion_is_stride_one_then_the_downsampler_at_the_original_size(mode
     torch.manual_seed(0)
     model = _Mixed().eval()
     x = torch.randn(2, 3, size, size)
-    converted = convert(model, mode=mode, example_input=x)
+    converted = convert(model, mode=mode, resample_at="layer", example_input=x)  # (the placement by hand below)
     report = conversion_report(converted)
     assert (report.steps, report.converted_layers) == (4, 4)
     # same output size for every strided layer as the original: the classifier is unchanged

@@ -37,7 +37,7 @@ def test_auto_keeps_checkered_and_picks_the_norms_after_a_blur():
     x = batches[0][:1]
     checkered = convert(net, mode="checkered", example_input=x)
     assert norm_layers_to_recalibrate(net, checkered, batches, "auto") == []
-    at_layer = convert(net, mode="blurpool", example_input=x)  # the blur right after each conv: both norms
+    at_layer = convert(net, mode="blurpool", resample_at="layer", example_input=x)  # after each conv: both norms
     assert _names(at_layer, norm_layers_to_recalibrate(net, at_layer, batches)) == ["1", "4"]
     # after the activation, the first norm sees the stride-1 conv: the same statistics, kept
     at_activation = convert(net, mode="blurpool", resample_at="activation", example_input=x)
