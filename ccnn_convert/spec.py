@@ -104,6 +104,8 @@ class ConversionSpec:
         if unknown:
             raise ParameterError("conversion", f"{{param}} has unknown key(s) {', '.join(unknown)}")
         values = dict(data)
+        if "resample_at" not in values and "resample_at" in mode_options(str(values.get("mode", cls.mode))):
+            values["resample_at"] = "layer"  # saved before the option existed: the one placement there was
         if "leaf_modules" in values:
             leaves = values["leaf_modules"]
             if not isinstance(leaves, (list, tuple)):

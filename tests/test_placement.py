@@ -166,6 +166,10 @@ def test_the_option_is_refused_where_nothing_resamples():
 def test_the_spec_carries_the_placement_and_checkered_is_unchanged():
     spec = ConversionSpec.build("blurpool", resample_at="activation")
     assert ConversionSpec.from_dict(spec.to_dict()) == spec and "resample_at=activation" in spec.describe()
+    # a spec saved before the option existed meant the downsampler right after the layer
+    old = {k: v for k, v in ConversionSpec.build("blurpool").to_dict().items() if k != "resample_at"}
+    assert ConversionSpec.from_dict(old).resample_at == "layer"
+    assert ConversionSpec.from_dict(ConversionSpec.build("blurpool").to_dict()).resample_at is None
     # another mode does not inherit it, and checkered converts as it always did
     checkered = ConversionSpec.build("checkered", base=spec)
     assert checkered.resample_at is None
