@@ -162,6 +162,14 @@ def blur_size_help() -> str:
             f"[default: {DEFAULT_BLUR_SIZE}]")
 
 
+def resample_at_help() -> str:
+    from ..core.options import DEFAULT_RESAMPLE_AT, RESAMPLE_AT
+
+    return (f"Modes spectral, diffstride, blurpool: where the downsampler goes, {' | '.join(RESAMPLE_AT)}: right "
+            f"after the strided layer, or after its norm and activation (antialiased-cnns' placement) "
+            f"(default: {DEFAULT_RESAMPLE_AT}).")
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -19,7 +19,8 @@ from ..errors import CCNNError, ParameterError
 from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
-from ._common import (blur_size_help, console, mode_names, parse_list, plain, run_app, smoothness_help, user_errors)
+from ._common import (blur_size_help, console, mode_names, parse_list, plain, resample_at_help, run_app,
+                      smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -61,6 +62,7 @@ def bench_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: an artifact's, else native where a dilation can express the model, else multisample]."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
@@ -90,7 +92,7 @@ def bench_command(
                            max_seconds=max_seconds, onnx=onnx)
     options = BenchOptions(modes=tuple(parse_list(modes)), sampler=sampler, keep_first=keep_first, seed=seed,
                            leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
-                           blur_size=blur_size, sweep=sweep,
+                           blur_size=blur_size, resample_at=resample_at, sweep=sweep,
                            image_size=size, device=device, weights=weights,
                            trust_factory=trust_factory, timing=timing)
     top1 = _top1_options(data, labels, limit, eval_batch_size, workers)

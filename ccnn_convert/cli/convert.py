@@ -19,7 +19,7 @@ from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
 from ._common import (blur_size_help, console, err_console, mode_names, modes_described, plain, printable, run_app,
-                      smoothness_help, user_errors)
+                      resample_at_help, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a CNN's strided convolutions and pools into checkered (multisampling), dilated, spectral, "
@@ -46,6 +46,7 @@ def main_command(
                                            "dilation can express the model, else multisample]"),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
     input_size: int = typer.Option(224, "--input-size", help="Input size used to analyse shapes and count FLOPs."),
@@ -59,7 +60,7 @@ def main_command(
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
     given = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                 smoothness=smoothness, blur_size=blur_size)
+                 smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
     if mode is not None:  # else the artifact's own mode, known once it is read
         check_options_used([mode], keep_first=keep_first, **given)
     if output is not None:

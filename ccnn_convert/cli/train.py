@@ -23,7 +23,7 @@ from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import TTA_SHIFT, DistillConfig, distill_recipe, recipe_mode
 from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, plain,
-                      preprocessing_overrides, run_app, smoothness_help, user_errors)
+                      preprocessing_overrides, resample_at_help, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -79,6 +79,7 @@ def train_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     stride_penalty: float = typer.Option(0.0, "--stride-penalty", help="Mode diffstride: add L x the cost the learned strides imply (the paper's complexity regulariser) to the loss."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, a file, or none (train from scratch)."),
@@ -115,6 +116,7 @@ def train_command(
     teacher_tta: Optional[str] = typer.Option(None, "--teacher-tta", help=f"With --distill: average the teacher's softmax over views of each image: flip (mirrored), shift (moved {TTA_SHIFT} px left, right, up, down), or flip,shift (10 views)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="With --distill: which BatchNorms to re-estimate on the training images before training: auto (those whose input statistics the conversion changed, measured) | all | none [default: auto]."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
@@ -126,7 +128,9 @@ def train_command(
                          shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
-                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, leaf_modules=tuple(leaf or ()),
+                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   recalibrate=recalibrate,
+                   leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                    trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,

@@ -47,6 +47,7 @@ class ConversionReport:
     dilation: str | None = None  # dilated mode: "multisample" or "native"
     smoothness: float | None = None  # diffstride mode: the smoothness asked for (None: the default)
     blur_size: int | None = None  # blurpool mode: the filter size asked for (None: the default)
+    resample_at: str | None = None  # resampling modes: "layer" or "activation" (where the downsampler went)
 
     @property
     def converted_layers(self) -> int:

@@ -64,6 +64,7 @@ def convert(
     dilation: str | None = None,
     smoothness: float | None = None,
     blur_size: int | None = None,
+    resample_at: str | None = None,
 ) -> fx.GraphModule:
     """Return a converted copy of ``model``; ``model`` itself is left untouched.
 
@@ -94,6 +95,10 @@ def convert(
             tokens folded from the map).
         smoothness: DiffStride's mask ramp width R in frequency positions (default 4).
         blur_size: blurpool's binomial filter size, 1 to 7 (default 3).
+        resample_at: where spectral, diffstride and blurpool put the downsampler: ``"layer"``
+            (right after the strided layer run at stride 1) or ``"activation"`` (after its
+            pointwise tail: norm, activation, dropout; :mod:`.placement`). Default
+            :data:`~.placement.DEFAULT_RESAMPLE_AT`.
 
     Returns:
         A ``torch.fx.GraphModule`` with the same parameters as ``model``: same names, and the
@@ -101,9 +106,9 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size)
+    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size, resample_at)
     options = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                   smoothness=smoothness, blur_size=blur_size)
+                   smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
     converter = MODES[mode].converter
     # check_options refused every option that does nothing for this mode; the converter takes the rest
     taken = {name: value for name, value in options.items() if name in inspect.signature(converter).parameters}

@@ -70,7 +70,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
                     dilation: str | None = None, smoothness: float | None = None,
-                    blur_size: int | None = None) -> ConversionSpec | None:
+                    blur_size: int | None = None, resample_at: str | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -82,14 +82,15 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                    leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
-                   blur_size=blur_size)
+                   blur_size=blur_size, resample_at=resample_at)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
     check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first)
+                       smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                       keep_first=keep_first)
     return ConversionSpec.build(mode, base=base, **options)
 
 
@@ -97,7 +98,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
            edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-           blur_size: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
+           blur_size: int | None = None, resample_at: str | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
            verify: VerifyOptions | None = VerifyOptions(), benchmark: BenchmarkOptions | None = None,
@@ -123,7 +124,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
                            seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None

@@ -43,6 +43,7 @@ from ..models.checkpoints import safe_load
 from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..spec import ConversionSpec, check_options_used
+from .calibrate import RECALIBRATE, recalibrate_before_training
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teacher, check_distill_options,
                       check_teacher_classes, untrained_is_better)
@@ -80,6 +81,7 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
+    resample_at: str | None = None, recalibrate: str | None = None,
     leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
@@ -91,22 +93,25 @@ def train_model(
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
     network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
-    ``blur_size`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    ``blur_size``, ``resample_at`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
     strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
     files there need ``force``. ``distill`` trains against a teacher (:mod:`.distill`); ``data``
-    may then be any folder of images. Under torchrun, every process calls this; rank 0 writes.
+    may then be any folder of images. ``recalibrate`` (distillation only; default ``auto``) first
+    re-estimates the BatchNorms whose input statistics the conversion changed
+    (:func:`~.calibrate.recalibrate_before_training`); ``all``, every one; ``none``, none. Under torchrun, every process calls this; rank 0 writes.
     """
     config = config if config is not None else TrainConfig()
+    rule = _recalibration_rule(recalibrate, distill)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     folder = _check_out(out, resume, force)
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
     if mode is not None:  # before the slow part; an artifact's own mode is checked below
         check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
         if config.stride_penalty and mode != "diffstride":
             _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
@@ -122,6 +127,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                           resample_at=resample_at,
                            leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
@@ -135,6 +141,12 @@ def train_model(
             train_set, val_set = training_sets(data, labels, pre, config)
         else:
             train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
+        recalibrated = None
+        if rule is not None and state is None:  # (a resumed run's statistics are in its state)
+            recalibrated = recalibrate_before_training(trained.model.to(target), converted.to(target),
+                                                       [p for p, _ in train_set.samples], pre.transform(), rule, target)
+            logger.info("recalibrated %d of %d BatchNorm layers (%s) on %d training images", recalibrated["layers"],
+                        recalibrated["of"], rule, recalibrated["images"])
         make_trainer = Trainer if distill is None else functools.partial(
             DistillTrainer, teacher=teacher, distill=distill, labelled=labelled)
         trainer = make_trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
@@ -148,6 +160,7 @@ def train_model(
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
                 "val_images": len(val_set) if val_set is not None else 0, "classes": trained.num_classes,
                 "new_head": labels.new_head if labels is not None else None, "distill": identity.get("distill"),
+                "recalibrated": recalibrated,
                 "steps_per_epoch": len(trainer.batches), "epochs": config.epochs, "start_epoch": trainer.epoch}
         if on_start is not None and ctx.is_main:
             on_start(info)
@@ -183,6 +196,19 @@ def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> 
         raise ParameterError("teacher", f"the default teacher, {teacher.name}, has {teacher.num_classes} classes and "
                                         f"the student {trained.num_classes} (a new head): name a teacher with the "
                                         "student's classes with {param}")
+
+
+def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None) -> str | None:
+    """The rule that picks the norms to re-estimate before distilling (None: no recalibration)."""
+    if distill is None:
+        if recalibrate is not None:
+            raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
+                                                "it only applies with distill")
+        return None
+    rule = "auto" if recalibrate is None else recalibrate
+    if rule not in RECALIBRATE:
+        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+    return None if rule == "none" else rule
 
 
 def _seed_everything(seed: int) -> None:
