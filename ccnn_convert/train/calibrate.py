@@ -273,6 +273,7 @@ def recalibrate_model(
     loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], pre.transform()), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_items)
     run_on = resolve_device(device)
+    resolved.model.to(run_on)  # its buffers are its own: the measure runs it beside the converted copy
     converted = resolved.converted(spec, pre.crop).to(run_on)  # an artifact's learned strides too
     batches = [batch.images.to(run_on) for batch in loader if batch.images.numel()]  # read once, used twice
     if rule == "converted":
