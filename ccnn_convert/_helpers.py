@@ -18,6 +18,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def a_type(value: Any) -> str:
+    """'an int', 'a str': the type of ``value`` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def package_version() -> str:
     """ccnn-convert's version, also when running from a checkout that is not installed."""
     try:

@@ -184,7 +184,8 @@ def _image_folder_samples(root: Path, mapper: Callable[[Sequence[str]], dict[str
 def _flat_folder_samples(root: Path, labels_path: Path) -> Samples:
     if not labels_path.is_file():
         raise DataError(f"labels file not found: {labels_path}")
-    layout, by_name = read_labels_file(labels_path)
+    files = {e.name for e in os.scandir(root) if e.is_file()}
+    layout, by_name = read_labels_file(labels_path, files | {Path(name).stem for name in files})
     by_stem = {Path(name).stem: target for name, target in by_name.items()}
     items, unlabeled = [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -212,11 +213,13 @@ def _same_file(a: str, b: Path) -> bool:
         return False
 
 
-def read_labels_file(path: str | os.PathLike) -> tuple[str, dict[str, int]]:
+def read_labels_file(path: str | os.PathLike, names: set[str] | None = None) -> tuple[str, dict[str, int]]:
     """Read a labels CSV -> (layout, {filename or image id: standard index}).
 
     Kaggle's ``LOC_val_solution.csv`` is recognised by its header; anything else is read as
-    ``filename,label`` rows where label is a class index or a wnid.
+    ``filename,label`` rows where label is a class index or a wnid. A first row whose label is
+    neither is a header, unless it names one of ``names`` (the folder's files, when known): then
+    it is an image with an invalid label.
     """
     path = Path(path)
     try:
@@ -228,7 +231,7 @@ def read_labels_file(path: str | os.PathLike) -> tuple[str, dict[str, int]]:
         raise DataError(f"labels file is empty: {path}")
     if tuple(cell.strip().lower() for cell in rows[0][:2]) == KAGGLE_HEADER:
         return "flat+kaggle", _kaggle_labels(path, rows[1:])
-    return "flat+csv", _plain_labels(path, rows)
+    return "flat+csv", _plain_labels(path, rows, names)
 
 
 def _kaggle_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
@@ -243,7 +246,7 @@ def _kaggle_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
     return labels
 
 
-def _plain_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
+def _plain_labels(path: Path, rows: list[list[str]], names: set[str] | None = None) -> dict[str, int]:
     labels = {}
     for line, row in enumerate(rows, start=1):
         if len(row) != 2:
@@ -251,7 +254,7 @@ def _plain_labels(path: Path, rows: list[list[str]]) -> dict[str, int]:
         name, raw = row[0].strip(), row[1].strip()
         target = parse_label(raw)
         if target is None:
-            if line == 1:
+            if line == 1 and (names is None or name not in names):
                 continue  # a header row such as "filename,label"
             raise DataError(f"{path.name} line {line}: label {raw!r} is neither a class index nor a wnid")
         _add_label(labels, name, target, path, line)

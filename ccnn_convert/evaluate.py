@@ -257,7 +257,7 @@ def evaluate_model(
     modes: Sequence[str] | None = None, sampler: str | None = None, keep_first: int | None = None,
     density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] = (),
     edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-    blur_size: int | None = None, phc: int | None = None,
+    blur_size: int | None = None, resample_at: str | None = None, phc: int | None = None,
     weights: str = "DEFAULT", arch: str | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, limit: int | None = None, batch_size: int = 32,
     forward_batch: int | None = None, workers: int = 2, device: str = "auto", amp: bool = False,
@@ -270,8 +270,9 @@ def evaluate_model(
     or an ``.onnx`` file, which runs as it is) or a :class:`~ccnn_convert.models.ResolvedModel`.
     ``modes`` defaults to original and checkered; for an artifact, original and its own mode.
     ``sampler``, ``keep_first``, ``density``, ``seed``, ``edges`` (checkered: exact | reference)
-    ``dilation`` (dilated: multisample | native), ``smoothness`` (diffstride) and ``blur_size``
-    (blurpool) and ``phc`` (PHC layers, every converted mode) left at None take the artifact's value
+    ``dilation`` (dilated: multisample | native), ``smoothness`` (diffstride), ``blur_size``
+    (blurpool), ``resample_at`` (the resampling modes) and ``phc`` (PHC layers, every converted
+    mode) left at None take the artifact's value
     (when its mode is evaluated), else the default; an artifact's ``leaf_modules`` always carry
     over. ``seed`` also places the two shift-consistency crops (``consistency``). ``limit``
     picks images round-robin over classes. ``on_start`` receives the data description (a dict
@@ -289,7 +290,8 @@ def evaluate_model(
         specs = _conversion_specs(modes, resolved.conversion if resolved else None, sampler=sampler,
                                   keep_first=keep_first, density=density, seed=seed,
                                   leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                                  smoothness=smoothness, blur_size=blur_size, phc=phc, consistency=consistency)
+                                  smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                                  phc=phc, consistency=consistency)
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
@@ -338,7 +340,8 @@ def evaluate_model(
         report = dataclasses.replace(report, results=[dataclasses.replace(r, mode=ONNX_ROW) for r in report.results])
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
-        "edges": edges, "dilation": dilation, "smoothness": smoothness, "blur_size": blur_size, "phc": phc,
+        "edges": edges, "dilation": dilation, "smoothness": smoothness, "blur_size": blur_size,
+        "resample_at": resample_at, "phc": phc,
         "leaf_modules": list(leaf_modules),
         "weights": weights, "arch": arch,
         "preprocessing": pre.to_dict(), "limit": limit, "batch_size": batch_size, "workers": workers,
@@ -406,11 +409,13 @@ def _modes(modes: Sequence[str] | None, resolved: ResolvedModel | None, onnx: bo
 def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, sampler, keep_first,
                       density, seed, leaf_modules, consistency: bool, edges: str | None = None,
                       dilation: str | None = None, smoothness: float | None = None,
-                      blur_size: int | None = None, phc: int | None = None) -> dict[str, ConversionSpec]:
+                      blur_size: int | None = None, resample_at: str | None = None,
+                      phc: int | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
     converted = [m for m in modes if m != ORIGINAL]
     check_options_used(modes, sampler=sampler, density=density, seed=None if consistency else seed,
-                       edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc,
+                       edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                       resample_at=resample_at, phc=phc,
                        keep_first=keep_first if converted else None)  # else: the message below
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
@@ -420,7 +425,8 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
     for mode in converted:
         spec = ConversionSpec.build(mode, base, sampler=sampler, keep_first=keep_first,
                                     density=density, leaf_modules=leaf_modules, edges=edges,
-                                    dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc)
+                                    dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+                                    resample_at=resample_at, phc=phc)
         if seed is not None and spec.mode == "checkered" and spec.sampler == "random":
             spec = dataclasses.replace(spec, seed=seed)
         specs[mode] = spec
@@ -431,10 +437,16 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
 
 
 def _selection(selected: int, total: int, limit: int | None, classes: int) -> str:
+    """Files, not images: which of them decode is known only once they are read (skipped ones are
+    counted apart)."""
     if limit is None or selected == total:
-        return f"all {total} images"
-    return (f"{selected} of {total} images, stratified round-robin over classes "
+        return f"all {_count(total, 'file')}"
+    return (f"{selected} of {total} files, stratified round-robin over classes "
             f"({classes} classes, spread over the class list)")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _dataset(items, pre: Preprocessing, consistency: bool) -> tuple[int | None, DecodedImages]:

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .errors import CCNNError, ParameterError
 
-__all__ = ["atomic_path", "check_output", "check_output_dir", "staged_directory"]
+__all__ = ["atomic_path", "check_output", "check_output_dir", "save_torch", "staged_directory"]
 
 
 def _umask() -> int:
@@ -115,3 +115,33 @@ def staged_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
             os.replace(item, parent / item.name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_torch(obj, handle) -> None:
+    """``torch.save(obj, handle)``, where a stop (Ctrl-C, or SIGTERM raised as one) stays a stop.
+
+    A KeyboardInterrupt raised inside torch.save makes its zip writer's clean-up fail too
+    (``RuntimeError: unexpected pos``), which would hide the stop behind a second traceback:
+    the interrupt is raised again instead, so the command ends in one line with its status.
+    """
+    import torch  # here: outputs is imported before torch by the entry points
+
+    try:
+        torch.save(obj, handle)
+    except Exception as exc:
+        stop = _interrupt_behind(exc)
+        if stop is None:
+            raise
+        raise stop from None
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``exc`` was raised while handling, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None

@@ -2,9 +2,10 @@
 
 A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
 model: mode, sampler, keep_first, density, seed, the edge rule (``edges``), how dilated mode is
-computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size``, ``phc`` (PHC
-layers with that many Kronecker products, in every mode) and the leaf modules that make the
-model traceable. Which option belongs to which mode comes from the table
+computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size``, where the
+resampling modes put their downsampler (``resample_at``), ``phc`` (PHC layers with that many
+Kronecker products, in every mode) and the leaf modules that make the model traceable. Which
+option belongs to which mode comes from the table
 of modes (:data:`ccnn_convert.core.modes.MODES`). It is built from a
 command's options, from an artifact, or from both
 (:meth:`ConversionSpec.build`: explicit values win over the artifact's, which win over the
@@ -44,6 +45,7 @@ class ConversionSpec:
     dilation: str | None = None  # None: native where a dilation can express the model
     smoothness: float | None = None  # diffstride: the mask's ramp width (None: 4)
     blur_size: int | None = None  # blurpool: the binomial filter's size (None: 3)
+    resample_at: str | None = None  # spectral, diffstride, blurpool: "layer" | "activation" (None: the default)
     phc: int | None = None  # PHC layers of this many Kronecker products, before any mode (None: dense)
 
     def __post_init__(self) -> None:
@@ -52,7 +54,7 @@ class ConversionSpec:
             raise ParameterError("leaf_modules", "{param} must be a list of module class or qualified names")
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
-                      self.dilation, self.smoothness, self.blur_size)
+                      self.dilation, self.smoothness, self.blur_size, self.resample_at)
         if self.phc is not None:
             check_phc(self.phc)
 
@@ -61,11 +63,12 @@ class ConversionSpec:
               keep_first: int | None = None, density: int | None = None, seed: int | None = None,
               leaf_modules: Iterable[str] | None = None, edges: str | None = None,
               dilation: str | None = None, smoothness: float | None = None,
-              blur_size: int | None = None, phc: int | None = None) -> "ConversionSpec":
+              blur_size: int | None = None, resample_at: str | None = None,
+              phc: int | None = None) -> "ConversionSpec":
         """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
 
         ``base``'s mode-specific options (sampler, density, seed, edges, dilation, smoothness,
-        blur_size) count only when ``mode`` is ``base``'s own mode; each is dropped for the
+        blur_size, resample_at) count only when ``mode`` is ``base``'s own mode; each is dropped for the
         modes that do not take it (the table of modes says which do), so one set of options can
         serve several modes (see :func:`check_options_used`).
         ``base``'s leaf modules and ``phc`` always carry over: they describe the model, not the mode.
@@ -77,7 +80,8 @@ class ConversionSpec:
             if base.mode == mode:
                 values.update({name: getattr(base, name) for name in MODE_OPTIONS})
         given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed, edges=edges,
-                     dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc)
+                     dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                     phc=phc)
         values.update({k: v for k, v in given.items() if v is not None})
         values = {k: v for k, v in values.items() if k not in MODE_OPTIONS or k in mode_options(mode)}
         leaves = list(base.leaf_modules) if base is not None else []
@@ -110,6 +114,8 @@ class ConversionSpec:
         if unknown:
             raise ParameterError("conversion", f"{{param}} has unknown key(s) {', '.join(unknown)}")
         values = dict(data)
+        if "resample_at" not in values and "resample_at" in mode_options(str(values.get("mode", cls.mode))):
+            values["resample_at"] = "layer"  # saved before the option existed: the one placement there was
         if "leaf_modules" in values:
             leaves = values["leaf_modules"]
             if not isinstance(leaves, (list, tuple)):
@@ -131,7 +137,7 @@ class ConversionSpec:
 
 def check_options_used(modes: Sequence[str], **given: Any) -> None:
     """Refuse a mode-specific option (sampler, density, seed, edges, dilation, smoothness,
-    blur_size) that no requested mode takes, and a keep_first above 0 when no mode converts: they
+    blur_size, resample_at) that no requested mode takes, and a keep_first above 0 when no mode converts: they
     would do nothing. Dilated mode is always exact at the edges, so ``edges`` does nothing there."""
     if given.get("phc") is not None and all(mode == ORIGINAL for mode in modes):
         raise ParameterError("phc", "{param} makes a conversion's convolutions PHC layers; it does nothing with "

@@ -44,8 +44,10 @@ from torch import Tensor, fx, nn
 
 from .core import conversion_report
 from .core.features import DenseMap, extract_features, graph_node_names
+from .core.options import check_seed
 from .core.sequences import Offset, sampler_sequence
 from .errors import CCNNError, ParameterError
+from .models.record import ResolvedModel
 from .plotting import pyplot, save_png
 from .spec import ConversionSpec
 
@@ -233,6 +235,8 @@ def plot_positions(path: str | Path, size: int = 16, steps: int = 3, stride: int
     Each submap has its own colour (submap ``s`` of a row is the same colour in every panel of
     that step); grey positions are sampled by no submap.
     """
+    if seed is not None:
+        check_seed(seed)
     if steps < 1:
         raise ParameterError("steps", "{param} must be at least 1")
     if size < 1:
@@ -298,14 +302,17 @@ def _node_names(node: fx.Node) -> set[str]:
     return names
 
 
-def _converted_up_to(model: nn.Module, image: Tensor, step: int, conversion: ConversionSpec | str, caller: str):
+def _converted_up_to(model: nn.Module | ResolvedModel, image: Tensor, step: int, conversion: ConversionSpec | str, caller: str):
     """``(x, converted, target)``: the one image as a batch, the converted model and the name
     of the first layer of step ``step + 1``, whose input the caller shows."""
     spec = conversion if isinstance(conversion, ConversionSpec) else ConversionSpec(mode=conversion)
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if x.shape[0] != 1:
         raise ParameterError("image", f"{caller} takes one image as {{param}}")
-    converted = spec.apply(model, tuple(x.shape[-2:]))
+    size = tuple(x.shape[-2:])
+    # A resolved artifact converts through the one path that loads what it learned (DiffStride's strides).
+    converted = model.converted(spec, size) if isinstance(model, ResolvedModel) else spec.apply(model, size)
+    model = model.model if isinstance(model, ResolvedModel) else model
     report = conversion_report(converted)
     if not 1 <= step < report.steps:
         raise ParameterError("step", f"{type(model).__name__} has {report.steps} subsampling steps: "
@@ -314,14 +321,15 @@ def _converted_up_to(model: nn.Module, image: Tensor, step: int, conversion: Con
     return x, converted, target
 
 
-def feature_submaps(model: nn.Module, image: Tensor, step: int,
+def feature_submaps(model: nn.Module | ResolvedModel, image: Tensor, step: int,
                     conversion: ConversionSpec | str = "checkered") -> Tensor:
     """Per-submap channel-mean activation of ``model`` converted, truncated after ``step`` steps.
 
     ``image`` is one preprocessed ``(3, H, W)`` image. The model is converted (``conversion``, a
     :class:`~ccnn_convert.spec.ConversionSpec` or a mode name), run up to the first layer of
     step ``step + 1`` and the feature map entering it is returned as ``(S, h, w)``: the mean
-    over channels of each of its ``S`` submaps.
+    over channels of each of its ``S`` submaps. A :class:`~ccnn_convert.models.ResolvedModel`
+    (an artifact) is converted with what its conversion learned (DiffStride's strides).
     """
     x, converted, target = _converted_up_to(model, image, step, conversion, "feature_submaps")
     with torch.no_grad():
@@ -373,7 +381,7 @@ def plot_feature_submaps(path: str | Path, image: Tensor, maps: Tensor, title: s
 # --------------------------------------------------------------------------- dense maps
 
 
-def dense_feature_map(model: nn.Module, image: Tensor, step: int,
+def dense_feature_map(model: nn.Module | ResolvedModel, image: Tensor, step: int,
                       conversion: ConversionSpec | str = "checkered") -> DenseMap:
     """The feature map entering step ``step + 1``, as one dense map on the input grid.
 

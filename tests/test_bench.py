@@ -346,3 +346,48 @@ def test_cli_artifact_factory_runs_only_with_trust_and_keeps_its_leaves(tmp_path
     result = runner.invoke(app, [str(artifact), *QUICK, "--trust-factory"])  # no --leaf: the artifact's list
     assert result.exit_code == 0, result.output
     assert sentinel.exists() and "checkered" in result.stdout
+
+
+# ------------------------------------------------------------------------------ issue 24: ONNX Runtime latency
+
+
+def test_onnx_latency_of_every_mode_is_timed_and_its_ratio_taken_against_the_original():
+    pytest.importorskip("onnxruntime")
+    rows = bench.bench_model("tiny", Tiny(), ["diffstride"], image_size=8,
+                             timing=TimingOptions(batch_size=2, repeats=3, warmup=1, memory=False, onnx=True))
+    by_mode = {m.mode: m for m in rows}
+    assert list(by_mode) == ["original", "diffstride"]
+    for m in rows:
+        assert m.onnx_skipped is None and len(m.onnx_times_s) == 3 and all(t > 0 for t in m.onnx_times_s)
+        expected = sorted(m.onnx_times_s)[1] / sorted(by_mode["original"].onnx_times_s)[1]  # medians of 3
+        assert m.onnx_time_ratio == pytest.approx(expected)
+        assert m.to_dict()["median_onnx_s"] == sorted(m.onnx_times_s)[1]
+    headers, cells = bench.table_rows(rows)
+    column = headers.index("ORT time/batch")
+    assert headers[column + 1] == "ORT time x"
+    assert [row[column] for row in cells] == [bench.fmt_seconds(m.median_onnx_s) for m in rows]
+    assert "ORT time/batch" not in bench.table_rows([Measurement("tiny", "original", "original")])[0]  # off: no column
+
+
+def test_cli_onnx_names_the_mode_that_cannot_export(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from ccnn_convert.bench import ort
+    from ccnn_convert.errors import ExportError
+
+    real = ort._session
+
+    def failing_for_the_converted(model, path, size):
+        if path.name != "variant0.onnx":  # the original exports; the checkered variant cannot
+            raise ExportError("operator 'Zigzag' has no ONNX translation")
+        return real(model, path, size)
+
+    monkeypatch.setattr(ort, "_session", failing_for_the_converted)
+    out = tmp_path / "bench"
+    result = runner.invoke(app, [_tiny_factory(tmp_path), *QUICK, "--onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    markdown = (out / "bench.md").read_text()
+    assert "ORT time/batch" in markdown and "ORT time:" in markdown.replace("- ORT time:", "ORT time:")
+    lines = {line.split("|")[2].strip(): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert "cannot export: operator 'Zigzag' has no ONNX translation" in lines["checkered"]
+    measurements = {m["label"]: m for m in json.loads((out / "bench.json").read_text())["measurements"]}
+    assert measurements["original"]["median_onnx_s"] > 0 and measurements["checkered"]["median_onnx_s"] is None

@@ -157,7 +157,7 @@ COMMON = ("--resize", "16", "--crop", "16", "--workers", "0", "--device", "cpu",
 
 def test_the_command_writes_an_artifact_with_the_recalibrated_statistics(project):
     code, out = _cli("net.py:make", "--data", "photos", "-o", "rec.pt", "--images", "6", "--mode", "dilated",
-                     "--batch-size", "6", *COMMON)
+                     "--batch-size", "6", "--recalibrate", "all", *COMMON)
     assert code == 0, out
     artifact = load_artifact(project / "rec.pt", trust_factory=True)
     assert artifact.conversion.mode == "dilated"

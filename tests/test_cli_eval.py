@@ -165,7 +165,7 @@ def test_limit_is_stratified_and_stated(tmp_path, fake_model):
     out = tmp_path / "r.json"
     result = invoke("red", "--data", data, "--workers", "0", "--modes", "original", "--limit", "3", "--json", out)
     assert result.exit_code == 0, result.output
-    assert "--limit 3: 3 of 5 images, stratified round-robin over classes (3 classes" in result.stdout
+    assert "--limit 3: 3 of 5 files, stratified round-robin over classes (3 classes" in result.stdout
     assert json.loads(out.read_text())["results"][0]["top1_correct"] == 3
 
 
@@ -309,7 +309,7 @@ def test_notes_are_logged_one_line_each(tmp_path, fake_model):
     result = invoke("red", "--data", data, "--workers", "0", "--keep-first", "2", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "converting to checkered (sampler=lattice, keep_first=2)" in result.stderr
-    assert "red: modes original, checkered on cpu; all 1 images" in result.stderr
+    assert "red: modes original, checkered on cpu; all 1 file" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

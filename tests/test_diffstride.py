@@ -1,4 +1,5 @@
-"""DiffStride: the mask by hand, the layer against NumPy, gradients against finite differences,
+"""DiffStride: the mask by hand, the layer against a NumPy reimplementation written the published
+way, gradients against finite differences (taken to the right at the kinks of integer strides),
 the limit R -> 0, and a converted model that learns its strides and reloads them."""
 
 from __future__ import annotations
@@ -16,6 +17,63 @@ from ccnn_convert.core.diffstride import DiffStride2d, diffstride_cost, diffstri
     kept_size
 from ccnn_convert.core.spectral import spectral_pool
 
+
+def published_diffstride(x: np.ndarray, strides: tuple[float, float], smoothness: float) -> np.ndarray:
+    """Riad et al.'s layer, written as their code does it, in NumPy: unnormalized rfft2; mask
+    positions 0, 1, ... from both ends of the rows (the second half counted back down) and along
+    the rfft columns; thresholds H / S_h / 2 and W / S_w / 2 + 1; keep the rows and columns
+    whose mask is above 0; irfft2 at its default lengths (the kept rows, 2 (columns - 1))."""
+    height, width = x.shape[-2:]
+    s_h = min(max(strides[0], 1.0), max(1.0, height / 2))
+    s_w = min(max(strides[1], 1.0), max(1.0, width / 2))
+    vertical = np.concatenate([np.arange((height + 1) // 2), np.arange(height // 2)[::-1]])
+    horizontal = np.arange(width // 2 + 1)
+    vertical_mask = np.clip((smoothness + height / s_h / 2 - vertical) / smoothness, 0, 1)
+    horizontal_mask = np.clip((smoothness + width / s_w / 2 + 1 - horizontal) / smoothness, 0, 1)
+    spectrum = np.fft.rfft2(x) * vertical_mask[:, None] * horizontal_mask[None, :]
+    spectrum = spectrum[..., np.flatnonzero(vertical_mask > 0), :][..., np.flatnonzero(horizontal_mask > 0)]
+    return np.fft.irfft2(spectrum)
+
+
+ISSUE_SIZES = [(16, 16), (15, 17), (28, 28), (7, 9)]
+ISSUE_STRIDES = [1.5, 2.0, 3.0, (2, 2), (2.3, 1.7)]
+
+
+@pytest.mark.parametrize("height,width", ISSUE_SIZES)
+@pytest.mark.parametrize("stride", ISSUE_STRIDES)
+def test_layer_equals_the_published_layer(height, width, stride):
+    """Issue 25's maps and strides: float32 against the float64 published reimplementation, to
+    1e-5 of its largest value, once scaled by the documented factor H*W / (h*w)."""
+    x = np.random.default_rng(height * width).standard_normal((2, 3, height, width))
+    strides = (stride, stride) if isinstance(stride, float) else stride
+    expected = published_diffstride(x, strides, 4.0)
+    got = DiffStride2d(stride, smoothness=4.0)(torch.from_numpy(x).float()).detach().double().numpy()
+    assert got.shape == expected.shape
+    h, w = got.shape[-2:]
+    got = got * height * width / (h * w)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+def test_odd_width_with_every_column_kept_comes_out_one_narrower():
+    """irfft2's default length 2 (columns - 1): 17 -> 16 and 9 -> 8 when all are kept (stride 1.5,
+    R = 4); the symmetric convention keeps 17 and 9."""
+    for height, width in ((15, 17), (7, 9)):
+        x = torch.randn(1, 1, height, width)
+        assert DiffStride2d(1.5)(x).shape[-1] == width - 1
+        assert DiffStride2d(1.5, convention="symmetric")(x).shape[-1] == width
+    assert kept_size(15, 17, (1.5, 1.5), 4.0) == (15, 16)
+    assert kept_size(15, 17, (1.5, 1.5), 4.0, "symmetric") == (15, 17)
+
+
+def test_symmetric_convention_is_the_real_part_of_the_full_crop():
+    """With R -> 0 at stride 2 every kept position has mask 1: the symmetric layer is
+    spectral_pool's symmetric crop, the published one its published crop, and they differ."""
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    symmetric = DiffStride2d(2.0, smoothness=1e-9, convention="symmetric").double()(x)
+    published = DiffStride2d(2.0, smoothness=1e-9).double()(x)
+    torch.testing.assert_close(symmetric, spectral_pool(x, (10, 10), "symmetric"), atol=1e-12, rtol=0)
+    torch.testing.assert_close(published, spectral_pool(x, (10, 10), "published"), atol=1e-12, rtol=0)
+    assert (symmetric - published).abs().max() > 1e-2
 
 
 def test_mask_equals_hand_computation():
@@ -69,6 +127,50 @@ def test_gradient_of_the_strides_matches_finite_differences():
         assert grad[axis].item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-8)
 
 
+def _loss_and_strides(layer: DiffStride2d, height: int, width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(1, 2, height, width, dtype=torch.float64)
+    weights = torch.randn(1, 2, *layer(x).shape[-2:], dtype=torch.float64)
+
+    def loss(strides):
+        return (functional_call(layer, {"strides": strides}, (x,)) * weights).sum()
+
+    return loss, layer.strides.detach().clone()
+
+
+@pytest.mark.parametrize("height,width,stride", [(16, 16, (2, 2)), (28, 28, (2, 2)), (12, 18, (3, 3)),
+                                                 (20, 24, (2, 3))])
+def test_gradient_at_integer_strides_is_the_right_hand_derivative(height, width, stride):
+    """At integer strides a mask position sits on the ramp's top: the loss has a kink. The
+    gradient is the derivative to the right (stride growing), as the published clip passes it."""
+    layer = DiffStride2d(stride, smoothness=4.0).double()
+    loss, strides = _loss_and_strides(layer, height, width)
+    (grad,) = torch.autograd.grad(loss(strides.requires_grad_(True)), strides)
+    eps = 1e-7
+    for axis in (0, 1):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[axis] = eps
+        right = (loss(strides.detach() + step) - loss(strides.detach())) / eps
+        assert abs(right.item()) > 1e-2
+        assert grad[axis].item() == pytest.approx(right.item(), rel=1e-5, abs=1e-6)
+
+
+def test_the_kink_is_there_at_16x16_stride_2():
+    """16x16 at strides (2, 2) keeps every frequency on both sides of the kink (the size does not
+    change), so both one-sided derivatives exist: they differ, and the gradient is the right one."""
+    layer = DiffStride2d((2, 2), smoothness=4.0).double()
+    loss, strides = _loss_and_strides(layer, 16, 16)
+    (grad,) = torch.autograd.grad(loss(strides.requires_grad_(True)), strides)
+    eps = 1e-7
+    for axis in (0, 1):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[axis] = eps
+        right = (loss(strides.detach() + step) - loss(strides.detach())) / eps
+        left = (loss(strides.detach()) - loss(strides.detach() - step)) / eps
+        assert abs(left.item() - right.item()) > 0.05 * abs(right.item())
+        assert grad[axis].item() == pytest.approx(right.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("size,stride", [(28, 2), (27, 3), (16, 4)])
 def test_small_smoothness_and_integer_stride_is_fixed_spectral_pooling(size, stride):
     """With R -> 0 every kept position has mask 1. DiffStride then keeps frequencies up to
@@ -77,11 +179,12 @@ def test_small_smoothness_and_integer_stride_is_fixed_spectral_pooling(size, str
     (H/S + 2, W/S + 2) for even H/S. Both keep constants; the authors' unnormalized FFT pair
     gives these values times H*W / (h*w)."""
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    got = DiffStride2d(float(stride), smoothness=1e-9).double()(x)
     rows = int(np.ceil(size / (2 * stride) + 1e-9))
     columns = int(np.ceil(size / (2 * stride) + 1 + 1e-9))
-    expected = spectral_pool(x, (2 * rows, 2 * (columns - 1)))
-    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    for convention in ("published", "symmetric"):
+        got = DiffStride2d(float(stride), smoothness=1e-9, convention=convention).double()(x)
+        expected = spectral_pool(x, (2 * rows, 2 * (columns - 1)), convention)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 def test_strides_are_clipped():
@@ -175,3 +278,17 @@ def test_a_trained_conversion_learns_strides_and_reloads_them(caplog):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images[:4]), model(images[:4]))
     assert conversion_report(reloaded).mode == "diffstride"
+
+
+def test_the_mode_uses_the_published_layer():
+    """diffstride mode on an odd map: its DiffStride layer is the published one (a 15x17 map at
+    strides 2, R = 4, keeps every column and comes out 16 wide), after the stride-1 conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1)).eval()
+    x = torch.randn(1, 2, 15, 17)
+    converted = convert(model, mode="diffstride", example_input=x)
+    expected = DiffStride2d(2.0)(nn.functional.conv2d(x, model[0].weight, model[0].bias, 1, 1))
+    with torch.no_grad():
+        got = converted(x)
+    assert got.shape[-2:] == (15, 16)
+    torch.testing.assert_close(got, expected)

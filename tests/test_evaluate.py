@@ -455,7 +455,7 @@ def test_evaluate_model_takes_a_resolved_model_and_typed_options(tmp_path):
     result = report.result("original")
     # limit 3 over 4 classes of one image: the centres of 3 slices of the class list: classes 0, 2, 3.
     assert (report.images, result.top1_correct, result.top5_correct) == (3, 2, 3)
-    assert report.data["selection"] == "3 of 4 images, stratified round-robin over classes " \
+    assert report.data["selection"] == "3 of 4 files, stratified round-robin over classes " \
                                        "(3 classes, spread over the class list)"
     assert report.settings["modes"] == ["original"] and report.model == "red"
 

@@ -1,6 +1,6 @@
 """ONNX export of issue 17's modes: spectral (matrix products with fixed DFT bases), diffstride
-with fixed strides (the DFT operator) and blurpool (plain convolutions), each with a dynamic
-batch and equal to eager PyTorch in ONNX Runtime to 1e-4."""
+with fixed strides (matrix products with bases measured from the layer itself) and blurpool
+(plain convolutions), each with a dynamic batch and equal to eager PyTorch in ONNX Runtime to 1e-4."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from ccnn_convert import convert
-from ccnn_convert.core.diffstride import diffstride_layers
+from ccnn_convert.core.diffstride import DiffStride2d, diffstride_layers
+from ccnn_convert.errors import ExportError
 from ccnn_convert.export import VerifyOptions, export
+from ccnn_convert.export.diffstride_bases import MatrixDiffStride, separable_terms, with_matrix_diffstride
 from ccnn_convert.export.spectral_bases import MatrixSpectralPool, with_matrix_spectral_pooling
 
 ort = pytest.importorskip("onnxruntime")
@@ -68,16 +70,46 @@ def test_spectral_exports_as_matrix_products_and_matches_eager(tmp_path):
     assert _ort_matches_eager(result.path, converted, 30) <= 1e-4  # batch 5: not one of the verified batches
 
 
-def test_diffstride_with_learned_strides_exports_with_a_static_crop(tmp_path):
-    model = _net()
-    converted = convert(model, mode="diffstride", example_input=torch.zeros(1, 3, 30, 30))
+@pytest.mark.parametrize("size,strides", [((8, 8), (2.0, 2.0)), ((9, 7), (2.6, 1.7)), ((15, 16), (3.2, 2.0)),
+                                          ((31, 30), (1.3, 4.1)), ((12, 10), (1.0, 5.0))])
+def test_matrix_diffstride_equals_the_layer_itself(size, strides):
+    """Whatever the layer's convention: the bases are measured from its forward, so the matrix
+    form must equal the layer (float64, rounding only) on inputs it was not built from."""
+    layer = DiffStride2d(strides).eval()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        for value, (_, layer) in zip((2.6, 1.7, 3.2), diffstride_layers(converted)):
-            layer.strides.fill_(value)  # as if trained: not the original strides
+        expected = layer.double()(x)
+    got = sum(a @ x @ b.T for a, b in separable_terms(layer, size))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    module = MatrixDiffStride(layer.float(), [size])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x.float()), expected.float(), atol=1e-5, rtol=0)
+
+
+class _SquaringDiffStride(DiffStride2d):
+    def forward(self, x):
+        return super().forward(x) ** 2  # not linear: no matrix form exists
+
+
+def test_matrix_diffstride_refuses_a_layer_that_is_not_linear():
+    with pytest.raises(ExportError, match="not a sum of separable matrix products"):
+        separable_terms(_SquaringDiffStride(2.0).eval(), (12, 12))
+
+
+def test_diffstride_with_learned_strides_exports_as_matrix_products(tmp_path):
+    model = _net()
+    converted = convert(model, mode="diffstride", example_input=torch.zeros(1, 3, 29, 29))
+    with torch.no_grad():
+        for value, (_, layer) in zip(((2.6, 1.7), (3.2, 1.0), (1.4, 2.9)), diffstride_layers(converted)):
+            layer.strides.copy_(torch.tensor(value))  # as if trained: not the original strides
     converted.eval()
-    result = export(converted, tmp_path / "diffstride.onnx", mode="original", input_size=30, verify=VerifyOptions())
-    assert result.verification.passed and result.info.op_counts.get("DFT", 0) > 0
-    assert _ort_matches_eager(result.path, converted, 30) <= 1e-4
+    swapped, replaced = with_matrix_diffstride(converted, (29, 29))
+    assert replaced == len(diffstride_layers(converted)) == 3 and not diffstride_layers(swapped)
+    result = export(converted, tmp_path / "diffstride.onnx", mode="original", input_size=29, verify=VerifyOptions())
+    assert result.verification.passed
+    assert "DFT" not in result.info.op_counts and result.info.op_counts.get("MatMul", 0) >= 6
+    assert _ort_matches_eager(result.path, converted, 29) <= 1e-4  # batch 5, odd size: not verified batches
 
 
 def test_blurpool_exports_as_convolutions(tmp_path):

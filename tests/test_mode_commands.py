@@ -46,6 +46,13 @@ def _cli(app, args):
      "--stride-penalty"),
     (train_app, ["efficientnet_lite0", "--data", ".", "--out", "o", "--mode", "checkered", "--blur-size", "3"],
      "--blur-size"),
+    (convert_app, ["efficientnet_lite0", "--mode", "checkered", "--resample-at", "activation"], "--resample-at"),
+    (eval_app, ["efficientnet_lite0", "--data", ".", "--modes", "original,dilated", "--resample-at", "layer"],
+     "--resample-at"),
+    (bench_app, ["efficientnet_lite0", "--modes", "checkered", "--resample-at", "activation"], "--resample-at"),
+    (export_app, ["efficientnet_lite0", "--mode", "traditional", "--resample-at", "activation"], "--resample-at"),
+    (train_app, ["efficientnet_lite0", "--data", ".", "--out", "o", "--mode", "checkered", "--resample-at",
+                 "activation"], "--resample-at"),
 ])
 def test_a_mode_option_without_its_mode_is_refused_in_one_line(app, args, flag, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -57,6 +64,7 @@ def test_a_mode_option_without_its_mode_is_refused_in_one_line(app, args, flag, 
 @pytest.mark.parametrize("app,args,flag", [
     (convert_app, ["efficientnet_lite0", "--mode", "diffstride", "--smoothness", "0"], "--smoothness"),
     (convert_app, ["efficientnet_lite0", "--mode", "blurpool", "--blur-size", "9"], "--blur-size"),
+    (convert_app, ["efficientnet_lite0", "--mode", "blurpool", "--resample-at", "norm"], "--resample-at"),
 ])
 def test_a_bad_mode_option_value_is_one_line(app, args, flag):
     code, out = _cli(app, args)

@@ -32,7 +32,8 @@ def test_the_table_is_the_one_list_of_modes_and_options():
     for name in MODE_OPTIONS:
         assert name in convert_parameters and name in spec_fields, name
     expected = {"checkered": {"sampler", "density", "seed", "edges"}, "dilated": {"dilation"}, "traditional": set(),
-                "spectral": set(), "diffstride": {"smoothness"}, "blurpool": {"blur_size"}}
+                "spectral": {"resample_at"}, "diffstride": {"smoothness", "resample_at"},
+                "blurpool": {"blur_size", "resample_at"}}
     assert {name: set(mode.options) for name, mode in MODES.items()} == expected
     assert RESAMPLING_MODES == NEW_MODES
     for mode in MODES.values():
@@ -133,7 +134,7 @@ def test_conversion_is_stride_one_then_the_downsampler_at_the_original_size(mode
     torch.manual_seed(0)
     model = _Mixed().eval()
     x = torch.randn(2, 3, size, size)
-    converted = convert(model, mode=mode, example_input=x)
+    converted = convert(model, mode=mode, resample_at="layer", example_input=x)  # (the placement by hand below)
     report = conversion_report(converted)
     assert (report.steps, report.converted_layers) == (4, 4)
     # same output size for every strided layer as the original: the classifier is unchanged

@@ -224,6 +224,14 @@ TAMPERED = {
     "history of another length": (lambda s: s.update(history=s["history"] * 2), "invalid history"),
     "scheduler at another step": (lambda s: s["scheduler"].update(last_epoch=0), "invalid scheduler"),
     "no scaler": (lambda s: s.pop("scaler"), "damaged training checkpoint (no 'scaler')"),
+    # issue 24, items 4 and 12
+    "lr 1e9": (lambda s: s["optimizer"]["param_groups"][0].update(lr=1e9), "invalid optimizer"),
+    "lr off the schedule": (lambda s: s["optimizer"]["param_groups"][1].update(
+        lr=s["optimizer"]["param_groups"][1]["lr"] * 1.01), "group 2: lr is"),
+    "another momentum": (lambda s: s["optimizer"]["param_groups"][0].update(momentum=0.5), "momentum is 0.5"),
+    "a momentum buffer of another shape": (lambda s: s["optimizer"]["state"][0].update(
+        momentum_buffer=torch.zeros(3)), "momentum_buffer of parameter 0 is (3,)"),
+    "another base rate in the schedule": (lambda s: s["scheduler"].update(base_lrs=[1e9, 1e9]), "invalid scheduler"),
 }
 
 

@@ -25,6 +25,8 @@ What is measured, exactly
   meta tensors (nothing is computed), so even a dilated network that would take hours is counted.
 * **parameters**: distinct parameter tensors; a converted model shares the original's.
 * **top-1** (optional): a function from {label: model} to {label: top-1 %}, see :mod:`.run`.
+* **ONNX Runtime time per batch** (optional, ``TimingOptions.onnx``): each variant exported as
+  ``ccnn-export`` exports it and timed on ONNX Runtime's CPU provider, see :mod:`.ort`.
 
 Ratios divide a variant's figure by the original's (same model, same batch, same run).
 """
@@ -83,11 +85,14 @@ class Measurement:
     convert_s: float | None = None
     top1: float | None = None
     skipped: str | None = None  # why it was not timed
+    onnx_times_s: list[float] = field(default_factory=list)  # ONNX Runtime (CPU), wall clock per pass
+    onnx_skipped: str | None = None  # why it has no ONNX Runtime time
     time_ratio: float | None = None
     cpu_time_ratio: float | None = None
     flop_ratio: float | None = None
     memory_ratio: float | None = None
     param_ratio: float | None = None
+    onnx_time_ratio: float | None = None
 
     @property
     def median_s(self) -> float | None:
@@ -97,10 +102,15 @@ class Measurement:
     def median_cpu_s(self) -> float | None:
         return statistics.median(self.cpu_times_s) if self.cpu_times_s else None
 
+    @property
+    def median_onnx_s(self) -> float | None:
+        return statistics.median(self.onnx_times_s) if self.onnx_times_s else None
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["median_s"] = self.median_s
         data["median_cpu_s"] = self.median_cpu_s
+        data["median_onnx_s"] = self.median_onnx_s
         return data
 
 
@@ -110,6 +120,8 @@ class TimingOptions:
 
     ``max_seconds``: variants whose estimated time per batch (the original's first pass x the
     FLOP ratio) exceeds it are not run; their FLOPs and parameters are still reported.
+    ``onnx``: also export every variant and time it in ONNX Runtime (an export per variant: slow
+    for large models, hence off by default).
     """
 
     batch_size: int = 4
@@ -117,6 +129,7 @@ class TimingOptions:
     warmup: int = 1
     memory: bool = True
     max_seconds: float | None = None
+    onnx: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -131,11 +144,10 @@ class TimingOptions:
 
 def measured_modes(modes: Sequence[str] | None) -> list[str]:
     """['checkered', 'dilated'] -> ['original', 'checkered', 'dilated']: the original always comes
-    first (every ratio is taken against it). None gives the default modes; [] the original only."""
+    first (every ratio is taken against it). None gives the default modes; [] is refused, as in
+    ccnn-eval (an empty list asks for nothing: ["original"] measures the original alone)."""
     if modes is None:
         return list(DEFAULT_MODES)
-    if not modes:
-        return [ORIGINAL]
     return [ORIGINAL, *(mode for mode in check_modes(modes) if mode != ORIGINAL)]
 
 
@@ -309,6 +321,10 @@ def bench_model(name: str, original: nn.Module, conversions: Sequence[str | Conv
     runnable = _runnable(name, variants, measurements, x, device, timing.max_seconds)
     _warm_up(runnable, x, device, timing, measure_memory=timing.memory, original=variants[0])
     _time(name, runnable, x, device, timing.repeats)
+    if timing.onnx:
+        from .ort import onnx_latency
+
+        onnx_latency(variants, measurements, x, timing.repeats, timing.warmup)
     if top1 is not None:
         logger.info("%s: top-1 of %d variant(s)", name, len(runnable))
         scores = top1({variant.label: variant.model for variant, _ in runnable})
@@ -393,3 +409,4 @@ def add_ratios(measurements: Sequence[Measurement]) -> None:
         m.flop_ratio = _ratio(m.flops, ref.flops)
         m.memory_ratio = _ratio(m.peak_memory_bytes, ref.peak_memory_bytes)
         m.param_ratio = _ratio(m.params, ref.params)
+        m.onnx_time_ratio = _ratio(m.median_onnx_s, ref.median_onnx_s)

@@ -92,17 +92,19 @@ def _fmt_bytes(value: int | None) -> str:
     return "-" if value is None else format_bytes(value)
 
 
-TABLE_COLUMNS = ("model", "variant", "submaps", "time/batch", "time x", "CPU time x", "FLOPs/batch", "FLOPs x",
-                 "peak memory", "memory x", "params", "top-1")
-OPTIONAL_COLUMNS = ("CPU time x", "top-1")  # dropped when no row has a value
+TABLE_COLUMNS = ("model", "variant", "submaps", "time/batch", "time x", "CPU time x", "ORT time/batch", "ORT time x",
+                 "FLOPs/batch", "FLOPs x", "peak memory", "memory x", "params", "top-1")
+OPTIONAL_COLUMNS = ("CPU time x", "ORT time/batch", "ORT time x", "top-1")  # dropped when no row has a value
 
 
 def table_row(m: Measurement) -> list[str]:
     """One row of the cost table, one cell per TABLE_COLUMNS entry."""
     time = fmt_seconds(m.median_s) if m.skipped is None else f"not run ({m.skipped})"
+    onnx_time = fmt_seconds(m.median_onnx_s) if m.onnx_skipped is None else m.onnx_skipped
     return [m.model, m.label, str(m.submaps), time, fmt_ratio(m.time_ratio), fmt_ratio(m.cpu_time_ratio),
-            format_flops(m.flops), fmt_ratio(m.flop_ratio), _fmt_bytes(m.peak_memory_bytes),
-            fmt_ratio(m.memory_ratio), fmt_count(m.params), "-" if m.top1 is None else f"{m.top1:.2f}"]
+            onnx_time, fmt_ratio(m.onnx_time_ratio), format_flops(m.flops), fmt_ratio(m.flop_ratio),
+            _fmt_bytes(m.peak_memory_bytes), fmt_ratio(m.memory_ratio), fmt_count(m.params),
+            "-" if m.top1 is None else f"{m.top1:.2f}"]
 
 
 def table_rows(measurements: Sequence[Measurement]) -> tuple[list[str], list[list[str]]]:
@@ -141,6 +143,10 @@ def describe_settings(settings: Mapping[str, Any]) -> dict[str, str]:
                               "(torch.profiler memory events, CPU allocator)")
     elif settings.get("memory_kind") == MEMORY_CUDA:
         out["peak memory"] = "model tensors + input + peak CUDA allocation during the forward"
+    if settings.get("onnx"):
+        out["ORT time"] = ("each variant exported as ccnn-export exports it (fixed spectral pooling and DiffStride "
+                           "as matrix products), ONNX Runtime CPU provider with the same threads, timed like "
+                           "time/batch; ORT time x = against the original's ORT time")
     out["FLOPs"] = f"per batch, torch.utils.flop_counter on meta tensors (multiply-add = 2); {FFT_FLOPS_NOTE}"
     if settings.get("load_average"):
         before, after = settings["load_average"]

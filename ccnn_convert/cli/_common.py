@@ -152,7 +152,7 @@ def smoothness_help() -> str:
     from ..core.options import DEFAULT_SMOOTHNESS
 
     return (f"Mode diffstride: width R of the Fourier mask's ramp, in frequency positions "
-            f"(default: {DEFAULT_SMOOTHNESS:g}).")
+            f"[default: {DEFAULT_SMOOTHNESS:g}]")
 
 
 def phc_help() -> str:
@@ -166,7 +166,15 @@ def blur_size_help() -> str:
     from ..core.options import DEFAULT_BLUR_SIZE, MAX_BLUR_SIZE
 
     return (f"Mode blurpool: size of the binomial blur filter, 1 to {MAX_BLUR_SIZE} "
-            f"(default: {DEFAULT_BLUR_SIZE}).")
+            f"[default: {DEFAULT_BLUR_SIZE}]")
+
+
+def resample_at_help() -> str:
+    from ..core.options import DEFAULT_RESAMPLE_AT, RESAMPLE_AT
+
+    return (f"Modes spectral, diffstride, blurpool: where the downsampler goes, {' | '.join(RESAMPLE_AT)}: right "
+            f"after the strided layer, or after its norm and activation (antialiased-cnns' placement) "
+            f"(default: {DEFAULT_RESAMPLE_AT}).")
 
 
 # --------------------------------------------------------------------------- errors
@@ -234,6 +242,13 @@ def user_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None
     return decorate(func) if func is not None else decorate
 
 
+def command_name(argv0: str) -> str:
+    """The command's name for its usage line: ``ccnn-eval``, also under ``python -m
+    ccnn_convert.cli.eval``, whose argv[0] is the module's file (``eval.py``)."""
+    name = argv0.replace("\\", "/").rsplit("/", 1)[-1]
+    return f"ccnn-{name[:-3]}" if name.endswith(".py") else name
+
+
 def run_app(app: typer.Typer, runs_models: bool = False) -> None:
     """Run a command's typer app: one-line errors, no pretty tracebacks, logging on stderr.
 
@@ -245,6 +260,6 @@ def run_app(app: typer.Typer, runs_models: bool = False) -> None:
     signals.terminate_like_interrupt()  # again: harmless, and covers callers that skip entry.py
     setup_logging()
     try:
-        app(prog_name=sys.argv[0].rsplit("/", 1)[-1])
+        app(prog_name=command_name(sys.argv[0]))
     finally:
         signals.exit_when_stopped()  # also under python -m, which skips entry.py

@@ -19,8 +19,8 @@ from ..errors import CCNNError, ParameterError
 from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
-from ._common import (blur_size_help, console, mode_names, parse_list, phc_help, plain, run_app, smoothness_help,
-                      user_errors)
+from ._common import (blur_size_help, console, mode_names, parse_list, phc_help, plain, resample_at_help, run_app,
+                      smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -28,12 +28,17 @@ app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 _FLAGS = {"image_size": "--size", "leaf_modules": "--leaf", "models": "MODELS"}
 
 
+_WRAPPING = ("time/batch", "ORT time/batch")  # "not run (why)", "cannot export: why"
+
+
 def results_table(report: BenchReport) -> Table:
     table = Table(title="cost per batch (x = relative to the original)", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
     headers, rows = table_rows(report.measurements)
     for index, name in enumerate(headers):
-        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=name != "time/batch")
+        wraps = name in _WRAPPING  # their cells may hold a reason; the numbers still fit on one line
+        table.add_column(name, justify="left" if index < 2 else "right", no_wrap=not wraps,
+                         min_width=len("999.9 ms") if wraps else None)
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     return table
@@ -57,11 +62,13 @@ def bench_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: an artifact's, else native where a dilation can express the model, else multisample]."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact rebuild its model by running the factory it names."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (one extra profiled pass per variant)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export every variant to ONNX and time it in ONNX Runtime (CPU provider): the deployed cost. One export per variant, so off by default."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Skip variants estimated (original time x FLOP ratio) to take longer per batch."),
     data: Optional[str] = typer.Option(None, "--data", help="Also measure top-1 on this image folder (<wnid>/<image>, or flat with --labels)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels for a flat --data folder."),
@@ -83,10 +90,10 @@ def bench_command(
             check_fits_in_memory(4 * 3 * size * size * batch_size, f"a batch of {batch_size} {size}x{size} images",
                                  "batch_size")
     timing = TimingOptions(batch_size=batch_size, repeats=repeats, warmup=warmup, memory=memory,
-                           max_seconds=max_seconds)
-    options = BenchOptions(modes=tuple(parse_list(modes) or ()), sampler=sampler, keep_first=keep_first, seed=seed,
+                           max_seconds=max_seconds, onnx=onnx)
+    options = BenchOptions(modes=tuple(parse_list(modes)), sampler=sampler, keep_first=keep_first, seed=seed,
                            leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
-                           blur_size=blur_size, phc=phc, sweep=sweep,
+                           blur_size=blur_size, resample_at=resample_at, phc=phc, sweep=sweep,
                            image_size=size, device=device, weights=weights,
                            trust_factory=trust_factory, timing=timing)
     top1 = _top1_options(data, labels, limit, eval_batch_size, workers)

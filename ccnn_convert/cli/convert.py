@@ -21,7 +21,7 @@ from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
 from ._common import (blur_size_help, console, err_console, mode_names, modes_described, phc_help, plain, printable,
-                      run_app, smoothness_help, user_errors)
+                      resample_at_help, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a CNN's strided convolutions and pools into checkered (multisampling), dilated, spectral, "
@@ -33,10 +33,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 def main_command(
     model: str = typer.Argument("efficientnet_lite0", help="torchvision/timm name, efficientnet_lite0..2, "
                                 "file.py:factory, module:factory, checkpoint (with --arch) or ccnn-convert artifact."),
-    mode: str = typer.Option("checkered", help=f"{mode_names(original=False)}. {modes_described()}."),
+    mode: Optional[str] = typer.Option(None, help=f"{mode_names(original=False)}. {modes_described()}. "
+                                       "[default: an artifact's own mode, else checkered]"),
     sampler: Optional[str] = typer.Option(None, help="Sampler sequence over submaps (checkered mode): "
                                           "naive | lattice | random. [default: lattice]"),
-    keep_first: int = typer.Option(0, "--keep-first", help="Keep the first N subsampling steps traditional."),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Keep the first N subsampling steps "
+                                             "traditional. [default: an artifact's, else 0]"),
     density: Optional[int] = typer.Option(None, help="Samples per window of checkered mode (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, help="Seed for the random sampler (checkered mode)."),
     edges: Optional[str] = typer.Option(None, help="Checkered mode's edge rule: exact | reference "
@@ -46,6 +48,7 @@ def main_command(
                                            "dilation can express the model, else multisample]"),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
@@ -59,22 +62,26 @@ def main_command(
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
-    check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first, phc=phc)
-    spec = ConversionSpec.build(mode, sampler=sampler, keep_first=keep_first, density=density, seed=seed,
-                                leaf_modules=leaf, edges=edges, dilation=dilation, smoothness=smoothness,
-                                blur_size=blur_size, phc=phc)
+    given = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
+                 smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
+    if mode is not None:  # else the artifact's own mode, known once it is read
+        check_options_used([mode], keep_first=keep_first, **given)
     if output is not None:
         check_output(output, force=force)
     resolved = resolve_model(model, weights=weights, arch=arch, trust_factory=trust_factory)
-    if resolved.conversion is not None:
-        err_console.print(plain(f"note: {model} is already a ccnn-convert artifact; converting its original model again"),
-                          soft_wrap=True)
-        # The artifact's leaf modules describe the model, so they still apply; its options do not.
-        leaves = [*resolved.conversion.leaf_modules, *(n for n in leaf if n not in resolved.conversion.leaf_modules)]
-        spec = dataclasses.replace(spec, leaf_modules=tuple(leaves))
+    base = resolved.conversion
+    if mode is None:
+        mode = base.mode if base is not None else "checkered"
+        check_options_used([mode], keep_first=keep_first, **given)
+    # An artifact's own conversion (and what it learned: DiffStride's strides) is the default;
+    # options given here win, as in the other commands.
+    spec = ConversionSpec.build(mode, base, keep_first=keep_first, leaf_modules=leaf, **given)
     example = torch.zeros(1, 3, input_size, input_size)
     converted = resolved.converted(spec, input_size)  # an artifact's learned strides, if they apply
+    if base is not None:
+        err_console.print(plain(f"note: {model} is already a ccnn-convert artifact ({base.mode}); its model was "
+                                "converted again, with the artifact's own options where none were given"),
+                          soft_wrap=True)
     report = conversion_report(converted)
     if spec.mode == "dilated" and spec.dilation is None:  # the artifact says which one was used
         spec = dataclasses.replace(spec, dilation=report.dilation)
@@ -132,8 +139,6 @@ def phc_summary(phc: PHCReport) -> str:
 def print_summary(report: ConversionReport, original: torch.nn.Module, converted: torch.nn.Module,
                   example: torch.Tensor) -> None:
     flops_before, flops_after = count_flops(original, example), count_flops(converted, example)
-    same = _same_parameters(original, converted)
-    after = sum(p.numel() for p in converted.parameters())
     if report.phc is not None:
         console.print(phc_summary(report.phc))
     console.print(
@@ -141,15 +146,33 @@ def print_summary(report: ConversionReport, original: torch.nn.Module, converted
         f"(in {report.steps} subsampling steps); final submaps: {report.final_submaps}\n"
         f"FLOPs per image: {flops_before / 1e9:.3f} G original -> {flops_after / 1e9:.3f} G converted "
         f"({flops_after / max(flops_before, 1):.2f}x)\n"
-        f"parameters: {sum(p.numel() for p in original.parameters()):,} "
-        + (f"-> {after:,} (PHC layers)" if report.phc is not None
-           else f"({'unchanged' if same else '[red]CHANGED[/]'})"))
+        f"parameters: {_parameters_line(original, converted, report.phc is not None)}")
     if report.averaged_at:
         *inner, last = report.averaged_at
         pools = f" (and {len(inner)} pools inside the network over all submaps)" if inner else ""
         console.print(f"submaps averaged at: {last}{pools}")
     # report.warnings (keep_first beyond the steps, a leaf matching nothing) were logged by the
     # engine when found; the handler of run_app prints each once as a `warning:` line.
+
+
+def _parameters_line(original: torch.nn.Module, converted: torch.nn.Module, phc: bool = False) -> str:
+    """The original's parameter count, and what the conversion changed: the parameters it adds
+    (DiffStride's strides) are counted, not called a change of the original's; PHC layers
+    replace the convolutions' weights by design."""
+    before = sum(p.numel() for p in original.parameters())
+    after = sum(p.numel() for p in converted.parameters())
+    if phc:
+        return f"{before:,} -> {after:,} (PHC layers)"
+    if _same_parameters(original, converted):
+        return f"{before:,} (unchanged)"
+    if after != before and _shares_original(original, converted):
+        return f"{before:,} original -> {after:,} converted ({after - before:+,}: the conversion's own; the original's unchanged)"
+    return f"{before:,} -> {after:,} ([red]CHANGED[/])"
+
+
+def _shares_original(original: torch.nn.Module, converted: torch.nn.Module) -> bool:
+    before, after = original.state_dict(), converted.state_dict()
+    return before.keys() <= after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _same_parameters(original: torch.nn.Module, converted: torch.nn.Module) -> bool:

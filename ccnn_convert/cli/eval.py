@@ -19,7 +19,7 @@ from ..evaluate import EvalReport, evaluate_model, write_json
 from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
 from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
-                      preprocessing_overrides, printable, run_app, smoothness_help, user_errors)
+                      preprocessing_overrides, printable, resample_at_help, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -35,7 +35,7 @@ class ImagesPerSecondColumn(ProgressColumn):
 def results_table(report: EvalReport) -> Table:
     """One row per mode; percentages without the % sign so the table fits 80 columns."""
     consistency = any(r.consistency is not None for r in report.results)
-    table = Table(title=plain(f"{report.model}: {report.images} images"), title_justify="left",
+    table = Table(title=plain(f"{report.model}: {report.images} image{'' if report.images == 1 else 's'}"), title_justify="left",
                   box=box.SIMPLE_HEAD, padding=0, show_edge=False,
                   caption="top-1, top-5, agree (same top-1 as original)"
                           + (", shift (consistency)" if consistency else "")
@@ -67,7 +67,9 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     selection = report.data.get("selection")
     if limit is not None and report.data.get("files_selected") != report.data.get("files_found"):
         selection = f"--limit {limit}: {selection}"
-    notes = [f"data: {selection} ({report.data.get('layout')})"]
+    read = f": {report.images} image{'' if report.images == 1 else 's'} read, {len(report.skipped)} skipped" \
+        if report.skipped else ""
+    notes = [f"data: {selection} ({report.data.get('layout')}){read}"]
     if report.memory_kind == "process_rss_high_water":
         largest = ", largest rank" if report.world_size > 1 else ""
         notes.append(f"peak memory: process RSS high-water mark (per process{largest}; all modes together, not per mode)")
@@ -95,15 +97,16 @@ def eval_command(
     model: str = typer.Argument(..., help="Model name (resnet50, efficientnet_lite0, ...), a ccnn-convert artifact (.pt) or an .onnx file."),
     data: str = typer.Option(..., "--data", help="Images: <wnid>/<image> folders, or a flat folder with --labels."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels for a flat folder: LOC_val_solution.csv or a filename,label CSV (label = index or wnid)."),
-    modes: Optional[str] = typer.Option(None, "--modes", help=f"Comma list of {mode_names()} (default: original,checkered; for an artifact: original and its own mode)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random (default: lattice, or the artifact's)."),
-    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted (default: 0, or the artifact's)."),
+    modes: Optional[str] = typer.Option(None, "--modes", help=f"Comma list of {mode_names()} [default: original,checkered; for an artifact: original and its own mode]"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Checkered sampler: naive|lattice|random [default: lattice, or the artifact's]"),
+    keep_first: Optional[int] = typer.Option(None, "--keep-first", help="Leave the first N subsampling layers unconverted [default: 0, or the artifact's]"),
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window (1 = traditional, k*k = dilated)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler and the shift-consistency crops."),
-    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference (default: reference, or the artifact's; dilated is always exact)."),
-    dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native (default: the artifact's, else native where a dilation can express the model, else multisample)."),
+    edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact|reference [default: reference, or the artifact's; dilated is always exact]"),
+    dilation: Optional[str] = typer.Option(None, "--dilation", help="How dilated mode is computed: multisample|native [default: the artifact's, else native where a dilation can express the model, else multisample]"),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
@@ -129,8 +132,8 @@ def eval_command(
         check_output(json_path, force=force)  # fail now, not after a long evaluation
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
-        seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc,
-        leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+        seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
+        resample_at=resample_at, phc=phc, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
         preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
         workers=workers, device=device, amp=amp, consistency=consistency,

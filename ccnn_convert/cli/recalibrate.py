@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from ..train.calibrate import recalibrate_model
-from ._common import console, mode_names, plain, preprocessing_overrides, run_app, user_errors
+from ._common import console, mode_names, plain, preprocessing_overrides, resample_at_help, run_app, user_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -31,11 +31,13 @@ def recalibrate_command(
     density: Optional[int] = typer.Option(None, "--density", help="Checkered: samples per k x k window."),
     edges: Optional[str] = typer.Option(None, "--edges", help="Checkered edge rule: exact | reference [default: reference]."),
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, or a file."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
-    layers: str = typer.Option("all", "--layers", help="all: every BatchNorm | converted: only those after the first converted step (their input changed)."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="Which BatchNorms to re-estimate: auto (those whose input statistics the conversion changed, measured on the same images; the rest keep theirs) | all | none [default: auto]."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="The older choice: all | converted (those after the first converted step, by shapes); not with --recalibrate."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (each batch's statistics count equally)."),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the images (and a random sampler's eval table)."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Override the model's preprocessing: shorter side resized to this."),
@@ -47,12 +49,12 @@ def recalibrate_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
-    """Convert MODEL, re-estimate every BatchNorm's running statistics over N images of DATA, save an artifact."""
+    """Convert MODEL, re-estimate the BatchNorm running statistics the conversion changed over N images of DATA, save an artifact."""
     summary = recalibrate_model(model, data, output, images=images, mode=mode, sampler=sampler, keep_first=keep_first,
-                                density=density, edges=edges, dilation=dilation, seed=seed,
+                                density=density, edges=edges, dilation=dilation, resample_at=resample_at, seed=seed,
                                 leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
                                 preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
-                                trust_factory=trust_factory, batch_size=batch_size, layers=layers, workers=workers, device=device,
+                                trust_factory=trust_factory, batch_size=batch_size, recalibrate=recalibrate, layers=layers, workers=workers, device=device,
                                 force=force)
     skipped = f" ({summary['skipped']} unreadable file(s) skipped)" if summary["skipped"] else ""
     console.print(Text.assemble(f"recalibrated the BatchNorm statistics ({summary['layers']}) on {summary['images']} "

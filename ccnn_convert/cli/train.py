@@ -7,6 +7,7 @@ of each global batch and rank 0 prints and writes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,9 +21,9 @@ from rich.text import Text
 from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
-from ..train.distill import DISTILL_RECIPE, DistillConfig
-from ._common import (blur_size_help, console, err_console, mode_names, percent, phc_help, plain,
-                      preprocessing_overrides, run_app, smoothness_help, user_errors)
+from ..train.distill import TTA_SHIFT, DistillConfig, distill_recipe, recipe_mode
+from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
+                      preprocessing_overrides, resample_at_help, run_app, smoothness_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -47,12 +48,20 @@ def summary_table(result: TrainResult) -> Table:
     for name in ("", "epoch", "train loss", "val top-1", "val top-5", "img/s") + (("agreement", "KL") if distilled else ()):
         table.add_column(name, justify="left" if not name else "right")
     rows = [("last", result.history[-1])] if result.history else []
-    if result.best is not None:
+    untrained = result.info.get("untrained")
+    if untrained is not None:  # distillation: the untrained conversion, measured before training
+        rows.insert(0, ("untrained", EpochRecord(0, math.nan, math.nan, None, untrained["val_top1"], None, 0.0,
+                                                 0.0, math.nan, None, val_agreement=untrained["val_agreement"],
+                                                 val_kl=untrained["val_kl"])))
+    if untrained is not None and untrained["kept_as_best"]:
+        rows.append(("best: untrained", rows[0][1]))
+    elif result.best is not None:
         rows.append(("best", result.best))
     for label, r in rows:
         extra = (percent(r.val_agreement), "-" if r.val_kl is None else f"{r.val_kl:.4f}") if distilled else ()
-        table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}", percent(r.val_top1), percent(r.val_top5),
-                      f"{r.images_per_s:.1f}", *extra)
+        trained = not math.isnan(r.train_loss)
+        table.add_row(label, str(r.epoch), f"{r.train_loss:.4f}" if trained else "-", percent(r.val_top1),
+                      percent(r.val_top5), f"{r.images_per_s:.1f}" if trained else "-", *extra)
     return table
 
 
@@ -70,6 +79,7 @@ def train_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
+    resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     stride_penalty: float = typer.Option(0.0, "--stride-penalty", help="Mode diffstride: add L x the cost the learned strides imply (the paper's complexity regulariser) to the loss."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
@@ -77,7 +87,7 @@ def train_command(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Replace the classifier head with one of N classes (N = the number of class folders)."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="Let an artifact built by a factory run that factory's code again."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs to train [default: 10; with --distill: 3]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Epochs to train [default: 10; with --distill: {distill_recipe('checkered')['epochs']}, the mode's recipe]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split over torchrun processes) [default: 64; with --distill: 16]."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (with Nesterov momentum) | adamw."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw]."),
@@ -85,7 +95,7 @@ def train_command(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay, not applied to norm parameters and biases [default: 1e-4 for sgd, 0.05 for adamw]."),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up (from 1% of --lr) before the cosine schedule."),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Label smoothing of the cross-entropy loss."),
-    augment: str = typer.Option("standard", "--augment", help="standard (random resized crop + flip) | flip | none."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="Per image: standard (random resized crop, 8-100% of the area, + flip) | strong (5-100%, + flip) | flip | none; optionally with a batch mix: mixup | cutmix, e.g. strong,mixup [default: standard; with --distill: strong,mixup]."),
     shift: int = typer.Option(0, "--shift", help="Also translate images randomly by up to N pixels (zero-padded)."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision: bfloat16 autocast on CPU, float16 with a grad scaler on CUDA."),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="Recompute each block's activations in the backward pass (less memory, more time)."),
@@ -103,25 +113,29 @@ def train_command(
     train_params: Optional[str] = typer.Option(None, "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head [default: all; with --distill: norm+head]."),
     freeze_norm_stats: Optional[bool] = typer.Option(None, "--freeze-norm-stats/--no-freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images [default: off; with --distill: on]."),
     distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes), or several, comma-separated: the mean of their softmaxes."),
+    teacher_tta: Optional[str] = typer.Option(None, "--teacher-tta", help=f"With --distill: average the teacher's softmax over views of each image: flip (mirrored), shift (moved {TTA_SHIFT} px left, right, up, down), or flip,shift (10 views)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="With --distill: which BatchNorms to re-estimate on the training images before training: auto (those whose input statistics the conversion changed, measured) | all | none [default: auto]."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
-    recipe = recipe_defaults(distill, epochs=epochs, batch_size=batch_size, train_params=train_params,
-                             freeze_norm_stats=freeze_norm_stats)
+    recipe = recipe_defaults(distill, recipe_mode(model, mode) if distill else None, epochs=epochs,
+                             batch_size=batch_size, train_params=train_params, freeze_norm_stats=freeze_norm_stats,
+                             augment=augment)
     config = TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                         augment=augment, shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
+                         shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
-                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, phc=phc,
+                   dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   recalibrate=recalibrate, phc=phc,
                    leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,
                    num_classes=num_classes, preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                    trust_factory=trust_factory, resume=resume, force=force, workers=workers, device=device,
-                   distill=distill_config(distill, teacher, temperature, distill_weight, val_fraction))
+                   distill=distill_config(distill, teacher, temperature, distill_weight, val_fraction, teacher_tta))
     result = run_with_progress(model, data, out, **options)
     if not result.is_main:
         return
@@ -130,24 +144,26 @@ def train_command(
     console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
 
 
-def recipe_defaults(distill: bool, **given) -> dict:
+def recipe_defaults(distill: bool, mode: str | None = None, **given) -> dict:
     """The options given; those left unset take TrainConfig's defaults, or with --distill the
-    measured distillation recipe (DISTILL_RECIPE)."""
+    distillation recipe of ``mode`` (train.distill.DISTILL_RECIPES)."""
     chosen = {k: v for k, v in given.items() if v is not None}
-    return {**DISTILL_RECIPE, **chosen} if distill else chosen
+    return {**distill_recipe(mode or "checkered"), **chosen} if distill else chosen
 
 
-def distill_config(distill: bool, teacher, temperature, weight, val_fraction) -> DistillConfig | None:
+def distill_config(distill: bool, teacher, temperature, weight, val_fraction, teacher_tta=None) -> DistillConfig | None:
     """--distill's options as a DistillConfig; given without --distill they would do nothing: an error."""
     given = {"--teacher": teacher, "--temperature": temperature, "--distill-weight": weight,
-             "--val-fraction": val_fraction}
+             "--val-fraction": val_fraction, "--teacher-tta": teacher_tta}
     if not distill:
         unused = [flag for flag, value in given.items() if value is not None]
         if unused:
             raise CCNNError(f"{', '.join(unused)} only apply with --distill")
         return None
-    chosen = {k: v for k, v in dict(teacher=teacher, temperature=temperature, weight=weight,
-                                     val_fraction=val_fraction).items() if v is not None}
+    teachers = None if teacher is None else tuple(parse_list(teacher)) or teacher  # an empty list: DistillConfig says so
+    views = None if teacher_tta is None else tuple(parse_list(teacher_tta)) or (teacher_tta,)
+    chosen = {k: v for k, v in dict(teacher=teachers, temperature=temperature, weight=weight,
+                                     val_fraction=val_fraction, teacher_tta=views).items() if v is not None}
     return DistillConfig(**chosen)
 
 

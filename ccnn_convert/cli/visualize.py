@@ -92,7 +92,7 @@ def features_command(
     model: str = typer.Argument(..., help="Model name (efficientnet_lite0, resnet18, ...), factory or checkpoint."),
     image: str = typer.Option(..., "--image", help="An image file."),
     step: int = typer.Option(2, "--step", help="Show the feature map after this many subsampling steps."),
-    mode: str = typer.Option("checkered", "--mode", help=f"{mode_names(original=False)}."),
+    mode: Optional[str] = typer.Option(None, "--mode", help=f"{mode_names(original=False)} [default: an artifact's own mode, else checkered]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="naive|lattice|random [default: an artifact's, else lattice]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the random sampler [default: 0]."),
     dense: bool = typer.Option(False, "--dense", help="Show the submaps put back on the input grid: --mode's dense map beside the dilated one."),
@@ -107,20 +107,20 @@ def features_command(
     """Per-submap mean activation of MODEL, converted and cut after STEP steps, on a real image."""
     from ..core import CONVERSION_MODES, conversion_report
     from ..models import resolve_model
-    from ..spec import ConversionSpec, check_checkered_options_used, check_modes
+    from ..spec import ConversionSpec, check_modes
     from ..visualize import feature_submaps, plot_feature_submaps
 
-    mode = check_modes([mode], allowed=CONVERSION_MODES)[0]
-    if dense and mode not in _submap_modes():
-        raise ParameterError("dense", f"{{param}} puts submaps back on the input grid; mode {mode} makes none "
-                                      "(one map per image): drop {param}")
-    shown = [mode, "dilated"] if dense else [mode]  # --dense adds a dilated panel
-    check_checkered_options_used(shown, edges=edges, dilation=dilation)
+    if mode is not None:  # else the artifact's own mode, known once it is read
+        mode = check_modes([mode], allowed=CONVERSION_MODES)[0]
+        _check_features_options(mode, dense, edges, dilation)
     if step < 1:
         raise ParameterError("step", "{param} must be at least 1")
     path = _check_png(out, force)
     picture = _load_image(image)
     resolved = resolve_model(model, weights=weights, trust_factory=trust_factory)
+    if mode is None:
+        mode = resolved.conversion.mode if resolved.conversion is not None else "checkered"
+        _check_features_options(mode, dense, edges, dilation)
     extra = _given(edges=edges, dilation=None if dense and mode != "dilated" else dilation)
     spec = ConversionSpec.build(mode, resolved.conversion, sampler=sampler, seed=seed, leaf_modules=leaf, **extra)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
@@ -129,17 +129,28 @@ def features_command(
     if dense:
         _dense_picture(path, resolved, x, step, spec, dilation, force)
         return
-    maps = feature_submaps(resolved.model, x, step, spec)
+    maps = feature_submaps(resolved, x, step, spec)  # with an artifact's learned strides
     reference = feature_submaps(resolved.model, x, step, ConversionSpec("traditional", leaf_modules=spec.leaf_modules))
     pre = resolved.preprocessing
     title = f"{resolved.name}, {mode} ({spec.describe()}): channel mean after {step} subsampling steps"
     plot_feature_submaps(path, x, maps, title, reference, pre.mean, pre.std, force=force)
 
-    report = conversion_report(spec.apply(resolved.model, tuple(x.shape[-2:])))
+    report = conversion_report(resolved.converted(spec, tuple(x.shape[-2:])))
     console.print(_steps_of(report, resolved.name, mode, x))
     console.print(Text(f"  shown: {maps.shape[0]} submaps of {maps.shape[1]}x{maps.shape[2]} entering step {step + 1}"),
                   soft_wrap=True)
     console.print(Text(f"  wrote {path}"), soft_wrap=True)
+
+
+def _check_features_options(mode: str, dense: bool, edges: Optional[str], dilation: Optional[str]) -> None:
+    """Options that would do nothing with ``mode`` (and --dense), refused in one line."""
+    from ..spec import check_checkered_options_used
+
+    if dense and mode not in _submap_modes():
+        raise ParameterError("dense", f"{{param}} puts submaps back on the input grid; mode {mode} makes none "
+                                      "(one map per image): drop {param}")
+    shown = [mode, "dilated"] if dense else [mode]  # --dense adds a dilated panel
+    check_checkered_options_used(shown, edges=edges, dilation=dilation)
 
 
 def _submap_modes() -> list[str]:
@@ -163,7 +174,7 @@ def _dense_picture(path: Path, resolved, x, step: int, spec, dilation: Optional[
     if spec.mode != "dilated":
         specs.append(ConversionSpec.build("dilated", resolved.conversion, keep_first=spec.keep_first,
                                           leaf_modules=spec.leaf_modules, **_given(dilation=dilation)))
-    maps = [(f"{s.mode} ({s.describe()})", dense_feature_map(resolved.model, x, step, s)) for s in specs]
+    maps = [(f"{s.mode} ({s.describe()})", dense_feature_map(resolved, x, step, s)) for s in specs]
     pre = resolved.preprocessing
     title = f"{resolved.name}: channel-mean |activation| entering step {step + 1}, on the input grid"
     plot_dense_maps(path, x, maps, title, pre.mean, pre.std, force=force)

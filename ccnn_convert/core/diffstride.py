@@ -9,16 +9,29 @@ Spectral pooling whose stride is learned. For a ``H x W`` map and strides ``(S_h
   authors' implementation) and ``T = H / (2 S_h)``;
 * the spectrum is multiplied by the mask, cropped to the positions where the mask is above 0,
   and taken back with ``irfft2``: ``h`` rows (the first and last ``ceil(R + T_h)``, or all) and
-  ``w = 2 (c - 1)`` columns for ``c`` kept rfft columns (or ``W`` when all are kept).
+  ``w = 2 (c - 1)`` columns for ``c`` kept rfft columns, ``irfft2``'s default length, also when
+  all are kept (an odd ``W`` then comes out ``W - 1`` wide).
   With R = 4 a 28x28 map at stride 2 keeps 22x22.
 * The strides are clipped to ``[1, size/2]`` (at least 2 positions per axis); the mask carries
   the gradient to the strides; the crop (sizes) does not, as in the paper.
+* Both clips pass the gradient at their bounds, as ``tf.clip_by_value`` does. At an integer
+  stride (every initialisation) a mask position sits exactly on the ramp's top, where the loss
+  has a kink: the gradient is then the right-hand derivative (stride growing).
 
-The crop is that of :func:`~.spectral.spectral_pool` (the real part of the full complex crop; the
-Nyquist row of an even ``h`` is the mean of rows ``+h/2`` and ``-h/2``, times the mask of the kept
-one), and the DFT pair keeps constants (``norm="forward"``). The authors' TensorFlow layer uses the
+``convention`` (:data:`~.spectral.CONVENTIONS`) says how the crop is taken back:
+
+* ``"published"`` (the default): as the authors' code does, described above: the crop of
+  :func:`~.spectral.crop_low` with input row ``-h/2`` as the output's Nyquist row, times its mask.
+* ``"symmetric"``: the real part of the full complex crop (the Nyquist row of an even ``h`` is
+  the mean of rows ``+h/2`` and ``-h/2``, times the mask of the kept one), and a map whose rfft
+  columns are all kept keeps its width ``W`` (odd included).
+
+The diffstride conversion mode uses :data:`~.spectral.DIFFSTRIDE_MODE_CONVENTION`, ``"published"``:
+measured, the two gave the same top-1 on the pretrained sample (its comment).
+
+The DFT pair keeps constants (``norm="forward"``). The authors' TensorFlow layer uses the
 unnormalized pair: its values are ours times ``H*W / (h*w)``. With ``R`` near 0 and an integer
-stride every kept position has mask 1, so the layer equals ``spectral_pool(x, (h, w))``.
+stride every kept position has mask 1, so the layer equals ``spectral_pool(x, (h, w), convention)``.
 
 In eval mode the strides are read once (when switching to eval, or loading a state_dict in
 eval mode) as Python numbers: the crop sizes and the mask are then constants, so ``torch.export``
@@ -35,9 +48,9 @@ from torch import Tensor, nn
 
 from .layers import pair
 from .options import DEFAULT_SMOOTHNESS
-from .spectral import crop_low
+from .spectral import Convention, check_convention, crop_low
 
-__all__ = ["DiffStride2d", "diffstride_cost", "diffstride_layers", "diffstride_mask", "kept_size", "row_positions"]
+__all__ = ["DiffStride2d", "check_strides", "diffstride_cost", "diffstride_layers", "diffstride_mask", "kept_size", "row_positions"]
 
 
 def row_positions(height: int) -> list[int]:
@@ -45,45 +58,66 @@ def row_positions(height: int) -> list[int]:
     return [min(k, height - 1 - k) for k in range(height)]
 
 
+def check_strides(strides: Sequence) -> str | None:
+    """None if ``strides`` are numbers a layer can use (finite, >= 1), else the offending values shown."""
+    if all(isinstance(s, (int, float)) and not isinstance(s, bool) and 1 <= s < math.inf for s in strides):
+        return None
+    return "(" + ", ".join(f"{s:g}" if isinstance(s, float) else repr(s) for s in strides) + ")"
+
+
 def _clipped(stride: float, size: int) -> float:
     return min(max(stride, 1.0), max(1.0, size / 2))
 
 
-def kept_size(height: int, width: int, strides: Sequence[float], smoothness: float) -> tuple[int, int]:
-    """The output size for these strides (before clipping) and this smoothness."""
+def kept_size(height: int, width: int, strides: Sequence[float], smoothness: float,
+              convention: Convention = "published") -> tuple[int, int]:
+    """The output size for these strides (before clipping), this smoothness and convention."""
     s_h, s_w = _clipped(strides[0], height), _clipped(strides[1], width)
     rows = math.ceil(smoothness + height / (2 * s_h))  # positions 0 .. rows-1 have mask > 0, both sides
     h = height if 2 * rows >= height else 2 * rows
     columns = min(math.ceil(smoothness + width / (2 * s_w) + 1), width // 2 + 1)
-    w = width if columns == width // 2 + 1 else 2 * (columns - 1)
-    return h, w
+    if columns == width // 2 + 1 and (convention == "symmetric" or width == 1):
+        return h, width  # a 1-wide map stays 1 wide: irfft2's default length would be 0
+    return h, 2 * (columns - 1)
+
+
+def clip_passing(x: Tensor, low: float, high: float) -> Tensor:
+    """``x.clamp(low, high)`` whose gradient passes at the bounds too (``tf.clip_by_value``'s;
+    torch's clamp stops it there)."""
+    inside = (x >= low) & (x <= high)
+    return torch.where(inside, x, x.detach().clamp(low, high))
 
 
 def diffstride_mask(height: int, width: int, strides: Tensor, smoothness: float) -> tuple[Tensor, Tensor]:
     """The mask over the ``height`` FFT rows and the ``width // 2 + 1`` rfft columns (the 2-D mask
     is their outer product), for ``strides`` (a 2-value tensor: the gradient flows through it)."""
     dtype, device = strides.dtype, strides.device
-    s_h = strides[0].clamp(1.0, max(1.0, height / 2))
-    s_w = strides[1].clamp(1.0, max(1.0, width / 2))
+    s_h = clip_passing(strides[0], 1.0, max(1.0, height / 2))
+    s_w = clip_passing(strides[1], 1.0, max(1.0, width / 2))
     rows = torch.tensor(row_positions(height), dtype=dtype, device=device)
     columns = torch.arange(width // 2 + 1, dtype=dtype, device=device)
     # (R + T - pos) / R written as 1 + (T - pos) / R: exact at pos == T however small R is
-    row_mask = (1 + (height / (2 * s_h) - rows) / smoothness).clamp(0.0, 1.0)
-    column_mask = (1 + (width / (2 * s_w) + 1 - columns) / smoothness).clamp(0.0, 1.0)
+    row_mask = clip_passing(1 + (height / (2 * s_h) - rows) / smoothness, 0.0, 1.0)
+    column_mask = clip_passing(1 + (width / (2 * s_w) + 1 - columns) / smoothness, 0.0, 1.0)
     return row_mask, column_mask
 
 
 class DiffStride2d(nn.Module):
-    """DiffStride pooling with a learnable ``strides`` parameter (height, width)."""
+    """DiffStride pooling with a learnable ``strides`` parameter (height, width). ``convention``:
+    ``"published"`` (the authors' crop and output width) or ``"symmetric"`` (the module's
+    docstring)."""
 
-    def __init__(self, stride: float | Sequence[float] = 2.0, smoothness: float = DEFAULT_SMOOTHNESS):
+    def __init__(self, stride: float | Sequence[float] = 2.0, smoothness: float = DEFAULT_SMOOTHNESS,
+                 convention: Convention = "published"):
         super().__init__()
         first = pair(stride) if isinstance(stride, int) else tuple(stride) if isinstance(stride, (tuple, list)) \
             else (stride, stride)
-        if len(first) != 2 or not all(isinstance(s, (int, float)) and 1 <= s < math.inf for s in first):
+        if len(first) != 2 or check_strides(first) is not None:
             raise ValueError(f"DiffStride2d: stride must be one or two numbers >= 1, got {stride!r}")
         if isinstance(smoothness, bool) or not isinstance(smoothness, (int, float)) or not 0 < smoothness < math.inf:
             raise ValueError(f"DiffStride2d: smoothness must be a positive number, got {smoothness!r}")
+        check_convention("DiffStride2d", convention)
+        self.convention: Convention = convention
         self.strides = nn.Parameter(torch.tensor([float(s) for s in first]))
         self.smoothness = float(smoothness)
         self._frozen: tuple[float, float] | None = None
@@ -100,12 +134,12 @@ class DiffStride2d(nn.Module):
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The output size for a ``height x width`` map at the current strides."""
         strides = self._frozen if self._frozen is not None else self.strides.detach().tolist()
-        return kept_size(height, width, strides, self.smoothness)
+        return kept_size(height, width, strides, self.smoothness, self.convention)
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         h, w = self.output_size(height, width)
-        spectrum = crop_low(torch.fft.rfft2(x, norm="forward"), (height, width), (h, w))
+        spectrum = crop_low(torch.fft.rfft2(x, norm="forward"), (height, width), (h, w), self.convention)
         row_mask, column_mask = self._masks(height, width, h, w, spectrum.real.dtype, x.device)
         spectrum = spectrum * row_mask[:, None] * column_mask[None, :]
         return torch.fft.irfft2(spectrum, s=(h, w), norm="forward")
@@ -125,7 +159,7 @@ class DiffStride2d(nn.Module):
 
     def extra_repr(self) -> str:
         strides = ", ".join(f"{s:.3g}" for s in self.strides.detach().tolist())
-        return f"strides=({strides}), smoothness={self.smoothness:g}"
+        return f"strides=({strides}), smoothness={self.smoothness:g}, convention={self.convention}"
 
 
 def _refreeze(module: DiffStride2d, _incompatible_keys) -> None:

@@ -17,6 +17,9 @@ downsampler brings the map down. The fx pass:
      ``ccnn_diffstride_step<N>`` (its strides are in the state_dict), shared by the step's layers
      so that the maps that meet keep one size. The output size follows the learned strides.
 
+   Where the downsampler goes is ``resample_at`` (:mod:`.placement`): right after the layer,
+   or after its pointwise tail (norm, activation), as antialiased-cnns puts BlurPool.
+
 3. **Check** (diffstride): shapes are propagated through the rewritten eval graph; a model that
    cannot take the new sizes (a layer fixed to the old ones) is a one-line ConversionError.
    Spectral and blurpool keep every size, so the original's shape analysis holds.
@@ -40,9 +43,10 @@ from .blurpool import blur_pool
 from .diffstride import DiffStride2d
 from .layers import IntPair, pair, pooled_size
 from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
+from .placement import DEFAULT_RESAMPLE_AT, pointwise_tail_end, resamples_input
 from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
-from .spectral import spectral_pool
+from .spectral import DIFFSTRIDE_MODE_CONVENTION, MODE_CONVENTION, spectral_pool
 from .tracing import failing_node, propagate_shapes, trace_copy
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
@@ -66,8 +70,9 @@ def original_size(geometry: Geometry, size: IntPair) -> IntPair:
 
 
 def spectral_downsample(x: Tensor, geometry: Geometry) -> Tensor:
-    """Spectral pooling of a stride-1 layer's output to the original layer's output size."""
-    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])))
+    """Spectral pooling of a stride-1 layer's output to the original layer's output size, in the
+    modes' convention (:data:`~.spectral.MODE_CONVENTION`, read here so that a benchmark can set it)."""
+    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])), MODE_CONVENTION)
 
 
 def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
@@ -79,14 +84,18 @@ def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
 # --------------------------------------------------------------------------- API
 
 
+UNTRAINED_STRIDES_NOTE = "ccnn_untrained_strides"  # marks the log record that says the strides start untrained
+
+
 def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example_input: torch.Tensor | None = None,
                        leaf_modules: Sequence[type | str] = (), smoothness: float | None = None,
-                       blur_size: int | None = None) -> fx.GraphModule:
+                       blur_size: int | None = None, resample_at: str | None = None) -> fx.GraphModule:
     """:func:`~.rewrite.convert` for spectral, diffstride and blurpool mode (options already checked)."""
-    report = ConversionReport(mode, "", keep_first, None, edges="", smoothness=smoothness, blur_size=blur_size)
+    report = ConversionReport(mode, "", keep_first, None, edges="", smoothness=smoothness, blur_size=blur_size,
+                              resample_at=DEFAULT_RESAMPLE_AT if resample_at is None else resample_at)
     originals = dict(model.named_modules())
     traced = trace_copy(model, leaf_modules, example_input, report.warn)
-    rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size)
+    rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size, resample_at)
     traced.rewrite_each(rewriter.rewrite)
     report.warn_if_nothing_converted()
     if mode == "diffstride":  # the other modes keep every size: the original's analysis holds
@@ -97,7 +106,8 @@ def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example
     if mode == "diffstride" and rewriter.diffstride:
         strides = ", ".join(f"{s[0]}x{s[1]}" for s in rewriter.diffstride_strides)
         logger.info("diffstride: %d learnable stride pairs start at the original strides (%s); "
-                    "train the model (ccnn-train) to learn them", len(rewriter.diffstride), strides)
+                    "train the model (ccnn-train) to learn them", len(rewriter.diffstride), strides,
+                    extra={UNTRAINED_STRIDES_NOTE: True})  # a loader of learned strides leaves it out
     return result
 
 
@@ -121,7 +131,7 @@ class _Downsampler:
     """Rewrites the train and eval graphs of one model; modules are changed once, consistently."""
 
     def __init__(self, root: nn.Module, originals: dict[str, nn.Module], report: ConversionReport,
-                 smoothness: float | None, blur_size: int | None):
+                 smoothness: float | None, blur_size: int | None, resample_at: str | None = None):
         self.root, self.originals, self.report = root, originals, report
         self.smoothness = DEFAULT_SMOOTHNESS if smoothness is None else float(smoothness)
         self.blur_size = DEFAULT_BLUR_SIZE if blur_size is None else blur_size
@@ -129,6 +139,8 @@ class _Downsampler:
         self.diffstride_strides: list[IntPair] = []
         self.records: list[tuple[LayerRecord, fx.Node | None]] = []  # eval graph: record, its output node
         self.stride_one: set[str] = set()  # module targets already made stride 1
+        self.resample_at = DEFAULT_RESAMPLE_AT if resample_at is None else resample_at
+        self.modules = dict(root.named_modules())  # the tail's modules (pointwise ones are never replaced)
 
     def rewrite(self, graph: fx.Graph, record: bool) -> None:
         _, _, steps = strided_steps(graph, self.originals)
@@ -146,18 +158,30 @@ class _Downsampler:
     # -- one strided layer: stride 1, then the downsampler
 
     def _replace(self, graph: fx.Graph, member: Strided, index: int) -> fx.Node:
+        """Run ``member`` at stride 1 and insert its downsampler where :mod:`.placement` says;
+        return the first node with the original size on the layer's path (for the report)."""
         node = member.node
         geometry = self._stride_one(node, member)
-        with graph.inserting_after(node):
-            if self.report.mode == "spectral":
-                after = graph.call_function(spectral_downsample, (node, geometry))
-            elif self.report.mode == "blurpool":
-                after = graph.call_function(blur_downsample, (node, self.blur_size, geometry))
-            else:
-                # the module lives on the root, not on the graph's owner: create_node skips that check
-                after = graph.create_node("call_module", self._diffstride_module(index, member.stride), (node,))
-        node.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+        if self.resample_at == "activation" and resamples_input(member.op, member.kernel,
+                                                                 (geometry[0][2], geometry[1][2])):
+            x = node.args[0]
+            with graph.inserting_before(node):
+                down = self._downsampler(graph, x, geometry, index, member)
+            node.replace_input_with(x, down)
+            return node
+        end = pointwise_tail_end(node, self.modules) if self.resample_at == "activation" else node
+        with graph.inserting_after(end):
+            after = self._downsampler(graph, end, geometry, index, member)
+        end.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
         return after
+
+    def _downsampler(self, graph: fx.Graph, x: fx.Node, geometry: Geometry, index: int, member: Strided) -> fx.Node:
+        if self.report.mode == "spectral":
+            return graph.call_function(spectral_downsample, (x, geometry))
+        if self.report.mode == "blurpool":
+            return graph.call_function(blur_downsample, (x, self.blur_size, geometry))
+        # the module lives on the root, not on the graph's owner: create_node skips that check
+        return graph.create_node("call_module", self._diffstride_module(index, member.stride), (x,))
 
     def _stride_one(self, node: fx.Node, member: Strided) -> Geometry:
         """Make ``node`` its stride-1 version; return the original geometry."""
@@ -183,7 +207,8 @@ class _Downsampler:
     def _diffstride_module(self, index: int, stride: IntPair) -> str:
         if index not in self.diffstride:
             name = f"ccnn_diffstride_step{index}"
-            self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness))
+            self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness,
+                                                      convention=DIFFSTRIDE_MODE_CONVENTION))
             self.diffstride[index] = name
             self.diffstride_strides.append(stride)
         return self.diffstride[index]

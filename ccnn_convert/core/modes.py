@@ -51,25 +51,28 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("traditional", "nothing changes (the traced model as it is)", "same as the original", "no", (),
          _MULTISAMPLE),
     Mode("spectral", "the layer at stride 1, then fixed spectral pooling (rfft2, keep the low "
-                     "frequencies, irfft2) to the original output size",
+                     "frequencies, irfft2) to the original output size; convention symmetric: an even size's "
+                     "Nyquist row is the mean of rows +h/2 and -h/2",
          "the layer at stride 1 (k*k its cost) plus two FFTs per map",
-         "runs without; a pretrained network loses accuracy until fine-tuned", (), _DOWNSAMPLE),
+         "runs without; a pretrained network loses accuracy until fine-tuned", ("resample_at",), _DOWNSAMPLE),
     Mode("diffstride", "the layer at stride 1, then DiffStride: spectral pooling with a learnable "
-                       "stride per axis (smooth mask in the Fourier domain)",
+                       "stride per axis (smooth mask in the Fourier domain); convention published: crop and inverse "
+                       "as the authors' layer",
          "the layer at stride 1 plus two FFTs; later layers follow the learned strides",
          "to learn its strides (untrained: the original ones)",
-         ("smoothness",), _DOWNSAMPLE),
+         ("smoothness", "resample_at"), _DOWNSAMPLE),
     Mode("blurpool", "the layer at stride 1, then a depthwise binomial blur with the stride "
                      "(antialiased-cnns' BlurPool)",
          "the layer at stride 1 plus a depthwise blur",
-         "runs without; a pretrained network loses accuracy until fine-tuned", ("blur_size",), _DOWNSAMPLE),
+         "runs without; a pretrained network loses accuracy until fine-tuned", ("blur_size", "resample_at"), _DOWNSAMPLE),
 )}
 
 # The modes that run a layer at stride 1 and resample its output (no submaps, no grid of samples).
 RESAMPLING_MODES: tuple[str, ...] = tuple(name for name, mode in MODES.items() if mode.converter_path == _DOWNSAMPLE)
 
 # Every mode-specific option, in the order convert() takes them.
-MODE_OPTIONS: tuple[str, ...] = ("sampler", "density", "seed", "edges", "dilation", "smoothness", "blur_size")
+MODE_OPTIONS: tuple[str, ...] = ("sampler", "density", "seed", "edges", "dilation", "smoothness", "blur_size",
+                                  "resample_at")
 
 
 def mode_options(mode: str) -> tuple[str, ...]:

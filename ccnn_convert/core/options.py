@@ -8,9 +8,10 @@ from __future__ import annotations
 from ..errors import ParameterError
 from .edge_pass import EDGES
 from .modes import MODES, mode_options
+from .placement import DEFAULT_RESAMPLE_AT, RESAMPLE_AT
 from .sequences import SEQUENCES
 
-__all__ = ["CONVERSION_MODES", "DEFAULT_BLUR_SIZE", "DEFAULT_SMOOTHNESS", "DILATIONS", "EDGES", "MAX_BLUR_SIZE",
+__all__ = ["CONVERSION_MODES", "DEFAULT_BLUR_SIZE", "DEFAULT_RESAMPLE_AT", "RESAMPLE_AT", "DEFAULT_SMOOTHNESS", "DILATIONS", "EDGES", "MAX_BLUR_SIZE",
            "MAX_SEED", "check_options", "check_seed", "default_edges"]
 
 CONVERSION_MODES = tuple(MODES)
@@ -30,7 +31,8 @@ def default_edges(mode: str, edges: str | None) -> str:
 
 def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, density: int | None = None,
                   seed: int | None = None, edges: str | None = None, dilation: str | None = None,
-                  smoothness: float | None = None, blur_size: int | None = None) -> None:
+                  smoothness: float | None = None, blur_size: int | None = None,
+                  resample_at: str | None = None) -> None:
     """Validate :func:`convert`'s options; an option that would do nothing is an error, not ignored."""
     if mode not in CONVERSION_MODES:
         raise ParameterError("mode", f"unknown {{param}} {mode!r}; choose one of {', '.join(CONVERSION_MODES)}")
@@ -52,6 +54,7 @@ def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, dens
     _check_edges(mode, edges, dilation)
     _check_smoothness(mode, smoothness)
     _check_blur_size(mode, blur_size)
+    _check_resample_at(mode, resample_at)
     if sampler != "lattice" and "sampler" not in mode_options(mode) and mode != "dilated":
         # (dilated mode takes every sample: any sampler gives the same network, as it always has)
         raise ParameterError("sampler", f"{{param}} {sampler!r} chooses checkered samples; it does nothing "
@@ -77,6 +80,16 @@ def _check_blur_size(mode: str, blur_size: int | None) -> None:
     if "blur_size" not in mode_options(mode):
         raise ParameterError("blur_size", f"{{param}} is the size of blurpool's binomial filter; it does nothing "
                                           f"with mode {mode!r}")
+
+
+def _check_resample_at(mode: str, resample_at: str | None) -> None:
+    if resample_at is None:
+        return
+    if resample_at not in RESAMPLE_AT:
+        raise ParameterError("resample_at", f"unknown {{param}} {resample_at!r}; choose one of {', '.join(RESAMPLE_AT)}")
+    if "resample_at" not in mode_options(mode):
+        raise ParameterError("resample_at", f"{{param}} places the downsampler of a resampling mode; mode {mode!r} "
+                                            "does not resample")
 
 
 def check_seed(seed: int) -> None:

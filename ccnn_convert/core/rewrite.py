@@ -65,6 +65,7 @@ def convert(
     dilation: str | None = None,
     smoothness: float | None = None,
     blur_size: int | None = None,
+    resample_at: str | None = None,
     phc: int | None = None,
     phc_init: str = "fit",
 ) -> fx.GraphModule:
@@ -97,6 +98,10 @@ def convert(
             tokens folded from the map).
         smoothness: DiffStride's mask ramp width R in frequency positions (default 4).
         blur_size: blurpool's binomial filter size, 1 to 7 (default 3).
+        resample_at: where spectral, diffstride and blurpool put the downsampler: ``"layer"``
+            (right after the strided layer run at stride 1) or ``"activation"`` (after its
+            pointwise tail: norm, activation, dropout; :mod:`.placement`). Default
+            :data:`~.placement.DEFAULT_RESAMPLE_AT`.
         phc: every eligible convolution becomes a PHC layer with this many Kronecker products
             (:mod:`.phc`), before the mode's conversion, which converts PHC layers as the
             convolutions they are. ``None``: the convolutions stay dense.
@@ -109,13 +114,13 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size)
+    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size, resample_at)
     if phc is not None:
         model, phc_report = convert_phc(model, phc, phc_init)
     elif phc_init != "fit":
         raise ParameterError("phc_init", "{param} initialises PHC layers; it does nothing without phc")
     options = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                   smoothness=smoothness, blur_size=blur_size)
+                   smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
     converter = MODES[mode].converter
     # check_options refused every option that does nothing for this mode; the converter takes the rest
     taken = {name: value for name, value in options.items() if name in inspect.signature(converter).parameters}

@@ -6,9 +6,21 @@ cropped to the ``h x w`` frequencies nearest zero (rows ``0 .. ceil(h/2)-1`` and
 ideal low-pass filter followed by sampling on the coarser grid: a map made of frequencies below
 the new Nyquist limit comes out as its exact samples on the output grid.
 
-It runs on the real FFT (``rfft2``/``irfft2``: half the columns). For an even output height the
-cropped spectrum's Nyquist row holds the mean of the input's rows ``+h/2`` and ``-h/2``: the
-real part of the full complex crop, which ``irfft2`` alone would not give.
+It runs on the real FFT (``rfft2``/``irfft2``: half the columns). Two conventions differ in one
+row, the Nyquist row of an even output height ``h`` (:data:`CONVENTIONS`):
+
+* ``"published"``: the crop of the published layers (Rippel et al.'s spectral pooling as Riad
+  et al.'s DiffStride code writes it): rows ``0 .. h/2-1`` and ``H-h/2 .. H-1`` kept as they are,
+  so input row ``-h/2`` becomes the output's Nyquist row, and the rfft columns ``0 .. w//2``
+  as they are (``irfft2`` reads the real part of the DC and Nyquist columns);
+* ``"symmetric"``: the real part of the full complex crop: the Nyquist row holds the mean of
+  rows ``+h/2`` and ``-h/2`` (and, at an even ``w < W``, the corner ``(-h/2, -w/2)`` alone):
+  frequencies ``+h/2`` and ``-h/2`` are treated alike.
+
+:func:`spectral_pool` (the spectral mode's resize) takes ``convention`` and defaults to
+:data:`MODE_CONVENTION` (symmetric: see its comment for what was measured);
+:class:`SpectralPool2d`, the published layer, defaults to ``"published"``, and so do
+:class:`~.diffstride.DiffStride2d` and the diffstride mode (:data:`DIFFSTRIDE_MODE_CONVENTION`).
 
 Scale: the DFT pair is normalized so that a constant map keeps its value (``norm="forward"``).
 The published spectral pooling (Rippel et al., 2015) uses the unnormalized pair (forward
@@ -20,23 +32,43 @@ unscaled, inverse divided by the output area), which multiplies every value by t
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from .layers import IntPair, pair
 
-__all__ = ["SpectralPool2d", "crop_low", "published_size", "spectral_pool"]
+__all__ = ["CONVENTIONS", "DIFFSTRIDE_MODE_CONVENTION", "MODE_CONVENTION", "Convention", "SpectralPool2d", "check_convention", "crop_low",
+           "published_size", "spectral_pool"]
+
+Convention = Literal["published", "symmetric"]
+CONVENTIONS: tuple[str, ...] = ("published", "symmetric")
+# The conventions of the conversion modes, measured (issue 25) with benchmarks/spectral_conventions.py.
+# Spectral: efficientnet_lite0 untrained, 250 sample images: published 39.2 % top-1, symmetric
+# 36.4 %; digits, 3 seeds: 0.19 % error both. It stays symmetric because ccnn-export's fixed DFT
+# bases (export/spectral_bases.py) and their check are built for the symmetric crop.
+MODE_CONVENTION: Convention = "symmetric"
+# DiffStride: the same top-1 in both (12.8 %) on lite0, and digits' 16x16 maps crop nothing below
+# stride 2.67 at R = 4 (so the two compute the same there): the published layer's convention.
+DIFFSTRIDE_MODE_CONVENTION: Convention = "published"
 
 
-def crop_low(spectrum: Tensor, size: IntPair, out: IntPair) -> Tensor:
-    """The ``rfft2`` ``spectrum`` of a ``size`` map cropped for an ``out`` map: the real part of
-    the full complex crop (rows ``0 .. ceil(h/2)-1`` and ``-floor(h/2) .. -1``, likewise columns)
-    once ``irfft2`` takes it back at ``out``.
+def check_convention(owner: str, convention: object) -> None:
+    """A one-line ValueError naming ``owner`` unless ``convention`` is one of :data:`CONVENTIONS`."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{owner}: convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
 
-    ``irfft2`` reads the column Nyquist as the full crop does; the row Nyquist (an even ``h``
-    below ``H``) is the mean of rows ``+h/2`` and ``-h/2``, except where it meets an even
-    ``w < W``'s Nyquist column: there the full crop holds frequency ``(-h/2, -w/2)`` only.
+
+def crop_low(spectrum: Tensor, size: IntPair, out: IntPair, convention: Convention = "symmetric") -> Tensor:
+    """The ``rfft2`` ``spectrum`` of a ``size`` map cropped for an ``out`` map: rows
+    ``0 .. ceil(h/2)-1`` and ``-floor(h/2) .. -1``, rfft columns ``0 .. w//2``.
+
+    ``"published"`` keeps those rows as they are. ``"symmetric"`` makes it the real part of the
+    full complex crop once ``irfft2`` takes it back at ``out``: ``irfft2`` reads the column
+    Nyquist as the full crop does; the row Nyquist (an even ``h`` below ``H``) is the mean of
+    rows ``+h/2`` and ``-h/2``, except where it meets an even ``w < W``'s Nyquist column: there
+    the full crop holds frequency ``(-h/2, -w/2)`` only.
     """
     (height, width), (h, w) = size, out
     cropped = spectrum[..., : w // 2 + 1]
@@ -47,7 +79,7 @@ def crop_low(spectrum: Tensor, size: IntPair, out: IntPair) -> Tensor:
     if bottom == 0:
         return low
     high = cropped[..., height - bottom:, :]
-    if h % 2 == 0:
+    if h % 2 == 0 and convention == "symmetric":
         positive = cropped[..., bottom:bottom + 1, :]
         nyquist = (high[..., :1, :] + positive) / 2
         if w % 2 == 0 and w < width:
@@ -57,9 +89,11 @@ def crop_low(spectrum: Tensor, size: IntPair, out: IntPair) -> Tensor:
     return torch.cat([low, high], dim=-2)
 
 
-def spectral_pool(x: Tensor, size: int | IntPair) -> Tensor:
+def spectral_pool(x: Tensor, size: int | IntPair, convention: Convention = MODE_CONVENTION) -> Tensor:
     """Resize ``x`` (``(..., H, W)``) to ``size`` (``h <= H``, ``w <= W``, any parity) by
-    keeping its lowest frequencies; a constant map keeps its value."""
+    keeping its lowest frequencies (the Nyquist row as ``convention`` says: :func:`crop_low`);
+    a constant map keeps its value."""
+    check_convention("spectral_pool", convention)
     h, w = pair(size)
     height, width = x.shape[-2:]
     if h > height or w > width or h < 1 or w < 1:
@@ -67,7 +101,7 @@ def spectral_pool(x: Tensor, size: int | IntPair) -> Tensor:
     if (h, w) == (height, width):
         return x
     spectrum = torch.fft.rfft2(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, norm="forward")
-    spectrum = crop_low(spectrum, (height, width), (h, w))
+    spectrum = crop_low(spectrum, (height, width), (h, w), convention)
     return torch.fft.irfft2(spectrum, s=(h, w), norm="forward").to(x.dtype)
 
 
@@ -86,21 +120,25 @@ class SpectralPool2d(nn.Module):
     frequency rows, the kept columns the first ``out_w//2 + 1`` rfft columns. With
     ``published_scale=True`` (the default) values carry the published FFT pair's factor
     ``H*W / (out_h*out_w)``; with False a constant map keeps its value (:func:`spectral_pool`).
+    ``convention="published"`` (the default) keeps input row ``-out_h/2`` as the output's Nyquist
+    row, as the published code does; ``"symmetric"`` takes the mean of rows ``+out_h/2`` and
+    ``-out_h/2`` (:func:`crop_low`).
     """
 
-    def __init__(self, stride: float, published_scale: bool = True):
+    def __init__(self, stride: float, published_scale: bool = True, convention: Convention = "published"):
         super().__init__()
         if isinstance(stride, bool) or not isinstance(stride, (int, float)) or not 1 <= stride < math.inf:
             raise ValueError(f"SpectralPool2d: stride must be a number >= 1, got {stride!r}")
-        self.stride, self.published_scale = float(stride), published_scale
+        check_convention("SpectralPool2d", convention)
+        self.stride, self.published_scale, self.convention = float(stride), published_scale, convention
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         out_h, out_w = published_size(height, width, self.stride)
-        pooled = spectral_pool(x, (out_h, out_w))
+        pooled = spectral_pool(x, (out_h, out_w), self.convention)
         if self.published_scale:
             pooled = pooled * (height * width / (out_h * out_w))
         return pooled
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride:g}, published_scale={self.published_scale}"
+        return f"stride={self.stride:g}, published_scale={self.published_scale}, convention={self.convention}"

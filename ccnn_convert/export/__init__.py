@@ -26,7 +26,7 @@ _SOURCES = {
                  "select_provider"),
     "verification": ("FP16_TOLERANCE", "FP32_TOLERANCE", "BenchmarkOptions", "BenchmarkResult", "Check",
                      "Verification", "VerificationFailed", "VerifyOptions", "benchmark", "compare", "verify"),
-    "pipeline": ("ExportResult", "conversion_spec", "export", "load_images"),
+    "pipeline": ("ExportResult", "conversion_spec", "export", "load_images", "with_matrix_products"),
 }
 _WHERE = {name: module for module, names in _SOURCES.items() for name in names}
 # Convenience for callers that catch export errors next to the export functions.

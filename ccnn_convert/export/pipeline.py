@@ -38,6 +38,7 @@ from ..spec import MODES, ORIGINAL, ConversionSpec, check_options_used
 from .exporter import DEFAULT_OPSET, OnnxInfo, export_onnx
 from .metadata import build_metadata, scale_to_crop
 from .opset import check_opset
+from .diffstride_bases import with_matrix_diffstride
 from .spectral_bases import with_matrix_spectral_pooling
 from ..core.phc import dense_copy
 from .sessions import ProviderChoice, create_session, select_provider
@@ -70,7 +71,8 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
                     keep_first: int | None = None, density: int | None = None, seed: int | None = None,
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
                     dilation: str | None = None, smoothness: float | None = None,
-                    blur_size: int | None = None, phc: int | None = None) -> ConversionSpec | None:
+                    blur_size: int | None = None, resample_at: str | None = None,
+                    phc: int | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -82,14 +84,15 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                    leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
-                   blur_size=blur_size, phc=phc)
+                   blur_size=blur_size, resample_at=resample_at, phc=phc)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
             raise ParameterError(given[0], "{param} does nothing with mode original (the unconverted model)")
         return None
     check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                       smoothness=smoothness, blur_size=blur_size, keep_first=keep_first, phc=phc)
+                       smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                       keep_first=keep_first, phc=phc)
     return ConversionSpec.build(mode, base=base, **options)
 
 
@@ -97,7 +100,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
            edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-           blur_size: int | None = None, phc: int | None = None,
+           blur_size: int | None = None, resample_at: str | None = None, phc: int | None = None,
            weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
@@ -124,7 +127,7 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
                            seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size, phc=phc)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None
@@ -187,14 +190,21 @@ def _build(resolved: ResolvedModel, spec: ConversionSpec | None, size: int) -> n
     return resolved.converted(spec, size)  # with an artifact's learned strides
 
 
+def with_matrix_products(model: nn.Module, size: int) -> nn.Module:
+    """``model`` for export at ``size``: fixed spectral pooling and frozen DiffStride as products
+    with fixed bases (a copy; ``model`` itself when it has neither). ONNX Runtime runs those
+    28-500x faster than its DFT operator on CPU (benchmarks/onnx_spectral.py). PHC layers become
+    plain convolutions holding their materialised weight (the same numbers)."""
+    exported, _ = with_matrix_spectral_pooling(model, (size, size))
+    exported, _ = with_matrix_diffstride(exported, (size, size))
+    return dense_copy(exported)
+
+
 def _write(torch_model: nn.Module, staged: Path, size: int, opset: int, metadata: dict, fp16: bool) -> OnnxInfo:
     logger.info("exporting to ONNX opset %d (torch.export, dynamic batch)...", opset)
     start = time.perf_counter()
-    # Fixed spectral pooling as products with DFT bases: ONNX Runtime runs them 28-500x faster
-    # than its DFT operator on CPU (benchmarks/onnx_spectral.py); the verification below compares
-    # the file with torch_model itself, FFTs and all.
-    exported, _ = with_matrix_spectral_pooling(torch_model, (size, size))
-    exported = dense_copy(exported)  # PHC layers as the materialised weight (the same numbers)
+    # the verification below compares the file with torch_model itself, FFTs and all
+    exported = with_matrix_products(torch_model, size)
     exported = copy.deepcopy(exported).half() if fp16 else exported  # the fp32 model stays the reference
     info = export_onnx(exported, staged, size, opset, metadata=metadata,
                        dtype=torch.float16 if fp16 else torch.float32)

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .._helpers import first_line, package_version
+from .._helpers import a_type, first_line, package_version
 from ..errors import CCNNError, ModelResolutionError
-from ..outputs import atomic_path
+from ..outputs import atomic_path, save_torch
 from ..spec import ConversionSpec
 from .head import Head
 from .preprocessing import Preprocessing
@@ -97,7 +97,7 @@ def save_artifact(path, resolved: ResolvedModel, conversion: ConversionSpec, *, 
     if resolved.conversion_state and learned_state_applies(resolved.conversion, conversion):
         learned["conversion_state"] = {k: v.detach().cpu() for k, v in resolved.conversion_state.items()}
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as handle:
-        torch.save({**meta, "state_dict": state, **learned}, handle)  # a file object: the same bytes whatever tmp's name
+        save_torch({**meta, "state_dict": state, **learned}, handle)  # a file object: the same bytes whatever tmp's name
 
 
 def is_artifact(obj: Any) -> bool:
@@ -206,4 +206,4 @@ def _check_plain(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]")
     elif obj is not None and not isinstance(obj, (str, int, float, bool)):
-        raise ModelResolutionError(f"{where} is a {type(obj).__name__}; artifacts hold only plain values")
+        raise ModelResolutionError(f"{where} is {a_type(obj)}; artifacts hold only plain values")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._helpers import a_type
 from ..errors import ModelResolutionError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "extract_state_dict", "load_checked", "safe_load"]
@@ -109,7 +110,7 @@ def _shape(value: Any) -> list[int] | None:
 def _described(value: Any) -> str:
     """A stored value's shape, or what it is when it is not a tensor (a string, a number)."""
     shape = _shape(value)
-    return str(shape) if shape is not None else f"a {type(value).__name__}, not a tensor"
+    return str(shape) if shape is not None else f"{a_type(value)}, not a tensor"
 
 
 def _count(items: list, noun: str) -> str:

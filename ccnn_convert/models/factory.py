@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .._helpers import first_line
+from .._helpers import a_type, first_line
 from ..errors import ModelResolutionError
 from .checkpoints import _is_default, _is_weights_path, _no_weights, extract_state_dict, load_checked, safe_load
 from .preprocessing import imagenet_preprocessing
@@ -131,7 +131,7 @@ def _call(target: str, attr: str, shown: str, expected: str | None = None,
                 raise ModelResolutionError(f"{target} has no attribute {attr!r}")
             factory = getattr(factory, part)
         if not callable(factory):
-            raise ModelResolutionError(f"{shown}: {attr} is a {type(factory).__name__}, not callable")
+            raise ModelResolutionError(f"{shown}: {attr} is {a_type(factory)}, not callable")
         try:
             model = factory()
         except SystemExit as exc:  # not an Exception: uncaught, it would end the command with its status

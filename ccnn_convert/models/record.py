@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -9,6 +10,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..core.diffstride import check_strides, diffstride_layers
+from ..core.downsample import UNTRAINED_STRIDES_NOTE
 from ..core.phc import is_phc_layer
 from ..errors import ModelResolutionError
 
@@ -51,12 +54,15 @@ class ResolvedModel:
         """``spec`` applied to the model (eval mode), with the learned ``conversion_state`` loaded
         when ``spec`` is the conversion that learned it (same mode, keep_first and phc); learned
         PHC layers (A, F) also in another mode with the same phc."""
+        learned = bool(self.conversion_state) and learned_state_applies(self.conversion, spec)
         # PHC layers of a model built from scratch start as the published ones, not fitted to random weights
-        model = spec.apply(self.model, input_size, phc_init="xavier" if self.weights == "none" else "fit")
+        init = {"phc_init": "xavier" if self.weights == "none" else "fit"} if spec.phc is not None else {}
+        with _untrained_note_hidden(learned):  # the learned strides replace the initial ones below
+            model = spec.apply(self.model, input_size, **init)
         if not self.conversion_state:
             return model
         base = self.conversion
-        if not learned_state_applies(base, spec):
+        if not learned:
             if base is not None and spec.phc is not None and spec.phc == base.phc:
                 # A PHC layer's A and F are its weights in every mode (same names): they carry over
                 if state := phc_state(model, self.conversion_state):
@@ -103,15 +109,48 @@ def conversion_state(converted: nn.Module, original: nn.Module) -> dict[str, tor
     return {k: p.detach().cpu().clone() for k, p in converted.named_parameters() if id(p) not in shared}
 
 
+@contextlib.contextmanager
+def _untrained_note_hidden(hide: bool):
+    """Leave out the engine's "strides start at the original ones" line while it is not true."""
+    engine = logging.getLogger("ccnn_convert.core.downsample")
+    drop = _DropMarked()
+    if hide:
+        engine.addFilter(drop)
+    try:
+        yield
+    finally:
+        engine.removeFilter(drop)
+
+
+class _DropMarked(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, UNTRAINED_STRIDES_NOTE, False)
+
+
 def _load_conversion_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
     own = model.state_dict()
     for key, value in state.items():
         if key not in own or own[key].shape != value.shape:
             raise ModelResolutionError(f"{name}: the stored conversion parameter {key!r} does not fit "
                                        "the converted model")
+    strides = {f"{layer}.strides" for layer, _ in diffstride_layers(model)}
+    for key in sorted(strides & set(state)):
+        bad = check_strides(state[key].tolist())
+        if bad is not None:  # the layer would clamp it in silence, or fail on NaN
+            raise ModelResolutionError(f"{name}: invalid learned strides {key} = {bad} (each must be a finite "
+                                       "number >= 1)")
     model.load_state_dict(dict(state), strict=False)
-    shown = ", ".join(f"{k}={[round(v, 4) for v in t.flatten().tolist()]}" for k, t in state.items())
-    logger.info(f"{name}: learned conversion parameters loaded ({shown})")
+    logger.info(f"{name}: learned conversion parameters loaded ({_shown(state)})")
+
+
+def _shown(state: Mapping[str, torch.Tensor], most: int = 4) -> str:
+    """Small tensors (learned strides) by their values; large ones (PHC layers' A and F), whose
+    values would flood the log, by their count and shape."""
+    small = [f"{k}={[round(v, 4) for v in t.flatten().tolist()]}" for k, t in state.items() if t.numel() <= most]
+    large = [t for t in state.values() if t.numel() > most]
+    if large:
+        small.append(f"{len(large)} larger tensors, {sum(t.numel() for t in large):,} values")
+    return ", ".join(small)
 
 
 def count_classes(model: nn.Module) -> int:

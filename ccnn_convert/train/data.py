@@ -5,7 +5,8 @@
   folders and a 1000-class model (as ``ccnn-eval`` does), else the folders' own classes (sorted,
   as torchvision's ImageFolder), for which the model gets a new head when its output count differs;
 * :func:`train_transform` is torchvision's augmentation, ending in the model's normalisation;
-  validation uses the model's own eval preprocessing;
+  validation uses the model's own eval preprocessing; :func:`mix_batch` mixes a loaded batch
+  (torchvision's MixUp or CutMix), so that a teacher and its student see the same mixed tensor;
 * :class:`GlobalBatchSampler` cuts one seeded permutation per epoch into global batches and
   gives each torchrun process its share, so N processes take the same steps as one.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from ..data import DecodedImages, class_folder_names, find_samples, shard_indices, wnid_to_index
@@ -27,8 +29,8 @@ from ..models import Preprocessing
 from ..models.preprocessing import _ToRGB
 from .recipe import TrainConfig
 
-__all__ = ["ClassLabels", "GlobalBatchSampler", "choose_labels", "class_folders", "training_sets",
-           "train_transform"]
+__all__ = ["CROP_AREAS", "ClassLabels", "GlobalBatchSampler", "choose_labels", "class_folders", "mix_batch",
+           "training_sets", "train_transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +93,37 @@ def train_transform(pre: Preprocessing, config: TrainConfig):
 
     interpolation = T.InterpolationMode(pre.interpolation)
     steps: list = [_ToRGB()]
-    if config.augment == "standard":
-        steps.append(T.RandomResizedCrop(pre.crop, interpolation=interpolation, antialias=True))
+    augment = config.image_augment
+    if augment in CROP_AREAS:
+        steps.append(T.RandomResizedCrop(pre.crop, scale=CROP_AREAS[augment], interpolation=interpolation,
+                                         antialias=True))
     else:
         steps += [T.Resize(pre.resize, interpolation=interpolation, antialias=True), T.CenterCrop(pre.crop)]
-    if config.augment in ("standard", "flip"):
+    if augment in ("standard", "strong", "flip"):
         steps.append(T.RandomHorizontalFlip())
     if config.shift:
         steps.append(T.RandomCrop(pre.crop, padding=config.shift))
     steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     return T.Compose(steps)
+
+
+# The share of the image's area a random resized crop keeps: torchvision's default, and the
+# "inception crop" of Beyer et al. (CVPR 2022, big_vision's inception_crop(area_min=5)).
+CROP_AREAS = {"standard": (0.08, 1.0), "strong": (0.05, 1.0)}
+MIX_ALPHA = 1.0  # mixup's and cutmix's Beta(alpha, alpha), torchvision's default
+
+
+def mix_batch(images: Tensor, targets: Tensor | None, kind: str, num_classes: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``images`` mixed pairwise by torchvision's MixUp or CutMix (each image with the next in the
+    batch, one weight per batch from Beta(1, 1), drawn from torch's generator); ``targets`` (class
+    indices of ``num_classes``) become the matching mixed one-hot rows, or stay None when not given."""
+    from torchvision.transforms import v2
+
+    mixer = {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind]
+    if targets is None:  # the same draw; a placeholder label that nothing reads
+        mixed, _ = mixer(alpha=MIX_ALPHA)(images, torch.ones(len(images), 1))
+        return mixed, None
+    return mixer(alpha=MIX_ALPHA, num_classes=num_classes)(images, targets)
 
 
 def training_sets(data: str | os.PathLike, labels: ClassLabels, pre: Preprocessing,
@@ -120,11 +143,18 @@ def training_sets(data: str | os.PathLike, labels: ClassLabels, pre: Preprocessi
 
 def _warn_empty_classes(folder: Path, classes: Sequence[str], items: Sequence[tuple[str, int]]) -> None:
     """A class folder without a file is a class the model never sees in training: say so."""
-    present = {Path(path).parent.name for path, _ in items}
+    present = {_class_folder(folder, Path(path)) for path, _ in items}  # images may sit in subfolders
     empty = [name for name in classes if name not in present]
     if empty:
         logger.warning(f"{len(empty)} class folder(s) of {folder} hold no file and are never trained: "
                        f"{', '.join(ascii(name) for name in empty[:5])}{', ...' if len(empty) > 5 else ''}")
+
+
+def _class_folder(folder: Path, path: Path) -> str:
+    try:
+        return path.relative_to(folder).parts[0]
+    except ValueError:  # not under it as written (a link resolved): its own folder
+        return path.parent.name
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

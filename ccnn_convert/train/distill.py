@@ -6,8 +6,19 @@ before training, in eval mode, run under ``no_grad`` on the same batch in the sa
 ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per image
 (:func:`distillation_loss`); with labels, ``weight * that + (1 - weight) * cross-entropy``.
 
-Validation reports the student's top-1 agreement with the teacher and the mean KL (at
-temperature 1) on held-back images, besides top-1 and top-5 when the data has labels.
+Function matching (Beyer et al., CVPR 2022, "Knowledge distillation: a good teacher is patient
+and consistent"): teacher and student see the same tensor in every step, after the data
+loader's augmentation and the batch's mixup or cutmix (:mod:`.loop`), so the augmentation only
+widens the set of inputs the two functions are matched on. The teacher may be several models
+and several views of each image (:class:`TeacherEnsemble`): its distribution is the mean of
+their softmaxes at temperature T, ``p = mean_v softmax(z_v / T)``, and the loss is
+``T^2 * KL(p || softmax(student / T))``. Averaging the tempered softmaxes (not the logits, nor
+softmaxes at 1 re-tempered) keeps one teacher with one view exactly Hinton's loss.
+
+Validation reports the student's top-1 agreement with that teacher (at T = 1) and the mean KL
+(at temperature 1) on held-back images, besides top-1 and top-5 when the data has labels.
+:func:`untrained_is_better` compares the result with the untrained conversion measured the same
+way before training.
 """
 
 from __future__ import annotations
@@ -16,45 +27,70 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .._helpers import logits_of
-from ..data import shard_indices
-from ..errors import ParameterError
-from ..metrics import topk_correct
+from ..errors import CCNNError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
-from .loop import EpochRecord, Trainer, _as_batch
+from ..models.artifact import is_artifact, read_artifact
+from ..models.checkpoints import safe_load
+from .loop import EpochRecord, Trainer, hard_targets
 from .recipe import TrainConfig
 
-__all__ = ["DISTILL_RECIPE", "DistillConfig", "DistillTrainer", "Teacher", "build_teacher", "check_distill_options",
-           "check_teacher_classes", "distillation_loss"]
+__all__ = ["DISTILL_RECIPE", "DISTILL_RECIPES", "TTA_SHIFT", "TTA_VIEWS", "DistillConfig", "DistillTrainer",
+           "HeldBackScore", "Teacher", "TeacherEnsemble", "build_teacher", "check_distill_options",
+           "check_teacher_classes", "distill_recipe", "recipe_mode", "distillation_loss", "kl_to_teacher", "tta_views",
+           "untrained_is_better"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VAL_FRACTION = 0.1
-# What ``ccnn-train --distill`` uses for the options left unset: the recipe that did best in
-# docs/results.md#distillation (efficientnet_lite0, checkered, 125 unlabelled ImageNet images a fold).
-DISTILL_RECIPE = {"epochs": 3, "batch_size": 16, "train_params": "norm+head", "freeze_norm_stats": True}
+# What ``ccnn-train --distill`` uses for the options left unset, per mode (distill_recipe). The
+# base is the recipe that did best in docs/results.md#distillation (efficientnet_lite0,
+# checkered, 125 unlabelled ImageNet images a fold), trained by function matching: strong crops
+# and mixup, for as many epochs as held-back agreement keeps rising (FUNCTION_MATCHING_EPOCHS:
+# provisional until benchmarks/distill_lite0.py's function-matching variants measure it).
+# Checkered keeps the original's statistics (its submaps keep them); the modes that low-pass
+# before a norm change the statistics, so there they follow the training batches.
+FUNCTION_MATCHING_EPOCHS = 20
+DISTILL_RECIPE = {"epochs": FUNCTION_MATCHING_EPOCHS, "batch_size": 16, "train_params": "norm+head",
+                  "freeze_norm_stats": True, "augment": "strong,mixup"}
+DISTILL_RECIPES = {mode: {**DISTILL_RECIPE, "freeze_norm_stats": False} for mode in ("blurpool", "spectral", "diffstride")}
+TTA_VIEWS = ("flip", "shift")
+TTA_SHIFT = 8  # pixels: shift views translate by (+-8, 0) and (0, +-8), the border pixels repeated
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """``teacher``: None for the MODEL's own weights unconverted, else a MODEL string (same classes).
+    """``teacher``: None for the MODEL's own weights unconverted, else a MODEL string or a tuple
+    of them (an ensemble: the mean of their softmaxes; every one scores the same classes).
+    ``teacher_tta``: views of each image the teacher is averaged over (:data:`TTA_VIEWS`).
     ``weight``: the distillation share of the loss (1 = distillation only; below 1 needs labels).
     ``val_fraction``: the images held back from an unlabelled folder (None: 0.1)."""
 
-    teacher: str | None = None
+    teacher: str | tuple[str, ...] | None = None
     temperature: float = 1.0
     weight: float = 1.0
     val_fraction: float | None = None
+    teacher_tta: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        teachers = (self.teacher,) if isinstance(self.teacher, str) else tuple(self.teacher or ())
+        if any(not isinstance(t, str) or not t.strip() for t in teachers) or (self.teacher is not None and not teachers):
+            raise ParameterError("teacher", f"{{param}} must name one or more models, got {self.teacher!r}")
+        object.__setattr__(self, "teacher", None if not teachers else teachers[0] if len(teachers) == 1 else teachers)
+        views = tuple(self.teacher_tta)
+        unknown = [v for v in views if v not in TTA_VIEWS]
+        if unknown or len(set(views)) != len(views):
+            raise ParameterError("teacher_tta", f"{{param}} takes distinct views from {', '.join(TTA_VIEWS)}, "
+                                                f"got {','.join(map(str, views))!r}")
+        object.__setattr__(self, "teacher_tta", tuple(v for v in TTA_VIEWS if v in views))
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ParameterError("temperature", f"{{param}} must be positive, got {self.temperature}")
         if not 0 <= self.weight <= 1:
@@ -63,20 +99,76 @@ class DistillConfig:
             raise ParameterError("val_fraction", f"{{param}} must be in [0, 1), got {self.val_fraction}")
 
     @property
+    def teachers(self) -> tuple[str, ...]:
+        """The teacher MODELs given (empty: MODEL itself, unconverted)."""
+        return (self.teacher,) if isinstance(self.teacher, str) else tuple(self.teacher or ())
+
+    @property
     def held_back(self) -> float:
         return DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
 
     def to_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "temperature": self.temperature, "weight": self.weight,
+        data = {"teacher": ",".join(self.teachers) or None, "temperature": self.temperature, "weight": self.weight,
                 "val_fraction": self.val_fraction}
+        if self.teacher_tta:  # runs without it keep the identity (and resume) they had
+            data["teacher_tta"] = list(self.teacher_tta)
+        return data
+
+
+def distill_recipe(mode: str) -> dict[str, Any]:
+    """The training options a distillation uses for ``mode`` where none is given (the CLI fills them in)."""
+    return dict(DISTILL_RECIPES.get(mode, DISTILL_RECIPE))
+
+
+def recipe_mode(model: str, mode: str | None) -> str:
+    """The mode a run will train in, for its recipe: ``mode``, else an artifact's own, else checkered."""
+    if mode is not None:
+        return mode
+    path = Path(model).expanduser()
+    if path.is_file():
+        try:
+            obj = safe_load(path)
+            if is_artifact(obj):
+                return read_artifact(obj, path).conversion.mode
+        except CCNNError:
+            pass  # resolving MODEL reports it in one line
+    return "checkered"
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean over the batch of ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al.):
     the T^2 keeps the gradients' scale independent of T."""
+    return kl_to_teacher(student_logits, F.log_softmax(teacher_logits / temperature, dim=1), temperature)
+
+
+def kl_to_teacher(student_logits: Tensor, teacher_log_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T^2 * KL(p || softmax(student/T))``, batch mean, for a teacher distribution ``p`` given as
+    log-probabilities (already at temperature T)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), teacher_log_probs, reduction="batchmean",
+                    log_target=True) * (t * t)
+
+
+def tta_views(images: Tensor, views: tuple[str, ...]) -> list[Tensor]:
+    """The images themselves, then the views ``views`` asks for: ``flip`` adds the horizontal
+    mirror; ``shift`` translates each of those by TTA_SHIFT px left, right, up and down (the
+    border pixels repeated into the gap). flip,shift: 2 x 5 = 10 views."""
+    base = [images, images.flip(3)] if "flip" in views else [images]
+    if "shift" not in views:
+        return base
+    s = TTA_SHIFT
+    offsets = ((0, 0), (s, 0), (-s, 0), (0, s), (0, -s))
+    return [_translated(view, dy, dx) for view in base for dy, dx in offsets]
+
+
+def _translated(images: Tensor, dy: int, dx: int) -> Tensor:
+    """``out[y, x] = images[y - dy, x - dx]``, edge-clamped."""
+    if dy == dx == 0:
+        return images
+    s = max(abs(dy), abs(dx))
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (s, s, s, s), mode="replicate")
+    return padded[..., s - dy:s - dy + height, s - dx:s - dx + width]
 
 
 class Teacher(nn.Module):
@@ -101,27 +193,63 @@ class Teacher(nn.Module):
         return logits_of(self.model(images)).float()
 
 
-def build_teacher(config: DistillConfig, student: ResolvedModel, *, trust_factory: bool = False) -> Teacher:
+class TeacherEnsemble(nn.Module):
+    """What the student matches: the mean over ``members`` and over the ``views`` of each image
+    (:func:`tta_views`) of the softmax at temperature T. Frozen, always in eval mode."""
+
+    def __init__(self, members: list[Teacher], views: tuple[str, ...] = ()):
+        super().__init__()
+        self.members, self.views = nn.ModuleList(members).eval(), tuple(views)
+        names = ", ".join(m.name for m in members)
+        self.name = (names if len(members) == 1 else f"the mean of {names}") + (
+            f" over views {','.join(views)}" if views else "")
+        counts = {m.num_classes for m in members}
+        if len(counts) > 1:
+            raise ParameterError("teacher", f"the teachers {names} score {', '.join(map(str, sorted(counts)))} "
+                                            "classes: an ensemble's members must score the same classes")
+        self.num_classes = members[0].num_classes
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)  # always in eval mode
+
+    @torch.no_grad()
+    def log_probs(self, images: Tensor, temperature: float = 1.0) -> Tensor:
+        """log of the mean, over members and views, of softmax(logits / temperature)."""
+        logits = [member(view) for member in self.members for view in tta_views(images, self.views)]
+        log_probs = torch.stack([F.log_softmax(z / temperature, dim=1) for z in logits])
+        if len(logits) == 1:
+            return log_probs[0]
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+
+
+def build_teacher(config: DistillConfig, student: ResolvedModel, *, trust_factory: bool = False) -> TeacherEnsemble:
     """The teacher: a frozen copy of the student's own (unconverted) model, taken before any
-    training changes the weights it shares, or the MODEL ``config.teacher`` names, as stored
-    (an artifact runs converted if it was)."""
-    if config.teacher is None:
+    training changes the weights it shares, or the MODEL(s) ``config.teacher`` names, as stored
+    (an artifact runs converted if it was); averaged over ``config.teacher_tta``'s views."""
+    if not config.teachers:
         if student.training is not None:
             logger.warning(f"the teacher is {student.name} as given, unconverted, and it was already trained "
                            f"({_made_by(student.training)}); pass a teacher for the original weights")
-        return Teacher(copy.deepcopy(student.model), f"{student.name} (unconverted)", student.num_classes,
-                       student.preprocessing, student.preprocessing)
-    resolved = resolve_model(config.teacher, trust_factory=trust_factory)
+        members = [Teacher(copy.deepcopy(student.model), f"{student.name} (unconverted)", student.num_classes,
+                           student.preprocessing, student.preprocessing)]
+    else:
+        members = [_named_teacher(name, student, trust_factory) for name in config.teachers]
+    return TeacherEnsemble(members, config.teacher_tta)
+
+
+def _named_teacher(name: str, student: ResolvedModel, trust_factory: bool) -> Teacher:
+    resolved = resolve_model(name, trust_factory=trust_factory)
     model = resolved.model
     if resolved.conversion is not None:
-        model = resolved.conversion.apply(model, resolved.preprocessing.crop)
+        model = resolved.converted(resolved.conversion, resolved.preprocessing.crop)  # with what it learned
     if resolved.preprocessing.crop != student.preprocessing.crop:
         logger.info(f"the teacher {resolved.name} sees the student's {student.preprocessing.crop} px crops "
                     f"(its own preprocessing crops {resolved.preprocessing.crop} px)")
     return Teacher(model, resolved.name, resolved.num_classes, student.preprocessing, resolved.preprocessing)
 
 
-def check_teacher_classes(teacher: Teacher, student_classes: int) -> None:
+def check_teacher_classes(teacher: TeacherEnsemble, student_classes: int) -> None:
     if teacher.num_classes != student_classes:
         raise ParameterError("teacher", f"the teacher ({teacher.name}) has {teacher.num_classes} classes and the "
                                         f"student {student_classes}: a teacher must score the same classes")
@@ -150,60 +278,55 @@ class DistillTrainer(Trainer):
     with the teacher, and validation reports agreement and KL only."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig, *,
-                 teacher: Teacher, distill: DistillConfig, labelled: bool, **kwargs):
+                 teacher: TeacherEnsemble, distill: DistillConfig, labelled: bool, **kwargs):
         super().__init__(model, train_set, val_set, config, **kwargs)
         self.teacher = teacher.to(self.device)
         self.distill, self.labelled = distill, labelled
         self._agreement = [0.0, 0.0, 0.0]  # agreeing images, KL sum, images (this process)
 
-    def loss(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
-        _check_same_classes(logits, teacher_logits)
-        loss = distillation_loss(logits, teacher_logits, self.distill.temperature)
-        if self.labelled and self.distill.weight < 1:
-            return self.distill.weight * loss + (1 - self.distill.weight) * self.loss_fn(logits, targets)
+    def uses_labels(self) -> bool:
+        return self.labelled and self.distill.weight < 1
+
+    def train_epoch(self) -> tuple[float, float, int, int, float]:
+        self.teacher.eval()  # whatever a caller did to it: its statistics and dropout must not move
+        return super().train_epoch()
+
+    def loss(self, logits: Tensor, teacher_log_probs: Tensor, targets: Tensor) -> Tensor:
+        """``teacher_log_probs`` at the distillation temperature; ``targets`` class indices or
+        (mixed) class probabilities, read only when the label loss has a share."""
+        _check_same_classes(logits, teacher_log_probs)
+        loss = kl_to_teacher(logits, teacher_log_probs, self.distill.temperature)
+        if self.uses_labels():
+            return self.distill.weight * loss + (1 - self.distill.weight) * self.label_loss(logits, targets)
         return loss
 
     def _step(self, images: Tensor, targets: Tensor) -> tuple[Tensor, int]:
         with self._autocast():
-            teacher_logits = self.teacher(images).float()  # no_grad, eval mode
+            teacher_log_probs = self.teacher.log_probs(images, self.distill.temperature)  # no_grad, eval mode
             logits = logits_of(self.wrapped(images)).float()
-        loss = self._regularised(self.loss(logits, teacher_logits, targets))
+        loss = self._regularised(self.loss(logits, teacher_log_probs, targets))
         self._update(loss)
-        reference = targets if self.labelled else teacher_logits.argmax(1)
+        reference = hard_targets(targets) if self.labelled else teacher_log_probs.argmax(1)
         return loss.detach(), int(logits.argmax(1).eq(reference).sum())
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float, float, float, int]:
         """Labelled counts as :meth:`Trainer.validate` (zero without labels); agreement and KL kept aside."""
-        self.model.eval()
-        if self.ctx.active:
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, src=0)
-        totals = torch.zeros(5, dtype=torch.float64)
-        agreement = torch.zeros(3, dtype=torch.float64)
-        if self.val_set is not None:
-            shard = Subset(self.val_set, shard_indices(range(len(self.val_set)), self.ctx.rank, self.ctx.world_size))
-            per_process = max(1, self.config.batch_size // self.ctx.world_size)
-            for batch in self._loader(shard, batch_size=per_process, shuffle=False):
-                images, targets, skipped = _as_batch(batch)
-                totals[4] += skipped
-                if images.numel() == 0:
-                    continue
-                images, targets = images.to(self.device), targets.to(self.device)
-                with self._autocast():
-                    logits = logits_of(self.model(images)).float()
-                    teacher_logits = self.teacher(images).float()
-                _check_same_classes(logits, teacher_logits)
-                kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), reduction="sum",
-                              log_target=True)
-                agreement += torch.tensor([int(logits.argmax(1).eq(teacher_logits.argmax(1)).sum()), float(kl),
-                                           len(images)], dtype=torch.float64)
-                if self.labelled:
-                    hits = topk_correct(logits, targets, (1, 5))
-                    loss = F.cross_entropy(logits, targets, reduction="sum")
-                    totals += torch.tensor([float(loss), hits[1], hits[5], len(targets), 0], dtype=torch.float64)
-        self._agreement = agreement.tolist()
-        return tuple(totals.tolist())  # type: ignore[return-value]
+        self._agreement_sums = torch.zeros(3, dtype=torch.float64)
+        totals = super().validate()
+        self._agreement = self._agreement_sums.tolist()
+        return totals
+
+    def _validation_counts(self, images: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+        with self._autocast():
+            teacher_log_probs = self.teacher.log_probs(images, 1.0)
+        _check_same_classes(logits, teacher_log_probs)
+        kl = F.kl_div(F.log_softmax(logits, 1), teacher_log_probs, reduction="sum", log_target=True)
+        self._agreement_sums += torch.tensor([int(logits.argmax(1).eq(teacher_log_probs.argmax(1)).sum()),
+                                              float(kl), len(images)], dtype=torch.float64)
+        if self.labelled:
+            return super()._validation_counts(images, logits, targets)
+        return torch.zeros(5, dtype=torch.float64)
 
     def run_epoch(self) -> EpochRecord:
         record = super().run_epoch()
@@ -214,9 +337,39 @@ class DistillTrainer(Trainer):
 
     def measure_agreement(self) -> tuple[float, float] | None:
         """(top-1 agreement %, mean KL) of the model as it is, on the held-back images (None without)."""
-        self.validate()
+        score = self.held_back_score()
+        return None if score is None else (score.agreement, score.kl)
+
+    def held_back_score(self) -> "HeldBackScore | None":
+        """Top-1 (with labels), agreement and KL of the model as it is, on the held-back images."""
+        _, top1, _, labelled_images, _ = self._summed(list(self.validate()))
         agree, kl, images = self._summed(self._agreement)
-        return (100 * agree / images, kl / images) if images else None
+        if not images:
+            return None
+        return HeldBackScore(100 * top1 / labelled_images if labelled_images else None, 100 * agree / images,
+                             kl / images)
+
+
+@dataclass(frozen=True)
+class HeldBackScore:
+    """A model's top-1 (None without labels), agreement with the teacher (%) and mean KL on the held-back images."""
+
+    top1: float | None
+    agreement: float
+    kl: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val_top1": self.top1, "val_agreement": self.agreement, "val_kl": self.kl}
+
+
+def untrained_is_better(untrained: HeldBackScore | None, best: EpochRecord | None) -> bool:
+    """Whether the untrained conversion beats the best epoch on the held-back images: by top-1
+    where there are labels (as epochs are ranked), then agreement, then the lower KL."""
+    if untrained is None or best is None or best.val_agreement is None:
+        return False
+    def key(top1, agreement, kl):
+        return (top1 if top1 is not None else 0.0, agreement, -kl)
+    return key(untrained.top1, untrained.agreement, untrained.kl) > key(best.val_top1, best.val_agreement, best.val_kl)
 
 
 def _check_same_classes(logits: Tensor, teacher_logits: Tensor) -> None:

@@ -28,13 +28,13 @@ from ..data import Batch, Item, Skipped, collate_items, shard_indices
 from ..errors import DataError, ParameterError
 from ..metrics import topk_correct
 from ..runtime import DistributedContext, peak_rss_since_reset, reset_peak_rss, synchronize
-from .data import GlobalBatchSampler
+from .data import GlobalBatchSampler, mix_batch
 from .memory import checkpoint_blocks, is_out_of_memory, out_of_memory_error
-from .params import hold_frozen_statistics, select_trainable
+from .params import check_freeze_norm_stats, hold_frozen_statistics, select_trainable
 from .recipe import TrainConfig, build_optimizer, build_scheduler
 from .resume import restore_rng_states, rng_states
 
-__all__ = ["EpochRecord", "StepInfo", "Trainer", "best_record"]
+__all__ = ["EpochRecord", "StepInfo", "Trainer", "best_record", "hard_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ def _score(record: EpochRecord) -> float | None:
     return record.val_top1 if record.val_top1 is not None else record.val_agreement
 
 
+def hard_targets(targets: Tensor) -> Tensor:
+    """Class indices: as given, or each mixed row's largest share."""
+    return targets.argmax(1) if targets.ndim == 2 else targets
+
+
 def _as_batch(batch: Any) -> tuple[Tensor, Tensor, int]:
     """(images, targets, skipped files) from our collate's Batch or a plain (images, targets) pair."""
     if isinstance(batch, Batch):
@@ -119,6 +124,7 @@ class Trainer:
         if config.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         select_trainable(self.model, config.train_params)  # before DDP and the optimizer see the parameters
+        check_freeze_norm_stats(self.model, config.freeze_norm_stats)
         self.train_module = checkpoint_blocks(self.model) if config.checkpointing else self.model
         self.wrapped = self._distributed(self.train_module)
         self.optimizer = build_optimizer(self.model, config)
@@ -145,9 +151,28 @@ class Trainer:
     def _step(self, images: Tensor, targets: Tensor) -> tuple[Tensor, int]:
         with self._autocast():
             logits = logits_of(self.wrapped(images)).float()
-        loss = self._regularised(self.loss_fn(logits, targets))
+        loss = self._regularised(self.label_loss(logits, targets))
         self._update(loss)
-        return loss.detach(), int(logits.argmax(1).eq(targets).sum())
+        return loss.detach(), int(logits.argmax(1).eq(hard_targets(targets)).sum())
+
+    def uses_labels(self) -> bool:
+        """Whether the loss reads the targets (a batch mix then mixes them too)."""
+        return True
+
+    def label_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy against class indices, or against mixed class probabilities (a mix's
+        one-hot rows cover the classes up to the batch's largest label: the rest are 0)."""
+        if targets.ndim == 2 and targets.shape[1] < logits.shape[1]:
+            targets = nn.functional.pad(targets, (0, logits.shape[1] - targets.shape[1]))
+        return self.loss_fn(logits, targets)
+
+    def _mixed(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch after ``config.batch_mix`` (if any); the targets mixed alike where the loss reads them."""
+        if self.config.batch_mix is None:
+            return images, targets
+        if not self.uses_labels():
+            return mix_batch(images, None, self.config.batch_mix)[0], targets
+        return mix_batch(images, targets, self.config.batch_mix, num_classes=int(targets.max()) + 1)
 
     def _regularised(self, loss: Tensor) -> Tensor:
         """``loss`` plus the paper's complexity regulariser on DiffStride's learned strides, if asked for."""
@@ -182,6 +207,7 @@ class Trainer:
             if images.numel() == 0:
                 raise DataError("no image of a training batch could be decoded")
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device)
+            images, targets = self._mixed(images, targets)
             try:
                 loss, correct = self._step(images, targets)
             except Exception as exc:
@@ -215,10 +241,14 @@ class Trainer:
             images, targets = images.to(self.device), targets.to(self.device)
             with self._autocast():
                 logits = logits_of(self.model(images)).float()
-            hits = topk_correct(logits, targets, (1, 5))
-            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-            totals += torch.tensor([float(loss), hits[1], hits[5], len(targets), 0], dtype=torch.float64)
+            totals += self._validation_counts(images, logits, targets)
         return tuple(totals.tolist())  # type: ignore[return-value]
+
+    def _validation_counts(self, images: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+        """(loss sum, top-1 correct, top-5 correct, images, 0) of one validation batch."""
+        hits = topk_correct(logits, targets, (1, 5))
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return torch.tensor([float(loss), hits[1], hits[5], len(targets), 0], dtype=torch.float64)
 
     def _summed(self, values: list[float]) -> list[float]:
         if not self.ctx.active:

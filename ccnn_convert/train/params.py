@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ParameterError
 from ..models.head import find_classifier
 
-__all__ = ["NORM_TYPES", "TRAIN_PARAMS", "check_train_params", "hold_frozen_statistics", "norm_modules",
+__all__ = ["NORM_TYPES", "TRAIN_PARAMS", "check_freeze_norm_stats", "check_train_params", "hold_frozen_statistics", "norm_modules",
            "select_trainable"]
 
 TRAIN_PARAMS = ("all", "norm", "head", "norm+head")
@@ -53,6 +53,13 @@ def select_trainable(model: nn.Module, which: str) -> int:
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen)
     return sum(p.numel() for p in chosen.values())
+
+
+def check_freeze_norm_stats(model: nn.Module, freeze_norm_stats: bool) -> None:
+    """Refuse freezing statistics that do not exist (as ``train_params`` norm is refused there)."""
+    if freeze_norm_stats and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in norm_modules(model)):
+        raise ParameterError("freeze_norm_stats", f"{{param}}: the model has no normalisation layer with running "
+                                                  "statistics to keep: turn it off")
 
 
 def hold_frozen_statistics(model: nn.Module, which: str, freeze_norm_stats: bool = False) -> None:

@@ -18,11 +18,16 @@ from torch import nn
 from ..errors import ParameterError
 from .params import check_train_params
 
-__all__ = ["OPTIMIZERS", "AUGMENTATIONS", "TrainConfig", "build_optimizer", "build_scheduler",
+__all__ = ["OPTIMIZERS", "AUGMENTATIONS", "BATCH_MIXES", "IMAGE_AUGMENTATIONS", "TrainConfig", "build_optimizer", "build_scheduler",
            "parameter_groups"]
 
 OPTIMIZERS = ("sgd", "adamw")
-AUGMENTATIONS = ("standard", "flip", "none")  # random resized crop + flip | flip only | neither
+# Per image (in the data loader): random resized crop (area 8-100 %) + flip | Beyer et al.'s
+# inception crop (area 5-100 %) + flip | flip only | neither. Per batch (on the loaded tensor):
+# mixup or cutmix. ``augment`` names one of each, e.g. "strong,mixup"; a mix alone keeps "standard".
+IMAGE_AUGMENTATIONS = ("standard", "strong", "flip", "none")
+BATCH_MIXES = ("mixup", "cutmix")
+AUGMENTATIONS = IMAGE_AUGMENTATIONS + BATCH_MIXES
 _DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}  # fine-tuning rates; from scratch, raise them
 _DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 
@@ -65,10 +70,7 @@ class TrainConfig:
         object.__setattr__(self, "optimizer", optimizer)
         if self.momentum is not None and optimizer != "sgd":
             raise ParameterError("momentum", f"{{param}} only applies to SGD, not {optimizer}")
-        augment = str(self.augment).lower()
-        if augment not in AUGMENTATIONS:
-            raise ParameterError("augment", f"unknown {{param}} {self.augment!r}; choose {', '.join(AUGMENTATIONS)}")
-        object.__setattr__(self, "augment", augment)
+        object.__setattr__(self, "augment", _normalised_augment(self.augment))
         for name in ("lr", "weight_decay", "momentum"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0 and (name != "lr" or value > 0)):
@@ -88,6 +90,17 @@ class TrainConfig:
             raise ParameterError("stride_penalty", f"{{param}} must be zero or more, got {self.stride_penalty}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ParameterError("shift", f"{{param}} must be a number of pixels (0 or more), got {self.shift!r}")
+
+    @property
+    def image_augment(self) -> str:
+        """The per-image augmentation: one of IMAGE_AUGMENTATIONS."""
+        return self.augment.split(",")[0]
+
+    @property
+    def batch_mix(self) -> str | None:
+        """mixup, cutmix or None: mixed into each loaded batch."""
+        parts = self.augment.split(",")
+        return parts[1] if len(parts) > 1 else None
 
     @property
     def learning_rate(self) -> float:
@@ -111,6 +124,21 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _normalised_augment(augment: Any) -> str:
+    """"image" or "image,mix" from one or two comma- or plus-separated names (a mix alone: standard crops)."""
+    parts = [p.strip() for p in str(augment).lower().replace("+", ",").split(",") if p.strip()]
+    unknown = [p for p in parts if p not in AUGMENTATIONS]
+    if unknown or not parts:
+        raise ParameterError("augment", f"unknown {{param}} {augment!r}; choose one of {', '.join(IMAGE_AUGMENTATIONS)}, "
+                                        f"optionally with one of {', '.join(BATCH_MIXES)} (e.g. strong,mixup)")
+    image = [p for p in parts if p in IMAGE_AUGMENTATIONS]
+    mix = [p for p in parts if p in BATCH_MIXES]
+    if len(image) > 1 or len(mix) > 1:
+        raise ParameterError("augment", f"{{param}} {augment!r} names more than one per-image augmentation or "
+                                        "more than one batch mix")
+    return ",".join((image or ["standard"]) + mix)
 
 
 def _positive(name: str, value: Any) -> None:
@@ -159,3 +187,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
                                     CosineAnnealingLR(optimizer, T_max=total - warmup)],
                         milestones=[warmup])
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int, step: int) -> float:
+    """The schedule of :func:`build_scheduler` in closed form: the learning rate after ``step``
+    steps over the initial one (what a resumed checkpoint's optimizer groups must hold)."""
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    return (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2

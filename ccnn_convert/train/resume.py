@@ -11,15 +11,17 @@ continue the same run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..core.diffstride import check_strides
 from ..errors import CCNNError
 from ..models.checkpoints import safe_load
-from ..outputs import atomic_path
+from ..outputs import atomic_path, save_torch
 
 __all__ = ["STATE_FORMAT", "check_identity", "check_training_state", "load_training_state", "rng_states",
            "restore_rng_states", "save_training_state"]
@@ -44,7 +46,7 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 def save_training_state(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the state atomically (replacing the previous epoch's)."""
     with atomic_path(path, force=True) as tmp, open(tmp, "wb") as handle:
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
+        save_torch({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, handle)  # bytes independent of tmp's name
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
@@ -71,13 +73,19 @@ _ENTRIES = ("identity", "model", "optimizer", "scheduler", "scaler", "rng", "epo
 
 def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_state: Mapping[str, torch.Tensor],
                          param_group_sizes: list[int], epochs: int, steps_per_epoch: int,
-                         record_fields: tuple) -> None:
+                         record_fields: tuple, fresh_optimizer: Mapping[str, Any] | None = None,
+                         fresh_scheduler: Mapping[str, Any] | None = None, param_shapes: list | None = None,
+                         lr_factor: Any = None, strides: tuple[str, ...] = ()) -> None:
     """Validate every entry of a loaded training state against the run it should continue,
     before any of it is used; anything odd is one CCNNError line.
 
     ``model_state`` is the model's own state dict (names, shapes and dtypes to match),
     ``param_group_sizes`` the parameter count of each optimizer group, ``record_fields`` the
-    ``dataclasses.fields`` of an epoch record.
+    ``dataclasses.fields`` of an epoch record. ``fresh_optimizer`` and ``fresh_scheduler`` are the
+    state dicts this run starts with: the saved groups' settings must be theirs, each group's
+    learning rate its initial one times ``lr_factor(step)`` (the schedule), and each state
+    tensor of the optimizer the shape of its parameter in ``param_shapes`` (by index).
+    ``strides`` names the model's learned DiffStride strides: finite numbers >= 1.
     """
     def bad(entry: str, why: str) -> CCNNError:
         return CCNNError(f"cannot resume from {path}: invalid {entry} in training checkpoint ({why})")
@@ -90,10 +98,22 @@ def check_training_state(state: Mapping[str, Any], path: str | Path, *, model_st
                         "its last.pt and best.pt are the results")
     _check_history(state["history"], epoch, record_fields, bad)
     _check_model(state["model"], model_state, bad)
+    for key in strides:
+        shown = check_strides(state["model"][key].tolist())
+        if shown is not None:  # the layer would clamp them in silence, or fail on NaN
+            raise bad("model", f"learned strides {key} = {shown}; each must be a finite number >= 1")
     _check_optimizer(state["optimizer"], param_group_sizes, bad)
+    step = epoch * steps_per_epoch
+    if fresh_optimizer is not None:
+        _check_groups(state["optimizer"]["param_groups"], fresh_optimizer["param_groups"],
+                      None if lr_factor is None else lr_factor(step), bad)
+    if param_shapes is not None:
+        _check_optimizer_shapes(state["optimizer"]["state"], param_shapes, bad)
     scheduler = state["scheduler"]
-    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != epoch * steps_per_epoch:
-        raise bad("scheduler", f"expected a schedule at step {epoch * steps_per_epoch}")
+    if not isinstance(scheduler, dict) or scheduler.get("last_epoch") != step:
+        raise bad("scheduler", f"expected a schedule at step {step}")
+    if fresh_scheduler is not None:
+        _check_schedule_settings(scheduler, fresh_scheduler, bad)
     scaler = state["scaler"]
     if not isinstance(scaler, dict) or not all(isinstance(k, str) and isinstance(v, (int, float, bool))
                                                for k, v in scaler.items()):
@@ -144,6 +164,55 @@ def _check_optimizer(saved: Any, group_sizes: list[int], bad) -> None:
     for index, value in saved["state"].items():
         if not isinstance(value, dict) or not all(isinstance(v, (torch.Tensor, int, float, type(None))) for v in value.values()):
             raise bad("optimizer", f"the state of parameter {_short(index, 20)} is not tensors and numbers")
+
+
+def _check_groups(saved: list, fresh: list, factor: float | None, bad) -> None:
+    """Every setting of each group as this run would have written it; lr as the schedule sets it."""
+    for number, (group, own) in enumerate(zip(saved, fresh), 1):
+        for key, value in own.items():
+            if key in ("params", "lr"):
+                continue
+            if key not in group or group[key] != value or type(group[key]) is not type(value):
+                raise bad("optimizer", f"group {number}: {key} is {_short(group.get(key), 40)}, this run's is "
+                                       f"{_short(value, 40)}")
+        if set(group) - set(own):
+            raise bad("optimizer", f"group {number}: unexpected {_short(sorted(set(group) - set(own))[0], 40)}")
+        if factor is None:
+            continue
+        lr, expected = group.get("lr"), own["initial_lr"] * factor
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isclose(
+                lr, expected, rel_tol=1e-6, abs_tol=1e-12 * own["initial_lr"]):
+            raise bad("optimizer", f"group {number}: lr is {_short(lr, 40)}; the schedule is at {expected:.6g}")
+
+
+def _check_optimizer_shapes(saved: Mapping, shapes: list, bad) -> None:
+    """A momentum buffer (or Adam's moments) has its parameter's shape; a step count is a scalar."""
+    for index, values in saved.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(shapes):
+            raise bad("optimizer", f"state of parameter {_short(index, 20)}, which the run does not have")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != tuple(shapes[index]):
+                raise bad("optimizer", f"{name} of parameter {index} is {tuple(value.shape)}, the parameter "
+                                       f"is {tuple(shapes[index])}")
+
+
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+                      "_schedulers"}
+
+
+def _check_schedule_settings(saved: Mapping, fresh: Mapping, bad) -> None:
+    """The schedule's settings (base rates, length, milestones, ...) as this run has them."""
+    for key, value in fresh.items():
+        if key in _SCHEDULE_PROGRESS:
+            continue
+        if saved.get(key) != value:
+            raise bad("scheduler", f"{key} is {_short(saved.get(key), 40)}, this run's is {_short(value, 40)}")
+    inner, own = saved.get("_schedulers"), fresh.get("_schedulers")
+    if own is not None:
+        if not isinstance(inner, list) or len(inner) != len(own) or not all(isinstance(i, dict) for i in inner):
+            raise bad("scheduler", "expected this run's chained schedules")
+        for part, fresh_part in zip(inner, own):
+            _check_schedule_settings(part, fresh_part, bad)
 
 
 def _check_rng(saved: Any, bad) -> None:

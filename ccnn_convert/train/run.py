@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .._helpers import first_line
+from ..core.diffstride import diffstride_layers
 from ..errors import CCNNError, ModelParameterError, ModelResolutionError, ParameterError
 from ..models import ResolvedModel, conversion_state, replace_head, resolve_model, save_artifact
 from ..models.checkpoints import safe_load
@@ -43,11 +44,13 @@ from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..core.phc import check_phc
 from ..spec import ConversionSpec, check_options_used
+from .calibrate import RECALIBRATE, recalibrate_before_training
 from .data import ClassLabels, choose_labels, class_folders, training_sets
-from .distill import DistillConfig, DistillTrainer, build_teacher, check_distill_options, check_teacher_classes
+from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teacher, check_distill_options,
+                      check_teacher_classes, untrained_is_better)
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
-from .recipe import TrainConfig
+from .recipe import TrainConfig, lr_factor
 from .resume import check_identity, check_training_state, load_training_state, save_training_state
 from .unlabelled import is_labelled_layout, unlabelled_sets
 
@@ -79,7 +82,8 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
-    phc: int | None = None, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
+    resample_at: str | None = None, recalibrate: str | None = None, phc: int | None = None,
+    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
     workers: int = 2, device: str = "auto", on_start: Callable[[dict], None] | None = None,
@@ -90,15 +94,18 @@ def train_model(
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
     network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
-    ``blur_size``, ``phc`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    ``blur_size``, ``resample_at``, ``phc`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
     strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
     files there need ``force``. ``distill`` trains against a teacher (:mod:`.distill`); ``data``
-    may then be any folder of images. Under torchrun, every process calls this; rank 0 writes.
+    may then be any folder of images. ``recalibrate`` (distillation only; default ``auto``) first
+    re-estimates the BatchNorms whose input statistics the conversion changed
+    (:func:`~.calibrate.recalibrate_before_training`); ``all``, every one; ``none``, none. Under torchrun, every process calls this; rank 0 writes.
     """
     config = config if config is not None else TrainConfig()
+    rule = _recalibration_rule(recalibrate, distill)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     if phc is not None:
@@ -107,7 +114,7 @@ def train_model(
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
     if mode is not None:  # before the slow part; an artifact's own mode is checked below
         check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size, phc=phc)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
         if config.stride_penalty and mode != "diffstride":
             _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
@@ -123,10 +130,12 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-                           phc=phc, leaf_modules=leaf_modules)
+                           resample_at=resample_at, phc=phc,
+                           leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
         if distill is not None:
+            _check_default_teacher_classes(distill, teacher, trained)
             check_teacher_classes(teacher, trained.num_classes)
             identity["distill"] = {**distill.to_dict(), "teacher": teacher.name, "labelled": labelled}
         pre = trained.preprocessing
@@ -135,10 +144,17 @@ def train_model(
             train_set, val_set = training_sets(data, labels, pre, config)
         else:
             train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
+        recalibrated = None
+        if rule is not None and state is None:  # (a resumed run's statistics are in its state)
+            recalibrated = recalibrate_before_training(trained.model.to(target), converted.to(target),
+                                                       [p for p, _ in train_set.samples], pre.transform(), rule, target)
+            logger.info("recalibrated %d of %d BatchNorm layers (%s) on %d training images", recalibrated["layers"],
+                        recalibrated["of"], rule, recalibrated["images"])
         make_trainer = Trainer if distill is None else functools.partial(
             DistillTrainer, teacher=teacher, distill=distill, labelled=labelled)
         trainer = make_trainer(converted, train_set, val_set, config, device=target, ctx=ctx, workers=workers,
                                on_step=on_step if ctx.is_main else None)
+        untrained = _Untrained.measure(trainer) if distill is not None else None  # before a state loads
         if state is not None:
             _load_state(trainer, state, identity, resume)
             if ctx.is_main and resume_folder == folder.resolve():
@@ -147,18 +163,24 @@ def train_model(
                 "world_size": ctx.world_size, "rank": ctx.rank, "train_images": len(train_set),
                 "val_images": len(val_set) if val_set is not None else 0, "classes": trained.num_classes,
                 "new_head": labels.new_head if labels is not None else None, "distill": identity.get("distill"),
+                "recalibrated": recalibrated,
                 "steps_per_epoch": len(trainer.batches), "epochs": config.epochs, "start_epoch": trainer.epoch}
         if on_start is not None and ctx.is_main:
             on_start(info)
         if labels is not None and labels.new_head and ctx.is_main and state is None:
             logger.info(f"new {labels.new_head}-class head: {trained.head.module}")
         start_epoch = trainer.epoch
+        # Until this run writes its first epoch here, a best.pt in a folder other than the resumed
+        # one belongs to another run (--force): it is replaced by the resumed run's, or removed.
+        foreign_best = {"source": None if resume_folder in (None, folder.resolve())
+                        else resume_folder / OUTPUT_FILES["best"]}
 
         def finish_epoch(record: EpochRecord) -> None:
             training_state = trainer.state_dict()  # every process: RNG states are gathered
             if ctx.is_main:
-                best_source = None if resume_folder in (None, folder.resolve()) else resume_folder / OUTPUT_FILES["best"]
-                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, best_source)
+                _write_epoch(folder, trainer, trained, spec, identity, training_state, data, foreign_best["source"],
+                             untrained)
+                foreign_best["source"] = None  # the folder's best.pt is this run's now
             if on_epoch is not None and ctx.is_main:
                 on_epoch(record)
 
@@ -166,7 +188,30 @@ def train_model(
             trainer.fit(finish_epoch)
         finally:
             trainer.close()  # before distributed_from_env destroys the process group
+        if untrained is not None:
+            info["untrained"] = untrained.report(trainer.history, ctx.is_main)
         return TrainResult(trainer.history, folder, files, ctx.world_size, ctx.is_main, start_epoch, info)
+
+
+def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> None:
+    """No teacher was named: the mismatch is the student's new head's, and naming a teacher fixes it."""
+    if distill.teacher is None and teacher.num_classes != trained.num_classes:
+        raise ParameterError("teacher", f"the default teacher, {teacher.name}, has {teacher.num_classes} classes and "
+                                        f"the student {trained.num_classes} (a new head): name a teacher with the "
+                                        "student's classes with {param}")
+
+
+def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None) -> str | None:
+    """The rule that picks the norms to re-estimate before distilling (None: no recalibration)."""
+    if distill is None:
+        if recalibrate is not None:
+            raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
+                                                "it only applies with distill")
+        return None
+    rule = "auto" if recalibrate is None else recalibrate
+    if rule not in RECALIBRATE:
+        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+    return None if rule == "none" else rule
 
 
 def _seed_everything(seed: int) -> None:
@@ -187,8 +232,9 @@ def _check_out(out, resume, force: bool) -> Path:
             raise ParameterError("force", f"{folder} holds {', '.join(present)} but no checkpoint.pt (a run stopped "
                                           "before its first epoch was saved): nothing to resume; start over with {param}")
         if present:
-            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with resume "
-                                          f"{folder / OUTPUT_FILES['state']}, or replace it with {{param}}")
+            raise ParameterError("force", f"{folder} holds another run (checkpoint.pt); continue it with "
+                                          f"{{param:resume}} {folder / OUTPUT_FILES['state']}, or replace it with "
+                                          "{param}", also=("resume",))
     return check_output_dir(folder, list(OUTPUT_FILES.values()), force=force or own_folder, parents=True)
 
 
@@ -207,10 +253,15 @@ def _resume_path(resume) -> Path:
 def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
     """Check a loaded training state against this run, entry by entry, then restore it."""
     check_identity(state["identity"], identity, path)
+    steps = len(trainer.batches)
     check_training_state(state, path, model_state=trainer.model.state_dict(),
                          param_group_sizes=[len(g["params"]) for g in trainer.optimizer.param_groups],
-                         epochs=trainer.config.epochs, steps_per_epoch=len(trainer.batches),
-                         record_fields=dataclasses.fields(EpochRecord))
+                         epochs=trainer.config.epochs, steps_per_epoch=steps,
+                         record_fields=dataclasses.fields(EpochRecord),
+                         fresh_optimizer=trainer.optimizer.state_dict(), fresh_scheduler=trainer.scheduler.state_dict(),
+                         param_shapes=[tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"]],
+                         lr_factor=lambda step: lr_factor(trainer.config, steps, step),
+                         strides=tuple(f"{name}.strides" for name, _ in diffstride_layers(trainer.model)))
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
@@ -288,11 +339,62 @@ def _identity(trained: ResolvedModel, weights: str, spec: ConversionSpec, config
             "recipe": {k: v for k, v in config.to_dict().items() if k not in ("checkpointing", "amp")}}
 
 
+class _Untrained:
+    """The untrained conversion of a distillation: its held-back score and its state, kept so
+    that best.pt is the untrained conversion while no epoch beats it."""
+
+    def __init__(self, score: HeldBackScore | None, state: dict[str, torch.Tensor]):
+        self.score, self.state = score, state
+
+    @classmethod
+    def measure(cls, trainer: DistillTrainer) -> "_Untrained":
+        score = trainer.held_back_score()
+        if score is None and trainer.ctx.is_main:
+            logger.info("no held-back images: the result is not compared with the untrained conversion")
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if score is not None else {}
+        return cls(score, state)
+
+    def beats(self, history: list[EpochRecord]) -> bool:
+        return untrained_is_better(self.score, best_record(history))
+
+    @contextlib.contextmanager
+    def loaded(self, model: torch.nn.Module):
+        """``model`` (which shares its tensors with the record being saved) holds the untrained state meanwhile."""
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            model.load_state_dict(current)
+
+    def report(self, history: list[EpochRecord], is_main: bool) -> dict | None:
+        """The untrained conversion's scores beside the result's; warns when it is kept as best.pt."""
+        if self.score is None:
+            return None
+        kept = self.beats(history)
+        best = best_record(history)
+        if kept and is_main:
+            how = ("scores lower" if best.val_top1 is not None and self.score.top1 is not None
+                   and best.val_top1 < self.score.top1 else "agrees less with the teacher"
+                   if best.val_agreement < self.score.agreement else "agrees as often, with a higher KL,")
+            logger.warning(f"the trained model {how} on the held-back images than the untrained conversion (best "
+                           f"epoch {best.epoch}: {_scores(best.val_top1, best.val_agreement, best.val_kl)}; untrained: "
+                           f"{_scores(self.score.top1, self.score.agreement, self.score.kl)}): best.pt is the "
+                           "untrained conversion")
+        return {**self.score.to_dict(), "kept_as_best": kept}
+
+
+def _scores(top1: float | None, agreement: float, kl: float) -> str:
+    return (f"top-1 {top1:.2f}%, " if top1 is not None else "") + f"agreement {agreement:.2f}%, KL {kl:.4g}"
+
+
 def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: ConversionSpec, identity: dict,
-                 training_state: dict, data, best_source: Path | None) -> None:
+                 training_state: dict, data, best_source: Path | None, untrained: _Untrained | None = None) -> None:
     """Write an epoch's files as one unit: into a staging folder, then renamed into ``folder``
     with checkpoint.pt last (signals wait during the renames). ``best_source`` is the best.pt of
-    the run resumed from another folder, copied while this folder has none."""
+    the run resumed from another folder, while ``folder``'s best.pt is not this run's: it is copied
+    in its place, or, when it is not the best epoch's, the foreign best.pt is removed. ``untrained``:
+    a distillation's untrained conversion, best.pt while it beats every epoch."""
     folder.mkdir(parents=True, exist_ok=True)  # made at the first epoch's end, not for a run that fails early
     for stale in folder.glob(".epoch.*.staging"):  # left by a hard kill (SIGKILL, power loss); only ever ours
         shutil.rmtree(stale, ignore_errors=True)
@@ -311,15 +413,22 @@ def _write_epoch(folder: Path, trainer: Trainer, trained: ResolvedModel, spec: C
                                        conversion_state=conversion_state(trainer.model, trained.model) or None)
         save_artifact(staged["last"], artifact, spec)
         best = best_record(history)
-        if best is None or best is record:  # ties keep the earlier best
+        if untrained is not None and untrained.beats(history):
+            with untrained.loaded(trainer.model):
+                save_artifact(staged["best"], dataclasses.replace(
+                    trained, training={**summary, "epochs": 0, "untrained": True, **untrained.score.to_dict()},
+                    conversion=spec, conversion_state=conversion_state(trainer.model, trained.model) or None), spec)
+        elif best is None or best is record:  # ties keep the earlier best
             save_artifact(staged["best"], artifact, spec)
-        elif not (folder / OUTPUT_FILES["best"]).exists():
+        elif best_source is not None or not (folder / OUTPUT_FILES["best"]).exists():
             _copy_best(best_source, best.epoch, staged["best"])
         write_history(staged["history"], history, {"model": trained.name, "conversion": spec.to_dict(),
                                                    "recipe": identity["recipe"], "data": str(data)})
         plot_curves(staged["curves"], history, f"{trained.name}, {spec.mode} ({spec.describe()})")
         save_training_state(staged["state"], {"identity": identity, **training_state})
         with _signals_held():
+            if best_source is not None and not staged["best"].exists():  # another run's: not this run's best
+                (folder / OUTPUT_FILES["best"]).unlink(missing_ok=True)
             for key in sorted(staged, key=lambda k: k == "state"):  # checkpoint.pt last: it vouches for the rest
                 if staged[key].exists():
                     os.replace(staged[key], folder / OUTPUT_FILES[key])
