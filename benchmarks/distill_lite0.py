@@ -24,6 +24,14 @@ evaluated once by a model that never saw it. For each keep_first it compares:
   agreement of every epoch (``agreement_by_epoch``: where it stops rising). ``fm-tta``'s
   teacher is the original averaged over flips and shifts (``teacher_tta=("flip", "shift")``).
 
+Issue 23 added: ``--mode`` (any conversion mode), ``--device cuda``, the converted rows of a
+resampling mode at each ``--resample-at`` placement (trained variants use the first), the
+recalibrated rows by ``--recalibrate`` rule, ``*-recal`` distilled variants (``--recalibrate
+auto`` before training; the others ``none``), ``fm-live``/``fm-frozen`` (function matching with
+live or frozen statistics), ``--fm-augment``, and every row's shift-consistency (two seeded
+random 224-px crops of the 256-px square per test image, as ``ccnn-eval --consistency``). The
+JSON is rewritten after each fold.
+
 Every variant is an artifact (``last.pt`` / the recalibrated ``.pt``), reloaded and evaluated here
 on the test fold: top-1 against the folder labels, top-1 agreement with the original, and for the
 trained ones the seconds and peak memory (process RSS high-water mark) of an epoch. Top-1 and
