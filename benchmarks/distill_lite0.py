@@ -24,6 +24,14 @@ evaluated once by a model that never saw it. For each keep_first it compares:
   agreement of every epoch (``agreement_by_epoch``: where it stops rising). ``fm-tta``'s
   teacher is the original averaged over flips and shifts (``teacher_tta=("flip", "shift")``).
 
+Issue 23 added: ``--mode`` (any conversion mode), ``--device cuda``, the converted rows of a
+resampling mode at each ``--resample-at`` placement (trained variants use the first), the
+recalibrated rows by ``--recalibrate`` rule, ``*-recal`` distilled variants (``--recalibrate
+auto`` before training; the others ``none``), ``fm-live``/``fm-frozen`` (function matching with
+live or frozen statistics), ``--fm-augment``, and every row's shift-consistency (two seeded
+random 224-px crops of the 256-px square per test image, as ``ccnn-eval --consistency``). The
+JSON is rewritten after each fold.
+
 Every variant is an artifact (``last.pt`` / the recalibrated ``.pt``), reloaded and evaluated here
 on the test fold: top-1 against the folder labels, top-1 agreement with the original, and for the
 trained ones the seconds and peak memory (process RSS high-water mark) of an epoch. Top-1 and
@@ -65,6 +73,8 @@ MODEL = "efficientnet_lite0"
 # distilled variants: --variants name -> (train_params, freeze_norm_stats)
 DISTILLED = {"norm+head": ("norm+head", False), "all": ("all", False), "norm+head-frozen": ("norm+head", True),
              "all-frozen": ("all", True)}
+# the same after --recalibrate auto (the statistics the conversion changed re-estimated first)
+DISTILLED |= {f"{name}-recal": value for name, value in DISTILLED.items()}
 # function matching: --variants name -> the teacher's test-time views
 # (fm-live: the same with live BatchNorm statistics instead of the recipe's choice)
 FUNCTION_MATCHING = {"fm": ((), None), "fm-tta": (("flip", "shift"), None), "fm-live": ((), False),
@@ -149,25 +159,31 @@ def run_fold(keep_first: int, epochs: int, fm_epochs: int, train_paths: list[str
               seconds=time.perf_counter() - start)
     for variant in [v for v in args.variants if v in DISTILLED]:
         train_params, frozen = DISTILLED[variant]
+        rule = "auto" if variant.endswith("-recal") else "none"
         config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
                              freeze_norm_stats=frozen, seed=args.seed, checkpointing=args.checkpointing)
         result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
-                             workers=args.workers, device=args.device, recalibrate="none", **placement,
+                             workers=args.workers, device=args.device, recalibrate=rule, **placement,
                              distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
         records = result.history
-        score(f"distilled {train_params}" + (", frozen statistics" if frozen else ""),
+        score(f"distilled {train_params}" + (", frozen statistics" if frozen else "")
+              + (", recalibrated (auto) first" if rule == "auto" else ""),
               artifact_model(work / variant / "last.pt"),
               seconds_per_epoch=sum(r.seconds for r in records) / len(records),
               peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
     for variant in [v for v in args.variants if v in FUNCTION_MATCHING]:
         views, frozen = FUNCTION_MATCHING[variant]
         recipe = {**distill_recipe(args.mode), "epochs": fm_epochs, "batch_size": args.batch_size}
+        rule = recipe.pop("recalibrate")
         if frozen is not None:
             recipe["freeze_norm_stats"] = frozen
+        if args.fm_augment is not None:
+            recipe["augment"] = args.fm_augment
         config = TrainConfig(lr=args.lr, seed=args.seed, checkpointing=args.checkpointing, **recipe)
         distill = DistillConfig(temperature=args.temperature, val_fraction=args.fm_val_fraction, teacher_tta=views)
         result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
-                             workers=args.workers, device=args.device, distill=distill, **placement)
+                             workers=args.workers, device=args.device, distill=distill, recalibrate=rule,
+                             **placement)
         records = result.history
         untrained = result.info.get("untrained") or {}
         statistics = "frozen" if recipe["freeze_norm_stats"] else "live"
@@ -197,6 +213,7 @@ def main() -> None:
                         help="epochs of the fm variants, for every keep_first (N) or per keep_first (K:N,...)")
     parser.add_argument("--fm-val-fraction", type=float, default=0.1,
                         help="the share of the training fold the fm variants hold back (best.pt, agreement by epoch)")
+    parser.add_argument("--fm-augment", default=None, help="the fm variants' --augment instead of the recipe's")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -278,8 +295,8 @@ def print_table(originals: list[dict], results: dict[int, list[dict]], epochs: d
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| | original | {base:.1f} | | 100.0 | {pooled_consistency(originals):.1f} | | | |")
     for keep_first, folds_rows in results.items():
-        for name in folds_rows[0]:
-            rows = [fold[name] for fold in folds_rows]
+        for index, name in enumerate(folds_rows[0]):  # by position: a name may hold a per-fold count
+            rows = [list(fold.values())[index] for fold in folds_rows]
             top1, agreement, _ = pooled(rows)
             timed = [r["seconds_per_epoch"] for r in rows if "seconds_per_epoch" in r]
             memory = [r["peak_memory_bytes"] for r in rows if "peak_memory_bytes" in r]
@@ -288,8 +305,8 @@ def print_table(originals: list[dict], results: dict[int, list[dict]], epochs: d
             print(f"| {keep_first} | {name} | {top1:.1f} | {top1 - base:+.1f} | {agreement:.1f} | "
                   f"{pooled_consistency(rows):.1f} | {cost} |")
     for keep_first, folds_rows in results.items():  # function matching: held-back agreement by epoch, per fold
-        for name in folds_rows[0]:
-            for fold, row in enumerate(fold[name] for fold in folds_rows):
+        for index, name in enumerate(folds_rows[0]):
+            for fold, row in enumerate(list(fold.values())[index] for fold in folds_rows):
                 if "agreement_by_epoch" in row:
                     curve = ", ".join("-" if a is None else f"{a:.0f}" for a in row["agreement_by_epoch"])
                     print(f"keep_first {keep_first}, {name}, fold {fold}: held-back agreement % by epoch {curve} "

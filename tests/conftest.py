@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 from shared_data import SHARED  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (pyproject's addopts) each worker takes one core: threads beyond it only contend.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture

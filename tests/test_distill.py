@@ -552,6 +552,7 @@ def test_the_recipe_is_the_mode_s_own_and_an_artifact_s_mode_chooses_it(project)
     assert result.exit_code == 0, result.output
     assert recipe_mode("b.pt", None) == "blurpool" and recipe_mode("b.pt", "checkered") == "checkered"
     assert recipe_mode("net.py:make", None) == "checkered"
-    assert distill_recipe("checkered")["freeze_norm_stats"] is True  # submaps keep the original's statistics
-    assert distill_recipe("blurpool")["freeze_norm_stats"] is False  # a blur before a norm changes them
-    assert distill_recipe("blurpool")["augment"] == distill_recipe("checkered")["augment"] == "strong,mixup"
+    checkered, blurpool = distill_recipe("checkered"), distill_recipe("blurpool")
+    assert checkered["freeze_norm_stats"] and checkered["augment"] == "strong,mixup"  # function matching
+    assert blurpool["freeze_norm_stats"] and blurpool["augment"] == "standard"  # what measured best there
+    assert (checkered["recalibrate"], blurpool["recalibrate"]) == ("auto", "none")

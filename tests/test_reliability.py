@@ -58,7 +58,7 @@ def _save_diffstride_artifact(folder: Path, strides=LEARNED, name: str = "ds.pt"
     (folder / "net.py").write_text(NET)
     resolved = resolve_model(f"{folder / 'net.py'}:make")
     resolved.preprocessing = resolved.preprocessing.with_overrides(resize=32, crop=32)
-    spec = ConversionSpec(mode="diffstride", smoothness=SMOOTHNESS)
+    spec = ConversionSpec(mode="diffstride", smoothness=SMOOTHNESS, resample_at="layer")  # as _hand_statistics
     converted = resolved.converted(spec, 32)
     for (_, layer), value in zip(diffstride_layers(converted), strides):
         layer.strides.data = torch.tensor(value)
@@ -106,7 +106,7 @@ def test_recalibrating_a_diffstride_artifact_estimates_the_learned_networks_stat
     data = _images(tmp_path / "photos", 4)
     before = _md5(diffstride_artifact)
     code, out = _cli(app, [diffstride_artifact, "--trust-factory", "--data", data, "--images", 4, "--batch-size", 4,
-                           "--workers", 0, "--device", "cpu", "-o", tmp_path / "recal.pt"])
+                           "--workers", 0, "--device", "cpu", "--recalibrate", "all", "-o", tmp_path / "recal.pt"])
     assert code == 0, out
     assert _md5(diffstride_artifact) == before
     result = load_artifact(tmp_path / "recal.pt", trust_factory=True)
@@ -538,7 +538,7 @@ def test_a_diffstride_teacher_artifact_runs_with_its_learned_strides(diffstride_
 
     student = load_artifact(diffstride_artifact, trust_factory=True)
     teacher = build_teacher(DistillConfig(teacher=str(diffstride_artifact)), student, trust_factory=True)
-    assert [tuple(layer.strides.tolist()) for _, layer in diffstride_layers(teacher.model)] == list(LEARNED)
+    assert [tuple(layer.strides.tolist()) for _, layer in diffstride_layers(teacher.members[0].model)] == list(LEARNED)
 
 
 def test_no_command_converts_a_resolved_model_around_the_one_path():

@@ -174,7 +174,7 @@ def resample_at_help() -> str:
 
     return (f"Modes spectral, diffstride, blurpool: where the downsampler goes, {' | '.join(RESAMPLE_AT)}: right "
             f"after the strided layer, or after its norm and activation (antialiased-cnns' placement) "
-            f"(default: {DEFAULT_RESAMPLE_AT}).")
+            f"[default: {DEFAULT_RESAMPLE_AT}].")
 
 
 # --------------------------------------------------------------------------- errors

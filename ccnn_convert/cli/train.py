@@ -112,18 +112,19 @@ def train_command(
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
     train_params: Optional[str] = typer.Option(None, "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head [default: all; with --distill: norm+head]."),
     freeze_norm_stats: Optional[bool] = typer.Option(None, "--freeze-norm-stats/--no-freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images [default: off; with --distill: on]."),
-    distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (default: MODEL unconverted, frozen) by temperature-scaled KL; --data may then be any folder of images."),
+    distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (MODEL unconverted and frozen, or --teacher) by temperature-scaled KL; --data may then be any folder of images."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes), or several, comma-separated: the mean of their softmaxes."),
     teacher_tta: Optional[str] = typer.Option(None, "--teacher-tta", help=f"With --distill: average the teacher's softmax over views of each image: flip (mirrored), shift (moved {TTA_SHIFT} px left, right, up, down), or flip,shift (10 views)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="With --distill: the softmax temperature T (the loss is scaled by T^2) [default: 1]."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="With --distill and labels: weight a of the distillation loss, (1 - a) of the label loss [default: 1]."),
-    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="With --distill: which BatchNorms to re-estimate on the training images before training: auto (those whose input statistics the conversion changed, measured) | all | none [default: auto]."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", help="With --distill: which BatchNorms to re-estimate on the training images before training: auto (those whose input statistics the conversion changed, measured) | all | none [default: the mode's recipe: auto for checkered, none for the resampling modes]."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
     recipe = recipe_defaults(distill, recipe_mode(model, mode) if distill else None, epochs=epochs,
                              batch_size=batch_size, train_params=train_params, freeze_norm_stats=freeze_norm_stats,
-                             augment=augment)
+                             augment=augment, recalibrate=recalibrate)
+    recalibrate = recipe.pop("recalibrate", None)  # train_model's option, not TrainConfig's
     config = TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                          shift=shift, amp=amp, checkpointing=checkpointing, sync_bn=sync_bn,

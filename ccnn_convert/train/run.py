@@ -47,7 +47,7 @@ from ..spec import ConversionSpec, check_options_used
 from .calibrate import RECALIBRATE, recalibrate_before_training
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teacher, check_distill_options,
-                      check_teacher_classes, untrained_is_better)
+                      check_teacher_classes, distill_recipe, untrained_is_better)
 from .history import plot_curves, write_history
 from .loop import EpochRecord, StepInfo, Trainer, best_record
 from .recipe import TrainConfig, lr_factor
@@ -100,7 +100,7 @@ def train_model(
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
     ``checkpoint.pt`` exactly, and may then replace the files in ``out``; otherwise existing
     files there need ``force``. ``distill`` trains against a teacher (:mod:`.distill`); ``data``
-    may then be any folder of images. ``recalibrate`` (distillation only; default ``auto``) first
+    may then be any folder of images. ``recalibrate`` (distillation only; default: the mode's recipe, :func:`~.distill.distill_recipe`) first
     re-estimates the BatchNorms whose input statistics the conversion changed
     (:func:`~.calibrate.recalibrate_before_training`); ``all``, every one; ``none``, none. Under torchrun, every process calls this; rank 0 writes.
     """
@@ -145,6 +145,8 @@ def train_model(
         else:
             train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
         recalibrated = None
+        if rule == "recipe":  # not given: the mode's distillation recipe says
+            rule = _recalibration_rule(distill_recipe(spec.mode)["recalibrate"], distill)
         if rule is not None and state is None:  # (a resumed run's statistics are in its state)
             recalibrated = recalibrate_before_training(trained.model.to(target), converted.to(target),
                                                        [p for p, _ in train_set.samples], pre.transform(), rule, target)
@@ -202,13 +204,16 @@ def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> 
 
 
 def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None) -> str | None:
-    """The rule that picks the norms to re-estimate before distilling (None: no recalibration)."""
+    """The rule that picks the norms to re-estimate before distilling (None: no recalibration;
+    ``"recipe"``: none given, the mode's distillation recipe decides once the mode is known)."""
     if distill is None:
         if recalibrate is not None:
             raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
                                                 "it only applies with distill")
         return None
-    rule = "auto" if recalibrate is None else recalibrate
+    if recalibrate is None:
+        return "recipe"
+    rule = recalibrate
     if rule not in RECALIBRATE:
         raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
     return None if rule == "none" else rule
