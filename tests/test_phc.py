@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -291,7 +292,7 @@ def _images(folder, count: int = 6) -> None:
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / wnid / f"{i}.png")
 
 
-def test_convert_then_eval_with_phc_2(tmp_path, monkeypatch):
+def test_convert_then_eval_with_phc_2(tmp_path, monkeypatch, caplog):
     from ccnn_convert.cli.convert import app as convert_app
     from ccnn_convert.cli.eval import app as eval_app
     from ccnn_convert.models import load_artifact
@@ -309,9 +310,13 @@ def test_convert_then_eval_with_phc_2(tmp_path, monkeypatch):
                                  artifact.conversion_state["3.F"].double().numpy())
     np.testing.assert_allclose(weight, artifact.model[3].weight.detach().double().numpy(), atol=1e-5)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="ccnn_convert.models.record"):
+        rebuilt = artifact.converted(artifact.conversion, 32)
     with torch.no_grad():  # what ccnn-eval builds from the artifact == the original (the fit is exact)
-        torch.testing.assert_close(artifact.converted(artifact.conversion, 32)(x), artifact.model(x),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rebuilt(x), artifact.model(x), rtol=1e-4, atol=1e-5)
+    # the load is logged by count, not value by value: A 2x2x2 twice, F 2x8x4x3x3 and 2x8x8x1x1
+    loaded = [r.getMessage() for r in caplog.records if "conversion parameters loaded" in r.getMessage()]
+    assert len(loaded) == 1 and "4 larger tensors, 720 values" in loaded[0] and "3.F=" not in loaded[0], loaded
 
     _images(tmp_path / "val")
     code, out = _cli(eval_app, ["phc.pt", "--trust-factory", "--data", "val", "--modes", "original,traditional",
