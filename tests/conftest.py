@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 from shared_data import SHARED  # noqa: E402
 
 # Under pytest-xdist (pyproject's addopts) each worker takes one core: threads beyond it only contend.
+# An xdist worker ignores SIGINT, and a child inherits an ignored signal: the commands the tests
+# start (and Ctrl-C) must see SIGINT as a user's shell gives it.
+if os.environ.get("PYTEST_XDIST_WORKER") and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -15,6 +15,7 @@ from ..flops import count_flops
 from ..core.phc import PHCReport
 from ..models import resolve_model, save_artifact
 from ..models.record import conversion_state
+from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output
 from ..spec import ConversionSpec, check_options_used
@@ -62,6 +63,8 @@ def main_command(
     """Convert MODEL and print what changed; with -o, save an artifact that ccnn-eval/ccnn-export reload."""
     # Validated before any slow work: an option that would do nothing is an error, not ignored.
     check_image_side(input_size, "input_size")
+    if seed is not None:  # whatever mode it ends up in, before any model is read
+        check_seed(seed)
     given = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
                  smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
     if mode is not None:  # else the artifact's own mode, known once it is read
