@@ -14,7 +14,6 @@ mode and precision:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import tempfile
 import time
@@ -112,23 +111,14 @@ def _eager_logits(model, x, fp16: bool, device):
     """Eager PyTorch in the exported precision, on the provider's side of the machine, no TF32."""
     import torch
 
+    from ccnn_convert.export.verification import exact_cuda_math
+
     dtype = torch.float16 if fp16 else torch.float32
     where = device if device.type == "cuda" else torch.device("cpu")
     reference = copy.deepcopy(model).to(device=where, dtype=dtype).eval()
-    with torch.no_grad(), _no_tf32():
+    with torch.no_grad(), exact_cuda_math():
         return reference(x.to(where, dtype)).float().cpu()
 
-
-@contextlib.contextmanager
-def _no_tf32():
-    import torch
-
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _line(row: dict) -> str:

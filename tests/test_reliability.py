@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ from ccnn_convert.core.diffstride import DiffStride2d, diffstride_layers, kept_s
 from ccnn_convert.models import conversion_state, load_artifact, resolve_model, save_artifact
 from ccnn_convert.spec import ConversionSpec
 
+from processes import stop_when_ready
 from test_train import NET, project  # noqa: F401  (a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes; the fixture)
 
 LEARNED = ((3.0, 2.5), (1.5, 2.0), (2.25, 1.25))  # DiffStride's strides "learned" by a training run
@@ -241,15 +241,7 @@ SAVE_RUNNER = textwrap.dedent("""
 
 
 def _stop_inside_torch_save(folder: Path, argv: list[str], signum: int) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", SAVE_RUNNER, *argv], cwd=folder, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in process.stdout:
-        if line.strip() == "ready":
-            break
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr
+    return stop_when_ready(SAVE_RUNNER, argv, folder, signum)
 
 
 SAVING = {

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 
 from ccnn_convert.cli.train import app as train_app
 from ccnn_convert.models import load_artifact
+from processes import stop_when_ready
 from test_train import NET, _cli, _write_images, project  # noqa: F401  (the fixture: a tiny net.py and data/)
 
 RUN_FILES = sorted(["best.pt", "checkpoint.pt", "curves.png", "history.json", "last.pt"])
@@ -61,15 +60,7 @@ entry.train()
 
 
 def _stop_while_held(project, signum, hold: dict, epochs: int) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **hold}
-    process = subprocess.Popen([sys.executable, "-c", HOLD_RUNNER, *_args("run", epochs)], cwd=project, text=True,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in process.stdout:
-        if line.strip() == "ready":
-            break
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr
+    return stop_when_ready(HOLD_RUNNER, _args("run", epochs), project, signum, hold)
 
 
 @pytest.mark.parametrize("signum,code,word", [(15, 143, "terminated"), (2, 130, "interrupted")])

@@ -34,7 +34,7 @@ from .sessions import ProviderChoice, create_session, run_session, select_provid
 
 __all__ = ["FP16_MIN_AGREEMENT", "FP16_TOLERANCE", "FP32_TOLERANCE", "VERIFY_BATCHES", "BenchmarkOptions",
            "BenchmarkResult", "Check", "Verification", "VerificationFailed", "VerifyOptions", "benchmark",
-           "compare", "verify"]
+           "compare", "exact_cuda_math", "verify"]
 
 VERIFY_BATCHES = (1, 3)  # both differ from the export's example batch (2)
 FP32_TOLERANCE = 1e-4  # max|ort - torch| / max|torch|
@@ -161,7 +161,7 @@ class BenchmarkResult:
 
 
 @contextlib.contextmanager
-def _exact_cuda_math() -> Iterator[None]:
+def exact_cuda_math() -> Iterator[None]:
     """No TF32 while computing fp32 references on CUDA."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -173,7 +173,7 @@ def _exact_cuda_math() -> Iterator[None]:
 
 def _torch_logits(model: nn.Module, images: torch.Tensor, device: torch.device, chunk: int = 8) -> torch.Tensor:
     outputs = []
-    with torch.no_grad(), _exact_cuda_math():
+    with torch.no_grad(), exact_cuda_math():
         for start in range(0, images.shape[0], chunk):
             outputs.append(logits_of(model(images[start:start + chunk].to(device))).float().cpu())
     return torch.cat(outputs)
@@ -254,7 +254,7 @@ def benchmark(path: str | os.PathLike, model: nn.Module, input_size: int, *, bat
     torch.set_num_threads(threads)
     torch_ms, ort_ms = [], []
     try:
-        with torch.no_grad(), _exact_cuda_math():
+        with torch.no_grad(), exact_cuda_math():
             for i in range(warmup + repeats):
                 t_torch = _timed(lambda: torch_model(x_dev), device)
                 t_ort = _timed(lambda: run_session(session, x_np), torch.device("cpu"))
