@@ -48,7 +48,7 @@ from ..runtime import resolve_device
 from ..spec import ConversionSpec, check_checkered_options_used
 from .unlabelled import UNLABELLED, find_images, is_labelled_layout
 
-__all__ = ["LAYERS", "RECALIBRATE", "STATISTICS_TOLERANCE", "batchnorm_layers", "converted_batchnorm_layers",
+__all__ = ["LAYERS", "RECALIBRATE", "STATISTICS_TOLERANCE", "batchnorm_layers", "check_recalibrate", "converted_batchnorm_layers",
            "input_statistics", "norm_layers_to_recalibrate", "recalibrate_batchnorm", "recalibrate_before_training", "recalibrate_model",
            "statistics_change"]
 
@@ -139,6 +139,13 @@ def statistics_change(before: tuple[torch.Tensor, torch.Tensor], after: tuple[to
     return float(max(scale, shift))
 
 
+def check_recalibrate(rule: str) -> str:
+    """``rule`` if it is one of :data:`RECALIBRATE`, else the one-line error naming the option."""
+    if rule not in RECALIBRATE:
+        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+    return rule
+
+
 def norm_layers_to_recalibrate(original: nn.Module, converted: nn.Module,
                                images: torch.Tensor | Iterable[torch.Tensor], rule: str = "auto",
                                tolerance: float = STATISTICS_TOLERANCE) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -149,8 +156,7 @@ def norm_layers_to_recalibrate(original: nn.Module, converted: nn.Module,
     ``tolerance`` from the original's (:func:`statistics_change`). Layers are matched by name (a
     conversion copies modules); one the original lacks counts as changed. Both models end in eval
     mode; nothing else changes."""
-    if rule not in RECALIBRATE:
-        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+    check_recalibrate(rule)
     layers = [(name, m) for name, m in converted.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if rule != "auto":
         return [m for _, m in layers] if rule == "all" else []
@@ -197,12 +203,19 @@ def recalibrate_before_training(original: nn.Module, converted: nn.Module, paths
     over the training images ``paths`` under the eval ``transform`` (the training run then keeps them,
     with the rest, frozen or not as its recipe says). ``converted`` may share ``original``'s tensors:
     the statistics are measured before anything changes. -> ``{"recalibrate", "layers", "of", "images"}``."""
-    loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], transform), batch_size=batch_size,
-                        num_workers=0, collate_fn=collate_items)
-    batches = [batch.images.to(device) for batch in loader if batch.images.numel()]
+    batches = _decoded_batches(paths, transform, batch_size, 0, device)
     chosen = norm_layers_to_recalibrate(original, converted, batches, rule) if batches else []
     seen = recalibrate_batchnorm(converted, batches, device, chosen) if chosen else 0
     return {"recalibrate": rule, "layers": len(chosen), "of": len(batchnorm_layers(converted)), "images": seen}
+
+
+def _decoded_batches(paths: Sequence[str], transform, batch_size: int, workers: int,
+                     device: torch.device | str) -> list[torch.Tensor]:
+    """The images at ``paths`` under ``transform``, in batches on ``device`` (unreadable files left
+    out): read once, since the choice of layers and the re-estimate both run over them."""
+    loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], transform), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_items)
+    return [batch.images.to(device) for batch in loader if batch.images.numel()]
 
 
 def _calibration_images(data: str | os.PathLike, images: int, seed: int) -> list[str]:
@@ -227,10 +240,7 @@ def _selection_rule(recalibrate: str | None, layers: str | None) -> str:
         if layers not in LAYERS:
             raise ParameterError("layers", f"unknown {{param}} {layers!r}; choose {', '.join(LAYERS)}")
         return layers
-    rule = "auto" if recalibrate is None else recalibrate
-    if rule not in RECALIBRATE:
-        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
-    return rule
+    return check_recalibrate("auto" if recalibrate is None else recalibrate)
 
 
 def recalibrate_model(
@@ -270,19 +280,18 @@ def recalibrate_model(
         spec = dataclasses.replace(spec, seed=seed)
     paths = _calibration_images(data, images, seed)
     pre = resolved.preprocessing
-    loader = DataLoader(DecodedImages([(p, UNLABELLED) for p in paths], pre.transform()), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_items)
     run_on = resolve_device(device)
-    resolved.model.to(run_on)  # its buffers are its own: the measure runs it beside the converted copy
+    batches = _decoded_batches(paths, pre.transform(), batch_size, workers, run_on)
+    if not batches:
+        raise DataError("no image could be decoded for BatchNorm recalibration")
+    # The converted copy's buffers are its own once moved: the measure runs the original beside it.
+    resolved.model.to(run_on)
     converted = resolved.converted(spec, pre.crop).to(run_on)  # an artifact's learned strides too
-    batches = [batch.images.to(run_on) for batch in loader if batch.images.numel()]  # read once, used twice
     if rule == "converted":
         probe = torch.zeros(1, 3, pre.crop, pre.crop, device=run_on)
         chosen = converted_batchnorm_layers(resolved.model, converted, probe)
-    else:  # (the original shares the converted model's parameters and buffers: measured before any change)
+    else:  # measured before any statistic changes
         chosen = norm_layers_to_recalibrate(resolved.model, converted, batches, rule)
-    if not batches:
-        raise DataError("no image could be decoded for BatchNorm recalibration")
     seen = recalibrate_batchnorm(converted, batches, run_on, chosen) if chosen else sum(len(b) for b in batches)
     summary = {"method": "batchnorm recalibration", "images": seen, "skipped": len(paths) - seen,
                "layers": f"{rule} ({len(chosen)} of {len(batchnorm_layers(converted))} BatchNorm layers)",

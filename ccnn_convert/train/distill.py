@@ -89,7 +89,7 @@ class DistillConfig:
     teacher_tta: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        teachers = (self.teacher,) if isinstance(self.teacher, str) else tuple(self.teacher or ())
+        teachers = self.teachers
         if any(not isinstance(t, str) or not t.strip() for t in teachers) or (self.teacher is not None and not teachers):
             raise ParameterError("teacher", f"{{param}} must name one or more models, got {self.teacher!r}")
         object.__setattr__(self, "teacher", None if not teachers else teachers[0] if len(teachers) == 1 else teachers)
@@ -290,7 +290,7 @@ class DistillTrainer(Trainer):
         super().__init__(model, train_set, val_set, config, **kwargs)
         self.teacher = teacher.to(self.device)
         self.distill, self.labelled = distill, labelled
-        self._agreement = [0.0, 0.0, 0.0]  # agreeing images, KL sum, images (this process)
+        self._agreement = torch.zeros(3, dtype=torch.float64)  # agreeing images, KL sum, images (this process)
 
     def uses_labels(self) -> bool:
         return self.labelled and self.distill.weight < 1
@@ -320,27 +320,25 @@ class DistillTrainer(Trainer):
     @torch.no_grad()
     def validate(self) -> tuple[float, float, float, float, int]:
         """Labelled counts as :meth:`Trainer.validate` (zero without labels); agreement and KL kept aside."""
-        self._agreement_sums = torch.zeros(3, dtype=torch.float64)
-        totals = super().validate()
-        self._agreement = self._agreement_sums.tolist()
-        return totals
+        self._agreement = torch.zeros(3, dtype=torch.float64)
+        return super().validate()
 
     def _validation_counts(self, images: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
         with self._autocast():
             teacher_log_probs = self.teacher.log_probs(images, 1.0)
         _check_same_classes(logits, teacher_log_probs)
         kl = F.kl_div(F.log_softmax(logits, 1), teacher_log_probs, reduction="sum", log_target=True)
-        self._agreement_sums += torch.tensor([int(logits.argmax(1).eq(teacher_log_probs.argmax(1)).sum()),
-                                              float(kl), len(images)], dtype=torch.float64)
+        self._agreement += torch.tensor([int(logits.argmax(1).eq(teacher_log_probs.argmax(1)).sum()),
+                                         float(kl), len(images)], dtype=torch.float64)
         if self.labelled:
             return super()._validation_counts(images, logits, targets)
         return torch.zeros(5, dtype=torch.float64)
 
     def run_epoch(self) -> EpochRecord:
         record = super().run_epoch()
-        agree, kl, images = self._summed(self._agreement)
-        if images:
-            record.val_agreement, record.val_kl = 100 * agree / images, kl / images
+        agreement = self._held_back_agreement()
+        if agreement is not None:
+            record.val_agreement, record.val_kl = agreement
         return record
 
     def measure_agreement(self) -> tuple[float, float] | None:
@@ -351,11 +349,15 @@ class DistillTrainer(Trainer):
     def held_back_score(self) -> "HeldBackScore | None":
         """Top-1 (with labels), agreement and KL of the model as it is, on the held-back images."""
         _, top1, _, labelled_images, _ = self._summed(list(self.validate()))
-        agree, kl, images = self._summed(self._agreement)
-        if not images:
+        agreement = self._held_back_agreement()
+        if agreement is None:
             return None
-        return HeldBackScore(100 * top1 / labelled_images if labelled_images else None, 100 * agree / images,
-                             kl / images)
+        return HeldBackScore(100 * top1 / labelled_images if labelled_images else None, *agreement)
+
+    def _held_back_agreement(self) -> tuple[float, float] | None:
+        """(top-1 agreement %, mean KL) of the last validation, over every process (None without images)."""
+        agree, kl, images = self._summed(self._agreement.tolist())
+        return (100 * agree / images, kl / images) if images else None
 
 
 @dataclass(frozen=True)

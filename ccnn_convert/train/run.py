@@ -44,7 +44,7 @@ from ..outputs import check_output_dir
 from ..runtime import distributed_from_env, resolve_device
 from ..core.phc import check_phc
 from ..spec import ConversionSpec, check_options_used
-from .calibrate import RECALIBRATE, recalibrate_before_training
+from .calibrate import check_recalibrate, recalibrate_before_training
 from .data import ClassLabels, choose_labels, class_folders, training_sets
 from .distill import (DistillConfig, DistillTrainer, HeldBackScore, build_teacher, check_distill_options,
                       check_teacher_classes, distill_recipe, untrained_is_better)
@@ -105,7 +105,7 @@ def train_model(
     (:func:`~.calibrate.recalibrate_before_training`); ``all``, every one; ``none``, none. Under torchrun, every process calls this; rank 0 writes.
     """
     config = config if config is not None else TrainConfig()
-    rule = _recalibration_rule(recalibrate, distill)
+    _check_recalibration(recalibrate, distill)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ParameterError("workers", f"{{param}} must be 0 or more, got {workers!r}")
     if phc is not None:
@@ -145,8 +145,7 @@ def train_model(
         else:
             train_set, val_set = unlabelled_sets(data, pre, config, distill.held_back)
         recalibrated = None
-        if rule == "recipe":  # not given: the mode's distillation recipe says
-            rule = _recalibration_rule(distill_recipe(spec.mode)["recalibrate"], distill)
+        rule = _recalibration_rule(recalibrate, distill, spec.mode)
         if rule is not None and state is None:  # (a resumed run's statistics are in its state)
             recalibrated = recalibrate_before_training(trained.model.to(target), converted.to(target),
                                                        [p for p, _ in train_set.samples], pre.transform(), rule, target)
@@ -203,19 +202,22 @@ def _check_default_teacher_classes(distill, teacher, trained: ResolvedModel) -> 
                                         "student's classes with {param}")
 
 
-def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None) -> str | None:
-    """The rule that picks the norms to re-estimate before distilling (None: no recalibration;
-    ``"recipe"``: none given, the mode's distillation recipe decides once the mode is known)."""
-    if distill is None:
-        if recalibrate is not None:
-            raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
-                                                "it only applies with distill")
-        return None
+def _check_recalibration(recalibrate: str | None, distill: DistillConfig | None) -> None:
+    """``recalibrate`` is a rule, and given only with a distillation (checked before the slow part)."""
     if recalibrate is None:
-        return "recipe"
-    rule = recalibrate
-    if rule not in RECALIBRATE:
-        raise ParameterError("recalibrate", f"unknown {{param}} {rule!r}; choose one of {', '.join(RECALIBRATE)}")
+        return
+    if distill is None:
+        raise ParameterError("recalibrate", "{param} re-estimates statistics before a distillation; "
+                                            "it only applies with distill")
+    check_recalibrate(recalibrate)
+
+
+def _recalibration_rule(recalibrate: str | None, distill: DistillConfig | None, mode: str) -> str | None:
+    """The rule that picks the norms to re-estimate before distilling: the one given, else the
+    mode's distillation recipe's (None: no recalibration)."""
+    if distill is None:
+        return None
+    rule = recalibrate if recalibrate is not None else distill_recipe(mode)["recalibrate"]
     return None if rule == "none" else rule
 
 
