@@ -191,7 +191,7 @@ class _Downsampler:
             values = {"padding": module.padding, "dilation": getattr(module, "dilation", 1),
                       "ceil_mode": getattr(module, "ceil_mode", False)}
             if node.target not in self.stride_one:  # train and eval graphs share the module
-                _set_submodule(self.root, node.target, _stride_one_copy(module))
+                self.root.set_submodule(node.target, _stride_one_copy(module))
                 self.stride_one.add(node.target)
         else:
             values = call_args(node, op)
@@ -241,8 +241,3 @@ def _stride_one_copy(module: nn.Module) -> nn.Module:
     if hasattr(copied, "ceil_mode"):
         copied.ceil_mode = False
     return copied
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -272,7 +272,7 @@ def convert_phc(model: nn.Module, n: int, init: str = "fit") -> tuple[nn.Module,
             layer = _with_kronecker_weight(conv, n, layer.A.data, layer.F.data)
         layer.train(conv.training)
         record.params_after = sum(p.numel() for p in layer.parameters())
-        _set_submodule(copied, name, layer)
+        copied.set_submodule(name, layer)
     return copied, report
 
 
@@ -312,11 +312,6 @@ def _record(name: str, conv: nn.Conv2d, n: int) -> PHCLayer:
     return record
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, child = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 # --------------------------------------------------------------------------- materialised (ONNX)
 
 
@@ -337,7 +332,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
     # it may switch the graph (train and eval graphs)
     copied = copy_structure(model).train(model.training)
     for name, make in replacements.items():
-        _set_submodule(copied, name, make())
+        copied.set_submodule(name, make())
     if traced:
         _materialise_traced(copied)
     return copied

@@ -305,7 +305,7 @@ class _Rewriter:
                 # a layer that builds its weight (PHC) makes its own multisample form
                 replaced = (current.multisample() if hasattr(current, "multisample")
                             else replacements[strided.op](current))
-                _set_submodule(self.root, node.target, replaced)
+                self.root.set_submodule(node.target, replaced)
             node.args, node.kwargs = (x, sampler), {}
             return
         args = call_args(node, strided.op)
@@ -325,8 +325,3 @@ class _Rewriter:
             name=member.name, op=member.op, kernel=member.kernel, stride=member.stride, step=step,
             converted=node in plan, submaps_in=submaps_in, submaps_out=submaps.get(node, submaps_in),
             output_size=tuple(out.shape[2:]) if out is not None else (), note=note))
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -54,7 +54,7 @@ def replace_head(model: nn.Module, num_classes: int) -> Head:
     name, old = find_classifier(model)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
                     device=old.weight.device, dtype=old.weight.dtype)
-    _set_submodule(model, name, new)
+    model.set_submodule(name, new)
     if hasattr(model, "num_classes"):  # timm and some torchvision models keep the count
         model.num_classes = num_classes
     return Head(name, num_classes)
@@ -74,9 +74,3 @@ def apply_head(model: nn.Module, head: Head, where: str = "artifact") -> nn.Modu
         raise ModelResolutionError(f"{where}: the head {head.module!r} is not the model's classifier "
                                    f"({replaced.module!r})")
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
