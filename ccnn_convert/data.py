@@ -184,12 +184,13 @@ def _image_folder_samples(root: Path, mapper: Callable[[Sequence[str]], dict[str
 def _flat_folder_samples(root: Path, labels_path: Path) -> Samples:
     if not labels_path.is_file():
         raise DataError(f"labels file not found: {labels_path}")
-    files = {e.name for e in os.scandir(root) if e.is_file()}
-    layout, by_name = read_labels_file(labels_path, files | {Path(name).stem for name in files})
+    files = sorted((e for e in os.scandir(root) if e.is_file()), key=lambda e: e.name)  # read once
+    names = {e.name for e in files}
+    layout, by_name = read_labels_file(labels_path, names | {Path(name).stem for name in names})
     by_stem = {Path(name).stem: target for name, target in by_name.items()}
     items, unlabeled = [], []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_file() or _is_hidden(entry.name) or _same_file(entry.path, labels_path):
+    for entry in files:
+        if _is_hidden(entry.name) or _same_file(entry.path, labels_path):
             continue
         target = by_name.get(entry.name, by_stem.get(Path(entry.name).stem))
         if target is not None:
