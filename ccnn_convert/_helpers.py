@@ -39,6 +39,11 @@ def logits_of(output: Any) -> Any:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def counted(number: int, noun: str) -> str:
+    """``"1 image"``, ``"3 images"``: a count and its noun, plural but for one."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def format_bytes(value: int | None) -> str:
     if not value:
         return "-"

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ._helpers import first_line, logits_of
+from ._helpers import counted, first_line, logits_of
 from .data import (Batch, DecodedImages, Skipped, collate_items, find_samples, shard_indices,
                    stratified_indices)
 from .core.options import check_seed
@@ -440,13 +440,9 @@ def _selection(selected: int, total: int, limit: int | None, classes: int) -> st
     """Files, not images: which of them decode is known only once they are read (skipped ones are
     counted apart)."""
     if limit is None or selected == total:
-        return f"all {_count(total, 'file')}"
+        return f"all {counted(total, 'file')}"
     return (f"{selected} of {total} files, stratified round-robin over classes "
             f"({classes} classes, spread over the class list)")
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _dataset(items, pre: Preprocessing, consistency: bool) -> tuple[int | None, DecodedImages]:

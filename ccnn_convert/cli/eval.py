@@ -14,7 +14,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from .._helpers import format_bytes, format_flops
+from .._helpers import counted, format_bytes, format_flops
 from ..evaluate import EvalReport, evaluate_model, write_json
 from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
@@ -35,7 +35,7 @@ class ImagesPerSecondColumn(ProgressColumn):
 def results_table(report: EvalReport) -> Table:
     """One row per mode; percentages without the % sign so the table fits 80 columns."""
     consistency = any(r.consistency is not None for r in report.results)
-    table = Table(title=plain(f"{report.model}: {report.images} image{'' if report.images == 1 else 's'}"), title_justify="left",
+    table = Table(title=plain(f"{report.model}: {counted(report.images, 'image')}"), title_justify="left",
                   box=box.SIMPLE_HEAD, padding=0, show_edge=False,
                   caption="top-1, top-5, agree (same top-1 as original)"
                           + (", shift (consistency)" if consistency else "")
@@ -67,8 +67,7 @@ def print_notes(report: EvalReport, json_path: Optional[str]) -> None:
     selection = report.data.get("selection")
     if limit is not None and report.data.get("files_selected") != report.data.get("files_found"):
         selection = f"--limit {limit}: {selection}"
-    read = f": {report.images} image{'' if report.images == 1 else 's'} read, {len(report.skipped)} skipped" \
-        if report.skipped else ""
+    read = f": {counted(report.images, 'image')} read, {len(report.skipped)} skipped" if report.skipped else ""
     notes = [f"data: {selection} ({report.data.get('layout')}){read}"]
     if report.memory_kind == "process_rss_high_water":
         largest = ", largest rank" if report.world_size > 1 else ""

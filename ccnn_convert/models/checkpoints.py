@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._helpers import a_type
+from .._helpers import a_type, counted
 from ..errors import ModelResolutionError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "extract_state_dict", "load_checked", "safe_load"]
@@ -91,12 +91,12 @@ def load_checked(model: nn.Module, state: Any, source: str) -> None:
     if missing or unexpected or reshaped:
         parts = []
         if missing:
-            parts.append(f"{_count(missing, 'missing key')} ({_first(missing)})")
+            parts.append(f"{counted(len(missing), 'missing key')} ({_first(missing)})")
         if unexpected:
-            parts.append(f"{_count(unexpected, 'unexpected key')} ({_first(unexpected)})")
+            parts.append(f"{counted(len(unexpected), 'unexpected key')} ({_first(unexpected)})")
         if reshaped:
             shown = [f"{k}: {_described(state[k])} in file, {_shape(expected[k])} in model" for k in reshaped[:3]]
-            parts.append(f"{_count(reshaped, 'key')} with another shape ({'; '.join(shown)}"
+            parts.append(f"{counted(len(reshaped), 'key')} with another shape ({'; '.join(shown)}"
                          f"{', ...' if len(reshaped) > 3 else ''})")
         raise ModelResolutionError(
             f"{source} does not fit {type(model).__name__}: {', '.join(parts)}")
@@ -111,10 +111,6 @@ def _described(value: Any) -> str:
     """A stored value's shape, or what it is when it is not a tensor (a string, a number)."""
     shape = _shape(value)
     return str(shape) if shape is not None else f"{a_type(value)}, not a tensor"
-
-
-def _count(items: list, noun: str) -> str:
-    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _first(keys: list[str], n: int = 3) -> str:
