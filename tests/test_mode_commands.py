@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from ccnn_convert import convert
 from ccnn_convert.cli.bench import app as bench_app
@@ -23,12 +22,7 @@ from ccnn_convert.core.modes import MODES as MODE_TABLE
 from ccnn_convert.models import load_artifact
 from ccnn_convert.train import TrainConfig, Trainer, parameter_groups
 
-from test_train import NET  # the same small training net
-
-
-def _cli(app, args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+from test_train import NET, _cli  # the same small training net and its CLI runner
 
 
 # --------------------------------------------------------------------------------------------

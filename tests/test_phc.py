@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from typer.testing import CliRunner
 
 from ccnn_convert import ParameterError, convert, conversion_report
 from ccnn_convert.core.phc import PHConv2d, convert_phc, dense_copy, nearest_kronecker_sum
+from test_train import _cli  # the CLI runner of the command tests
 
 N_SHAPES = [(2, 4, 6, (3, 3)), (3, 6, 9, (3, 1)), (4, 8, 12, (1, 3)), (2, 6, 4, (2, 3))]  # n, in, out, kernel
 
@@ -275,11 +275,6 @@ def make():
         conv.weight.data = torch.from_numpy(weight).float()
     return net.eval()
 '''
-
-
-def _cli(app, args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def _images(folder, count: int = 6) -> None:

@@ -17,22 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from typer.testing import CliRunner
 
 from ccnn_convert.core.diffstride import DiffStride2d, diffstride_layers, kept_size
 from ccnn_convert.models import conversion_state, load_artifact, resolve_model, save_artifact
 from ccnn_convert.spec import ConversionSpec
 
 from processes import stop_when_ready
-from test_train import NET, project  # noqa: F401  (a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes; the fixture)
+from test_train import NET, _cli, project  # noqa: F401  (a tiny factory: conv/2 + BN, max pool 2, conv/2 + BN, 3 classes; the fixture)
 
 LEARNED = ((3.0, 2.5), (1.5, 2.0), (2.25, 1.25))  # DiffStride's strides "learned" by a training run
 SMOOTHNESS = 2.0
-
-
-def _cli(app, args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def _md5(path: Path) -> str:
