@@ -12,7 +12,9 @@ images, no download):
   global average pool, Linear(128, 10); converted with ``ccnn_convert.convert`` in mode
   ``traditional`` (the CNN) or ``checkered`` (``--sampler``, lattice by default), or, with
   ``--models``, ``spectral``, ``diffstride`` (learned strides, reported per seed; optional
-  ``--stride-penalty``) and ``blurpool``, each with its defaults;
+  ``--stride-penalty``) and ``blurpool``, each with its defaults; ``--phc 0,2,4`` repeats every
+  row with PHC layers of n Kronecker products (0: dense convolutions; the 1-channel stem stays
+  dense: 1 is not divisible by n), Xavier-initialised as the published layers (issue 25);
 * training: ``ccnn_convert.train.Trainer`` with one recipe for both (SGD, lr 0.05, cosine,
   batch 64, no label smoothing); "shift" adds a random translation of up to ``--shift`` pixels
   per axis (zero fill) to the training images, drawn with torch's global RNG;
@@ -27,6 +29,8 @@ Prints a markdown report and writes it to ``--output`` (default /tmp/digits_resu
     python benchmarks/train_digits.py --epochs 5 --seeds 0,1 --sampler random   # a quick look
     python benchmarks/train_digits.py --models "CNN,spectral,diffstride,blurpool,checkered CNN" --shift 0 \
         --no-checkpointing-cost                                                  # issue 17's modes
+    python benchmarks/train_digits.py --models "CNN,spectral,blurpool,checkered CNN,diffstride" --shift 0 \
+        --phc 2,4 --skip-cost --jsonl digits_phc.jsonl                           # issue 25's PHC table
 """
 
 from __future__ import annotations
@@ -124,15 +128,18 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def parameter_count() -> int:
-    return sum(p.numel() for p in DigitsCNN().parameters())
+def parameter_count(model: nn.Module | None = None) -> int:
+    return sum(p.numel() for p in (model or DigitsCNN()).parameters())
 
 
-def build(name: str, sampler: str, seed: int) -> nn.Module:
-    """A freshly initialised (``seed``) DigitsCNN converted as ``name`` (a key of MODES)."""
+def build(name: str, sampler: str, seed: int, phc: int = 0) -> nn.Module:
+    """A freshly initialised (``seed``) DigitsCNN converted as ``name`` (a key of MODES), its
+    convolutions PHC layers of ``phc`` Kronecker products (Xavier-initialised) unless 0."""
     torch.manual_seed(seed)
     mode = MODES[name]
     options = {"sampler": sampler} if mode == "checkered" else {}
+    if phc:
+        options.update(phc=phc, phc_init="xavier")
     return convert(DigitsCNN(), mode=mode, example_input=torch.zeros(1, 1, SIZE, SIZE), **options)
 
 
@@ -154,35 +161,47 @@ def learned_strides(model: nn.Module) -> list[tuple[float, float]]:
 
 
 def train_one(name: str, sampler: str, shift: int, seed: int, epochs: int, data,
-              stride_penalty: float = 0.0) -> tuple[float, float, list]:
-    """-> (test error % after the last epoch, mean s/epoch, learned strides) of one run."""
+              stride_penalty: float = 0.0, phc: int = 0) -> tuple[float, float, list, int]:
+    """-> (test error % after the last epoch, mean s/epoch, learned strides, parameters) of one run."""
     train_set, test_set = data
     if shift:
         train_set = RandomShift(train_set, shift)
-    model = build(name, sampler, seed)
+    model = build(name, sampler, seed, phc)
     penalty = stride_penalty if MODES[name] == "diffstride" else 0.0
     records = Trainer(model, train_set, test_set, config_for(epochs, 64, seed, stride_penalty=penalty),
                       device="cpu", workers=0).fit()
-    return 100.0 - records[-1].val_top1, statistics.mean(r.seconds for r in records), learned_strides(model)
+    return (100.0 - records[-1].val_top1, statistics.mean(r.seconds for r in records), learned_strides(model),
+            parameter_count(model))
 
 
 def accuracy_table(args, data) -> list[dict]:
     rows = []
     for shift in sorted({0, args.shift}):
-        for name in args.models:
-            errors, seconds, strides = [], [], []
-            for seed in args.seeds:
-                start = time.perf_counter()
-                error, per_epoch, learned = train_one(name, args.sampler, shift, seed, args.epochs, data,
-                                                      args.stride_penalty)
-                errors.append(error)
-                seconds.append(per_epoch)
-                strides.append(learned)
-                log(f"{name:14s} shift={shift} seed={seed}: error {error:.2f} % "
-                    f"({time.perf_counter() - start:.0f} s){f' strides {learned}' if learned else ''}")
-            rows.append({"model": name, "shift": shift, "errors": errors, "s_per_epoch": statistics.mean(seconds),
-                         "strides": strides, "seeds": list(args.seeds)})
+        for phc in args.phc:
+            for name in args.models:
+                rows.append(accuracy_row(args, data, name, shift, phc))
     return rows
+
+
+def accuracy_row(args, data, name: str, shift: int, phc: int) -> dict:
+    """Every seed of one (model, shift, phc); each run also appended to ``--jsonl`` as it ends."""
+    errors, seconds, strides, params = [], [], [], 0
+    for seed in args.seeds:
+        start = time.perf_counter()
+        error, per_epoch, learned, params = train_one(name, args.sampler, shift, seed, args.epochs, data,
+                                                      args.stride_penalty, phc)
+        errors.append(error)
+        seconds.append(per_epoch)
+        strides.append(learned)
+        log(f"{name:14s} shift={shift} phc={phc} seed={seed}: error {error:.2f} % "
+            f"({time.perf_counter() - start:.0f} s){f' strides {learned}' if learned else ''}")
+        if args.jsonl:
+            with args.jsonl.open("a") as out:  # one line per finished run: a long table survives a stop
+                out.write(json.dumps({"model": name, "shift": shift, "phc": phc, "seed": seed, "error": error,
+                                      "s_per_epoch": per_epoch, "strides": learned, "parameters": params,
+                                      "epochs": args.epochs}) + "\n")
+    return {"model": name, "shift": shift, "phc": phc, "errors": errors, "s_per_epoch": statistics.mean(seconds),
+            "strides": strides, "seeds": list(args.seeds), "parameters": params}
 
 
 # --------------------------------------------------------------------------- cost runs
@@ -227,13 +246,15 @@ def mib(value: float) -> str:
 
 
 def accuracy_markdown(rows: list[dict], seeds: int) -> list[str]:
-    lines = [f"| model | augmentation | test error % (mean ± std, {seeds} seeds) | per-seed errors | s/epoch (batch 64) |",
-             "|---|---|---|---|---|"]
+    lines = [f"| model | PHC n | parameters | augmentation | test error % (mean ± std, {seeds} seeds) | "
+             "per-seed errors | s/epoch (batch 64) |",
+             "|---|---|---:|---|---|---|---|"]
     for row in rows:
         errors = row["errors"]
         std = statistics.stdev(errors) if len(errors) > 1 else 0.0
         augmentation = f"shift ±{row['shift']} px" if row["shift"] else "none"
-        lines.append(f"| {row['model']} | {augmentation} | {statistics.mean(errors):.2f} ± {std:.2f} | "
+        lines.append(f"| {row['model']} | {row['phc'] or 'dense'} | {row['parameters']:,} | {augmentation} | "
+                     f"{statistics.mean(errors):.2f} ± {std:.2f} | "
                      f"{', '.join(f'{e:.2f}' for e in errors)} | {row['s_per_epoch']:.3f} |")
     for row in rows:
         if any(row.get("strides") or ()):
@@ -315,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated rows among: {', '.join(MODES)} (default: CNN,checkered CNN)")
     parser.add_argument("--stride-penalty", type=float, default=0.0,
                         help="diffstride: loss += this * diffstride_cost(model) (default 0: the same recipe)")
+    parser.add_argument("--phc", type=lambda s: [int(v) for v in s.split(",")], default=[0],
+                        help="comma-separated PHC n per row set (0: dense convolutions; default 0)")
+    parser.add_argument("--jsonl", type=Path, default=None, help="append each finished run to this file")
     parser.add_argument("--no-checkpointing-cost", dest="cost_checkpointing", action="store_false",
                         help="cost rows without --checkpointing only")
     parser.add_argument("--cost-one", choices=list(MODES), help=argparse.SUPPRESS)  # internal: one cost run
@@ -327,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.models if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown --models entry {unknown[0]!r}; choose from {', '.join(MODES)}")
+    if any(n == 1 or n < 0 for n in args.phc):
+        raise SystemExit(f"--phc takes 0 (dense) or integers of at least 2, got {args.phc}")
     torch.set_num_threads(args.threads)
     if args.cost_one:
         print(json.dumps(cost_one(args.cost_one, args.sampler, args.checkpointing, args.cost_batch, args.cost_epochs)))
