@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ccnn_convert import ParameterError, convert, conversion_report
+from ccnn_convert.core import phc
 from ccnn_convert.core.phc import PHConv2d, convert_phc, dense_copy, nearest_kronecker_sum
 from test_train import _cli  # the CLI runner of the command tests
 
@@ -195,6 +196,34 @@ class SamePadConv(nn.Conv2d):
 
     def forward(self, x):
         return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_conv_traced_through_builds_its_weight_once_in_eval_until_the_parameters_change(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadConv(4, 8, 3), nn.ReLU(), SamePadConv(8, 8, 3, stride=2)).eval()
+    converted = convert(model, mode="traditional", phc=2, example_input=torch.zeros(1, 4, 9, 9)).eval()
+    builds = []
+    real = phc.kronecker_sum
+    monkeypatch.setattr(phc, "kronecker_sum", lambda A, F: builds.append(A) or real(A, F))
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        first = converted(x)
+        assert len(builds) == 2  # one weight per PHC layer
+        torch.testing.assert_close(converted(x), first, rtol=0, atol=0)
+        assert len(builds) == 2  # kept: the second forward builds nothing
+        layer = next(m for m in converted.modules() if hasattr(m, "A"))
+        layer.A.mul_(-1.0)  # an in-place change (an optimizer step) bumps the version
+        changed = converted(x)
+    assert len(builds) == 3 and not torch.allclose(changed, first)
+    dense = copy.deepcopy(model)  # the expectation: plain convs holding the NumPy-built weights
+    with torch.no_grad():
+        for name, module in converted.named_modules():
+            if hasattr(module, "A"):
+                dense.get_submodule(name).weight.copy_(torch.from_numpy(numpy_kronecker_sum(
+                    module.A.double().numpy(), module.F.double().numpy())))
+        torch.testing.assert_close(changed, dense(x), rtol=1e-4, atol=1e-5)
+    converted(x).sum().backward()  # with a graph to build, every forward builds it (and its gradient)
+    assert len(builds) == 5 and layer.A.grad is not None
 
 
 @pytest.mark.parametrize("mode", ["checkered", "dilated"])

@@ -21,6 +21,7 @@ of kernels) is ``sum_i A[i, p, q] * F[i]``. Parameters fall to about ``1/n``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,9 +45,27 @@ def kronecker_sum(A: Tensor, F: Tensor) -> Tensor:
     return torch.einsum("ipq,iabhw->paqbhw", A, F).reshape(n * o, n * c, kh, kw)
 
 
-# A conv traced through (its class overrides forward) calls this once per forward: one fx node,
-# which dense_copy replaces by the materialised weight.
-torch.fx.wrap("kronecker_sum")
+_TRACED_WEIGHTS: dict[int, tuple] = {}  # id(F) -> (ref to F, ref to A, versions, weight)
+
+
+def traced_kronecker_sum(A: Tensor, F: Tensor) -> Tensor:
+    """:func:`kronecker_sum` as the graph of a conv traced through calls it (its class overrides
+    ``forward``): one fx node, run at every forward, which :func:`dense_copy` replaces by the
+    materialised weight. Without a graph to build (eval, no_grad) the weight is kept until ``A``
+    or ``F`` change (their version counters), as :class:`PHConv2d` keeps its own."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return kronecker_sum(A, F)
+    key = (A._version, F._version, A.device, A.dtype, F.device, F.dtype)
+    cached = _TRACED_WEIGHTS.get(id(F))
+    if cached is None or cached[0]() is not F or cached[1]() is not A or cached[2] != key:
+        index = id(F)
+        forget = lambda _ref: _TRACED_WEIGHTS.pop(index, None)  # noqa: E731 (F collected: drop its weight)
+        cached = (weakref.ref(F, forget), weakref.ref(A), key, kronecker_sum(A, F))
+        _TRACED_WEIGHTS[index] = cached
+    return cached[3]
+
+
+torch.fx.wrap("traced_kronecker_sum")
 
 
 def rearranged(weight: Tensor, n: int) -> Tensor:
@@ -91,6 +110,8 @@ class _KroneckerWeight:
     def weight(self) -> Tensor:
         if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or isinstance(self.A, torch.fx.Proxy)):
+            if isinstance(self.A, torch.fx.Proxy):
+                return traced_kronecker_sum(self.A, self.F)  # traced through: one node of the graph
             return kronecker_sum(self.A, self.F)  # a training forward builds it once, with its graph
         key = (self.A._version, self.F._version, self.A.device, self.A.dtype, self.F.device, self.F.dtype)
         if self._weight_cache is None or self._weight_cache[0] != key:
@@ -325,7 +346,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
         elif isinstance(module, MultisamplePHConv2d):
             replacements[name] = lambda m=module: MultisampleConv2d(_dense_conv(m))
     graph = getattr(model, "graph", None)
-    traced = [node for node in graph.nodes if node.target is kronecker_sum] if isinstance(graph, fx.Graph) else []
+    traced = [node for node in graph.nodes if node.target is traced_kronecker_sum] if isinstance(graph, fx.Graph) else []
     if not replacements and not traced:
         return model
     # A deep-copied GraphModule starts in training mode; the mode is set first, since switching
@@ -339,8 +360,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def _materialise_traced(graph_module: fx.GraphModule) -> None:
-    """Each ``kronecker_sum(A, F)`` node of a conv traced through becomes a constant weight."""
-    for index, node in enumerate([n for n in graph_module.graph.nodes if n.target is kronecker_sum]):
+    """Each ``traced_kronecker_sum(A, F)`` node of a conv traced through becomes a constant weight."""
+    for index, node in enumerate([n for n in graph_module.graph.nodes if n.target is traced_kronecker_sum]):
         with torch.no_grad():
             A, F = (graph_module.get_parameter(arg.target) for arg in node.args)
             name = f"ccnn_phc_weight{index}"
