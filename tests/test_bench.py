@@ -66,6 +66,31 @@ def test_flops_params_submaps_and_ratios_of_a_tiny_model():
     assert by_mode["original"].time_ratio == 1.0
 
 
+class TinyEven(nn.Module):
+    """A 1x1 conv 3 -> 4 (3 is odd: PHC n=2 keeps it dense), then a 4 -> 4 stride-2 conv (PHC applies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1, bias=False)
+        self.conv = nn.Conv2d(4, 4, 2, stride=2, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.conv(self.stem(x))).flatten(1)
+
+
+def test_phc_variants_of_one_mode_are_rows_of_their_own_with_the_phc_parameter_count():
+    from ccnn_convert.spec import ConversionSpec
+
+    specs = [ConversionSpec.build("checkered"), ConversionSpec.build("checkered", phc=2)]
+    rows = bench.bench_model("tiny", TinyEven(), specs, image_size=8,
+                             timing=TimingOptions(batch_size=1, repeats=1, warmup=0, memory=False))
+    assert [m.label for m in rows] == ["original", "checkered", "checkered, phc=2"]
+    # by hand: the stem holds 3*4 = 12 weights and stays dense; the strided conv holds 4*4*2*2 = 64,
+    # as PHC n=2: A (2*2*2 = 8) and F (2*2*2*2*2 = 32)
+    assert [m.params for m in rows] == [76, 76, 52]
+
+
 def test_count_flops_on_meta_matches_a_real_pass():
     model = Tiny().eval()
     x = torch.randn(2, 3, 8, 8)

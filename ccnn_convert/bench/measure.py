@@ -254,8 +254,9 @@ class Variant:
     convert_s: float | None = None
 
 
-def variant_label(mode: str, keep_first: int) -> str:
-    return mode if keep_first == 0 else f"{mode}, keep_first={keep_first}"
+def variant_label(mode: str, keep_first: int, phc: int | None = None) -> str:
+    """The row's name: the mode, then what sets it apart (keep_first, PHC layers)."""
+    return ", ".join([mode] + ([f"keep_first={keep_first}"] if keep_first else []) + ([f"phc={phc}"] if phc else []))
 
 
 def _as_spec(item: str | ConversionSpec) -> ConversionSpec:
@@ -277,7 +278,7 @@ def build_variants(original: nn.Module, conversions: Sequence[str | ConversionSp
         model = convert(spec, size)
         elapsed = time.perf_counter() - began
         report = conversion_report(model)
-        return Variant(variant_label(spec.mode, spec.keep_first), spec.mode, spec.keep_first, model,
+        return Variant(variant_label(spec.mode, spec.keep_first, spec.phc), spec.mode, spec.keep_first, model,
                        report.steps, report.final_submaps, elapsed)
 
     for item in conversions:
