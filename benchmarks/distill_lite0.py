@@ -24,6 +24,20 @@ evaluated once by a model that never saw it. For each keep_first it compares:
   agreement of every epoch (``agreement_by_epoch``: where it stops rising). ``fm-tta``'s
   teacher is the original averaged over flips and shifts (``teacher_tta=("flip", "shift")``).
 
+* ``recipe``: ``--distill``'s recipe for the mode (and ``--phc``: ``distill_recipe(mode, phc)``,
+  which trains the PHC layers' A and F besides norm+head), its recalibration rule first, for
+  ``--epochs`` epochs on the whole training fold (no held-back part), scoring ``last.pt``.
+
+``--phc N`` (issue 25) makes every row's convolutions PHC layers of N Kronecker products, fitted
+to the pretrained weights: ``converted`` is the fit alone, ``recalibrated`` re-estimates the
+statistics the fit moved (``auto``: measured against the dense original), the distilled rows
+train from the fit, and the dense original stays the teacher and the reference. Its default
+variants are ``converted,recalibrated,recipe``; ``--mode traditional`` is PHC alone (no step
+converted, so ``--keep-first 0`` only)::
+
+    python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 --phc 2 \
+        --mode traditional --keep-first 0 --epochs 3 --json distill_phc2.json
+
 Issue 23 added: ``--mode`` (any conversion mode), ``--device cuda``, the converted rows of a
 resampling mode at each ``--resample-at`` placement (trained variants use the first), the
 recalibrated rows by ``--recalibrate`` rule, ``*-recal`` distilled variants (``--recalibrate
@@ -44,7 +58,8 @@ agreement are pooled over the two test folds (250 images). Run from the reposito
     python benchmarks/distill_lite0.py ../shared/data/imagenet-sample/val --threads 2 --mode blurpool \
         --keep-first 0 --variants converted,recalibrated,fm,fm-tta --fm-epochs 20 --json distill_fm_blurpool.json
 
-``--limit N`` uses N images only (a smoke test; say so when quoting numbers).
+``--limit N`` uses N images only (a smoke test; say so when quoting numbers); a ``--batch-size``
+above the images a fold trains on shrinks to them.
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.train import TrainConfig, train_model
 from ccnn_convert.train.calibrate import recalibrate_model
 from ccnn_convert.train.distill import FUNCTION_MATCHING_EPOCHS, DistillConfig, distill_recipe
-from ccnn_convert.train.unlabelled import find_images
+from ccnn_convert.train.unlabelled import find_images, held_back_split
 
 MODEL = "efficientnet_lite0"
 # distilled variants: --variants name -> (train_params, freeze_norm_stats)
@@ -75,11 +90,14 @@ DISTILLED = {"norm+head": ("norm+head", False), "all": ("all", False), "norm+hea
              "all-frozen": ("all", True)}
 # the same after --recalibrate auto (the statistics the conversion changed re-estimated first)
 DISTILLED |= {f"{name}-recal": value for name, value in DISTILLED.items()}
+RECIPE = "recipe"  # --distill's recipe of the mode and --phc, for --epochs epochs
 # function matching: --variants name -> the teacher's test-time views
 # (fm-live: the same with live BatchNorm statistics instead of the recipe's choice)
 FUNCTION_MATCHING = {"fm": ((), None), "fm-tta": (("flip", "shift"), None), "fm-live": ((), False),
                      "fm-frozen": ((), True)}
-VARIANTS = ("converted", "recalibrated", *DISTILLED, *FUNCTION_MATCHING)
+VARIANTS = ("converted", "recalibrated", *DISTILLED, RECIPE, *FUNCTION_MATCHING)
+DEFAULT_VARIANTS = "converted,recalibrated,norm+head,all"
+PHC_VARIANTS = "converted,recalibrated,recipe"  # the default with --phc
 
 
 def folds(root: Path, limit: int | None, seed: int) -> tuple[list[str], list[str]]:
@@ -136,6 +154,10 @@ def run_fold(keep_first: int, epochs: int, fm_epochs: int, train_paths: list[str
     data = flat_folder(train_paths, work / "train")
     resampling = args.mode in RESAMPLING_MODES
     placement = {"resample_at": args.resample_at[0]} if resampling else {}  # trained variants: the first
+    phc = {"phc": args.phc} if args.phc is not None else {}  # every row: PHC layers fitted to the weights
+    fitted = f", PHC n={args.phc} fitted" if args.phc is not None else ""
+    batch_size = min(args.batch_size, len(train_paths))  # a --limit smoke test trains on fewer images
+    fm_batch_size = min(args.batch_size, len(held_back_split(train_paths, args.fm_val_fraction, args.seed)[0]))
     rows: dict[str, dict] = {}
 
     def score(name: str, model: torch.nn.Module, **extra) -> None:
@@ -148,32 +170,46 @@ def run_fold(keep_first: int, epochs: int, fm_epochs: int, train_paths: list[str
               f"agreement {rows[name]['agree']}/{len(labels)}, shift-consistent {consistent}", flush=True)
 
     for at in (args.resample_at if resampling else [None]) if "converted" in args.variants else ():
-        spec = ConversionSpec.build(args.mode, keep_first=keep_first, **({"resample_at": at} if at else {}))
-        score(f"converted{f' ({at})' if at else ''}", spec.apply(resolve_model(MODEL).model))
+        spec = ConversionSpec.build(args.mode, keep_first=keep_first, **({"resample_at": at} if at else {}), **phc)
+        score(f"converted{f' ({at})' if at else ''}{fitted}", spec.apply(resolve_model(MODEL).model))
     for rule in args.recalibrate if "recalibrated" in args.variants else ():
         start = time.perf_counter()
         summary = recalibrate_model(MODEL, data, work / f"recalibrated_{rule}.pt", images=len(train_paths),
                                     mode=args.mode, keep_first=keep_first, batch_size=args.bn_batch, recalibrate=rule,
-                                    workers=args.workers, device=args.device, **placement)
-        score(f"recalibrated ({summary['layers']})", artifact_model(work / f"recalibrated_{rule}.pt"),
+                                    workers=args.workers, device=args.device, **placement, **phc)
+        score(f"recalibrated ({summary['layers']}){fitted}", artifact_model(work / f"recalibrated_{rule}.pt"),
               seconds=time.perf_counter() - start)
     for variant in [v for v in args.variants if v in DISTILLED]:
         train_params, frozen = DISTILLED[variant]
         rule = "auto" if variant.endswith("-recal") else "none"
-        config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, train_params=train_params,
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=args.lr, train_params=train_params,
                              freeze_norm_stats=frozen, seed=args.seed, checkpointing=args.checkpointing)
         result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
-                             workers=args.workers, device=args.device, recalibrate=rule, **placement,
+                             workers=args.workers, device=args.device, recalibrate=rule, **placement, **phc,
                              distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
         records = result.history
         score(f"distilled {train_params}" + (", frozen statistics" if frozen else "")
-              + (", recalibrated (auto) first" if rule == "auto" else ""),
+              + (", recalibrated (auto) first" if rule == "auto" else "") + fitted,
               artifact_model(work / variant / "last.pt"),
+              seconds_per_epoch=sum(r.seconds for r in records) / len(records),
+              peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
+    if RECIPE in args.variants:
+        recipe = {**distill_recipe(args.mode, args.phc), "epochs": epochs, "batch_size": batch_size}
+        rule = recipe.pop("recalibrate")
+        config = TrainConfig(lr=args.lr, seed=args.seed, checkpointing=args.checkpointing, **recipe)
+        result = train_model(MODEL, data, work / RECIPE, config=config, mode=args.mode, keep_first=keep_first,
+                             workers=args.workers, device=args.device, recalibrate=rule, **placement, **phc,
+                             distill=DistillConfig(temperature=args.temperature, val_fraction=0.0))
+        records = result.history
+        statistics = "frozen" if recipe["freeze_norm_stats"] else "live"
+        score(f"distilled, the recipe: {recipe['train_params']}, {statistics} statistics, {recipe['augment']}"
+              + (f", recalibrated ({rule}) first" if rule != "none" else "") + fitted,
+              artifact_model(work / RECIPE / "last.pt"),
               seconds_per_epoch=sum(r.seconds for r in records) / len(records),
               peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=epochs)
     for variant in [v for v in args.variants if v in FUNCTION_MATCHING]:
         views, frozen = FUNCTION_MATCHING[variant]
-        recipe = {**distill_recipe(args.mode), "epochs": fm_epochs, "batch_size": args.batch_size}
+        recipe = {**distill_recipe(args.mode, args.phc), "epochs": fm_epochs, "batch_size": fm_batch_size}
         rule = recipe.pop("recalibrate")
         if frozen is not None:
             recipe["freeze_norm_stats"] = frozen
@@ -183,11 +219,12 @@ def run_fold(keep_first: int, epochs: int, fm_epochs: int, train_paths: list[str
         distill = DistillConfig(temperature=args.temperature, val_fraction=args.fm_val_fraction, teacher_tta=views)
         result = train_model(MODEL, data, work / variant, config=config, mode=args.mode, keep_first=keep_first,
                              workers=args.workers, device=args.device, distill=distill, recalibrate=rule,
-                             **placement)
+                             **placement, **phc)
         records = result.history
         untrained = result.info.get("untrained") or {}
         statistics = "frozen" if recipe["freeze_norm_stats"] else "live"
-        score(f"function matching{', TTA teacher' if distill.teacher_tta else ''}, {statistics} statistics (best.pt)",
+        score(f"function matching{', TTA teacher' if distill.teacher_tta else ''}, {statistics} statistics (best.pt)"
+              + fitted,
               artifact_model(work / variant / "best.pt"),
               seconds_per_epoch=sum(r.seconds for r in records) / len(records),
               peak_memory_bytes=max(r.peak_memory_bytes or 0 for r in records), epochs=fm_epochs,
@@ -229,10 +266,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--variants", default="converted,recalibrated,norm+head,all",
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (-frozen: --freeze-norm-stats)")
+    parser.add_argument("--phc", type=int, default=None, metavar="N",
+                        help="PHC layers of N Kronecker products in every row, fitted to the weights (issue 25)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (-frozen: --freeze-norm-stats) "
+                             f"[default: {DEFAULT_VARIANTS}; with --phc: {PHC_VARIANTS}]")
     args = parser.parse_args()
-    args.variants = args.variants.split(",")
+    args.variants = (args.variants or (PHC_VARIANTS if args.phc is not None else DEFAULT_VARIANTS)).split(",")
     args.resample_at = args.resample_at.split(",")
     args.recalibrate = args.recalibrate.split(",")
     if unknown := set(args.variants) - set(VARIANTS):
@@ -240,6 +280,10 @@ def main() -> None:
     use_huge_pages()
     torch.set_num_threads(args.threads)
     keep_firsts = [int(k) for k in args.keep_first.split(",")]
+    if args.phc is not None and args.phc < 2:
+        parser.error(f"--phc must be at least 2 (the number of Kronecker products), got {args.phc}")
+    if args.mode == "traditional" and keep_firsts != [0]:
+        parser.error("--mode traditional converts no subsampling step: give --keep-first 0")
     epochs = parse_epochs(args.epochs, keep_firsts)
     fm_epochs = parse_epochs(args.fm_epochs, keep_firsts)
     fold_a, fold_b = folds(args.images_root, args.limit, args.seed)
@@ -247,7 +291,9 @@ def main() -> None:
 
     began = time.perf_counter()
     print(f"{len(fold_a) + len(fold_b)} images in two folds of {len(fold_a)} and {len(fold_b)}; torch "
-          f"{torch.__version__}, {args.threads} threads; epochs {epochs}", flush=True)
+          f"{torch.__version__}, {args.threads} threads; mode {args.mode}"
+          + (f", PHC n={args.phc} (fitted; the teacher and the reference stay dense)" if args.phc else "")
+          + f"; epochs {epochs}", flush=True)
     results: dict[int, list[dict]] = {k: [] for k in keep_firsts}
     originals = []
     with tempfile.TemporaryDirectory() as tmp:

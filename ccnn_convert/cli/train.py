@@ -21,7 +21,7 @@ from rich.text import Text
 from .._helpers import format_bytes
 from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
-from ..train.distill import TTA_SHIFT, DistillConfig, distill_recipe, recipe_mode
+from ..train.distill import PHC_TRAIN_PARAMS, TTA_SHIFT, DistillConfig, distill_recipe, recipe_mode, recipe_phc
 from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
                       preprocessing_overrides, resample_at_help, run_app, smoothness_help, user_errors)
 
@@ -110,7 +110,7 @@ def train_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue exactly from a run's OUT/checkpoint.pt (same model, conversion and recipe)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an earlier run in --out."),
-    train_params: Optional[str] = typer.Option(None, "--train-params", help="What trains: all | norm (normalisation layers) | head (the classifier) | norm+head [default: all; with --distill: norm+head]."),
+    train_params: Optional[str] = typer.Option(None, "--train-params", help=f"What trains: all | norm (normalisation layers) | head (the classifier) | norm+head | phc+norm+head (also the PHC layers' A, F and biases) [default: all; with --distill: norm+head, with --phc {PHC_TRAIN_PARAMS}]."),
     freeze_norm_stats: Optional[bool] = typer.Option(None, "--freeze-norm-stats/--no-freeze-norm-stats", help="Normalisation layers keep and use their running statistics while training (their affines still train): for a few hundred images [default: off; with --distill: on]."),
     distill: bool = typer.Option(False, "--distill", help="Learn from a teacher (MODEL unconverted and frozen, or --teacher) by temperature-scaled KL; --data may then be any folder of images."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="With --distill: another teacher (a MODEL or artifact with the same classes), or several, comma-separated: the mean of their softmaxes."),
@@ -121,7 +121,8 @@ def train_command(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="With --distill on an unlabelled folder: the share held back to measure agreement [default: 0.1]."),
 ) -> None:
     """Train MODEL, converted, on DATA/train; validate each epoch on DATA/val; write artifacts to OUT."""
-    recipe = recipe_defaults(distill, recipe_mode(model, mode) if distill else None, epochs=epochs,
+    recipe = recipe_defaults(distill, recipe_mode(model, mode) if distill else None,
+                             recipe_phc(model, phc) if distill else None, epochs=epochs,
                              batch_size=batch_size, train_params=train_params, freeze_norm_stats=freeze_norm_stats,
                              augment=augment, recalibrate=recalibrate)
     recalibrate = recipe.pop("recalibrate", None)  # train_model's option, not TrainConfig's
@@ -145,11 +146,11 @@ def train_command(
     console.print(Text(f"  wrote {', '.join(written)}"), soft_wrap=True)
 
 
-def recipe_defaults(distill: bool, mode: str | None = None, **given) -> dict:
+def recipe_defaults(distill: bool, mode: str | None = None, phc: int | None = None, **given) -> dict:
     """The options given; those left unset take TrainConfig's defaults, or with --distill the
-    distillation recipe of ``mode`` (train.distill.DISTILL_RECIPES)."""
+    distillation recipe of ``mode`` and ``phc`` (train.distill.DISTILL_RECIPES, distill_recipe)."""
     chosen = {k: v for k, v in given.items() if v is not None}
-    return {**distill_recipe(mode or "checkered"), **chosen} if distill else chosen
+    return {**distill_recipe(mode or "checkered", phc), **chosen} if distill else chosen
 
 
 def distill_config(distill: bool, teacher, temperature, weight, val_fraction, teacher_tta=None) -> DistillConfig | None:

@@ -33,7 +33,7 @@ from .layers import MultisampleConv2d, pair
 from .tracing import copy_structure, register_notrace_module
 
 __all__ = ["PHC_INITS", "MultisamplePHConv2d", "PHCLayer", "PHCReport", "PHConv2d", "convert_phc", "dense_copy",
-           "is_phc_layer", "kronecker_sum", "nearest_kronecker_sum", "phc_parameter_count"]
+           "is_phc_layer", "kronecker_sum", "nearest_kronecker_sum", "phc_parameter_count", "phc_parameter_names"]
 
 PHC_INITS = ("fit", "xavier")  # from a pretrained weight, or the published random initialisation
 
@@ -300,6 +300,24 @@ def convert_phc(model: nn.Module, n: int, init: str = "fit") -> tuple[nn.Module,
 def is_phc_layer(module: nn.Module) -> bool:
     """Whether ``module``'s weight is a Kronecker sum of its ``A`` and ``F``."""
     return isinstance(module, _KroneckerWeight)
+
+
+def phc_parameter_names(model: nn.Module) -> set[str]:
+    """The names, as in ``model.named_parameters()``, of the PHC layers' own parameters (A, F and
+    the bias): those of PHC modules, and those of convolutions traced through (in a GraphModule
+    such a conv is a plain module holding A and F, found from the graph's ``kronecker_sum`` nodes)."""
+    owners = {name for name, module in model.named_modules() if is_phc_layer(module)}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        graphs = {id(g): g for g in (getattr(module, "train_graph", None), getattr(module, "eval_graph", None),
+                                     module.graph) if isinstance(g, fx.Graph)}
+        for graph in graphs.values():
+            for node in graph.nodes:
+                if node.op == "call_function" and node.target is kronecker_sum:
+                    owners.update(".".join(filter(None, (prefix, arg.target.rpartition(".")[0])))
+                                  for arg in node.args if isinstance(arg, fx.Node) and arg.op == "get_attr")
+    return {name for name, _ in model.named_parameters() if name.rpartition(".")[0] in owners}
 
 
 _SWAPPED: dict[type, type] = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.diffstride import check_strides, diffstride_layers
 from ..core.downsample import UNTRAINED_STRIDES_NOTE
-from ..core.phc import is_phc_layer
+from ..core.phc import phc_parameter_names
 from ..errors import ModelResolutionError
 
 from ..spec import ConversionSpec
@@ -93,13 +93,8 @@ def learned_state_applies(base: ConversionSpec | None, spec: ConversionSpec) -> 
 
 def phc_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of ``state`` that are PHC layers' own parameters in ``model`` (A, F and bias)."""
-    modules = dict(model.named_modules())
-    kept = {}
-    for key, value in state.items():
-        owner = modules.get(key.rpartition(".")[0])
-        if owner is not None and is_phc_layer(owner):
-            kept[key] = value
-    return kept
+    own = phc_parameter_names(model)  # also those of convs traced through (EfficientNet-Lite's)
+    return {key: value for key, value in state.items() if key in own}
 
 
 def conversion_state(converted: nn.Module, original: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader
 from ..core.options import check_seed
 from ..data import DecodedImages, collate_items
 from ..errors import DataError, ParameterError
-from ..models import ResolvedModel, resolve_model, save_artifact
+from ..core.phc import check_phc
+from ..models import ResolvedModel, conversion_state, resolve_model, save_artifact
 from ..outputs import check_output
 from ..runtime import resolve_device
 from ..spec import ConversionSpec, check_checkered_options_used
@@ -246,8 +247,8 @@ def _selection_rule(recalibrate: str | None, layers: str | None) -> str:
 def recalibrate_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *, images: int,
     mode: str | None = None, sampler: str | None = None, keep_first: int | None = None, density: int | None = None,
-    edges: str | None = None, dilation: str | None = None, resample_at: str | None = None, seed: int = 0,
-    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT", arch: str | None = None,
+    edges: str | None = None, dilation: str | None = None, resample_at: str | None = None, phc: int | None = None,
+    seed: int = 0, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT", arch: str | None = None,
     preprocessing: Mapping[str, Any] | None = None, trust_factory: bool = False, batch_size: int = 64,
     recalibrate: str | None = None, layers: str | None = None, workers: int = 2, device: str = "auto",
     force: bool = False,
@@ -258,8 +259,12 @@ def recalibrate_model(
     ``recalibrate`` chooses the BatchNorms (:func:`norm_layers_to_recalibrate`; default ``auto``:
     those whose input statistics the conversion changed, measured on the same images); ``layers``
     is the older choice (``all``, or ``converted``: by shapes, :func:`converted_batchnorm_layers`).
+    ``phc``: PHC layers (as ``ccnn-convert``'s; default an artifact's), whose A and F the artifact
+    stores; ``auto`` compares them with the dense original, whose statistics the fit moved.
     -> its ``training`` summary."""
     check_seed(seed)  # before anything is loaded, as the other commands
+    if phc is not None:
+        check_phc(phc)
     rule = _selection_rule(recalibrate, layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParameterError("batch_size", f"{{param}} must be a positive integer, got {batch_size!r}")
@@ -273,7 +278,7 @@ def recalibrate_model(
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = dict(sampler=sampler, keep_first=keep_first, density=density, edges=edges, dilation=dilation,
-                 resample_at=resample_at)
+                 resample_at=resample_at, phc=phc)
     check_checkered_options_used([mode], **given)
     spec = ConversionSpec.build(mode, base, leaf_modules=tuple(leaf_modules), **given)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
@@ -298,5 +303,9 @@ def recalibrate_model(
                "batch_size": batch_size, "rule": "cumulative average of per-batch statistics (momentum=None)",
                "data": str(data), "from_weights": resolved.weights}
     resolved.model.to("cpu")
-    save_artifact(target, dataclasses.replace(resolved, training=summary), spec, force=force)
+    record = dataclasses.replace(resolved, training=summary)
+    if spec.phc is not None:  # the PHC layers' A and F (an artifact's own, also in another mode), as ccnn-convert's
+        record = dataclasses.replace(record, conversion=spec,
+                                     conversion_state=conversion_state(converted, resolved.model) or None)
+    save_artifact(target, record, spec, force=force)
     return summary

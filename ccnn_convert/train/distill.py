@@ -40,12 +40,13 @@ from ..errors import CCNNError, ParameterError
 from ..models import Preprocessing, ResolvedModel, resolve_model
 from ..models.artifact import is_artifact, read_artifact
 from ..models.checkpoints import safe_load
+from ..spec import ConversionSpec
 from .loop import EpochRecord, Trainer, hard_targets
 from .recipe import TrainConfig
 
-__all__ = ["DISTILL_RECIPE", "DISTILL_RECIPES", "TTA_SHIFT", "TTA_VIEWS", "DistillConfig", "DistillTrainer",
+__all__ = ["DISTILL_RECIPE", "DISTILL_RECIPES", "PHC_TRAIN_PARAMS", "TTA_SHIFT", "TTA_VIEWS", "DistillConfig", "DistillTrainer",
            "HeldBackScore", "Teacher", "TeacherEnsemble", "build_teacher", "check_distill_options",
-           "check_teacher_classes", "distill_recipe", "recipe_mode", "distillation_loss", "kl_to_teacher", "tta_views",
+           "check_teacher_classes", "distill_recipe", "recipe_mode", "recipe_phc", "distillation_loss", "kl_to_teacher", "tta_views",
            "untrained_is_better"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ DEFAULT_VAL_FRACTION = 0.1
 #   augmentation, norm+head against the original's frozen statistics, no recalibration first:
 #   81.2, 82.4, 56.8 (recalibration alone: 79.2, 80.4, 56.0; function matching: 57.6, 72.8, 26.0;
 #   recalibrating first and then distilling lost 15 to 40 points, which is not understood yet).
+# * PHC layers (``phc``, any mode): the mode's recipe, but training the PHC layers' A, F and biases
+#   besides norm+head (``phc+norm+head``, PHC_TRAIN_PARAMS). The fit's loss is in the convolutions'
+#   weights (efficientnet_lite0 at phc=2: relative fit error 0.69, 0 % top-1 untrained), which
+#   norm+head cannot reach. Not ``all``: the convolutions the fit kept dense (the 3-channel stem,
+#   depthwise ones) and everything else hold the pretrained weights unchanged, and a few hundred
+#   images would move them for no gain. Not measured yet (benchmarks/distill_lite0.py with phc).
 # ``recalibrate`` is train_model's option; the others are TrainConfig's.
 FUNCTION_MATCHING_EPOCHS = 20
 DISTILL_RECIPE = {"epochs": FUNCTION_MATCHING_EPOCHS, "batch_size": 16, "train_params": "norm+head",
@@ -70,6 +77,7 @@ DISTILL_RECIPE = {"epochs": FUNCTION_MATCHING_EPOCHS, "batch_size": 16, "train_p
 RESAMPLING_RECIPE = {"epochs": 3, "batch_size": 16, "train_params": "norm+head", "freeze_norm_stats": True,
                      "augment": "standard", "recalibrate": "none"}
 DISTILL_RECIPES = {mode: RESAMPLING_RECIPE for mode in ("blurpool", "spectral", "diffstride")}
+PHC_TRAIN_PARAMS = "phc+norm+head"  # what a distillation of PHC layers trains (above)
 TTA_VIEWS = ("flip", "shift")
 TTA_SHIFT = 8  # pixels: shift views translate by (+-8, 0) and (0, +-8), the border pixels repeated
 
@@ -123,24 +131,42 @@ class DistillConfig:
         return data
 
 
-def distill_recipe(mode: str) -> dict[str, Any]:
-    """The training options a distillation uses for ``mode`` where none is given (the CLI fills them in)."""
-    return dict(DISTILL_RECIPES.get(mode, DISTILL_RECIPE))
+def distill_recipe(mode: str, phc: int | None = None) -> dict[str, Any]:
+    """The training options a distillation uses for ``mode`` (with PHC layers of ``phc`` Kronecker
+    products, or dense) where none is given (the CLI fills them in)."""
+    recipe = dict(DISTILL_RECIPES.get(mode, DISTILL_RECIPE))
+    if phc is not None:
+        recipe["train_params"] = PHC_TRAIN_PARAMS
+    return recipe
 
 
 def recipe_mode(model: str, mode: str | None) -> str:
     """The mode a run will train in, for its recipe: ``mode``, else an artifact's own, else checkered."""
     if mode is not None:
         return mode
+    conversion = _artifact_conversion(model)
+    return conversion.mode if conversion is not None else "checkered"
+
+
+def recipe_phc(model: str, phc: int | None) -> int | None:
+    """The PHC layers a run will train, for its recipe: ``phc``, else an artifact's own (None: dense)."""
+    if phc is not None:
+        return phc
+    conversion = _artifact_conversion(model)
+    return conversion.phc if conversion is not None else None
+
+
+def _artifact_conversion(model: str) -> ConversionSpec | None:
+    """MODEL's conversion when it is an artifact (None otherwise, or when it cannot be read)."""
     path = Path(model).expanduser()
     if path.is_file():
         try:
             obj = safe_load(path)
             if is_artifact(obj):
-                return read_artifact(obj, path).conversion.mode
+                return read_artifact(obj, path).conversion
         except CCNNError:
             pass  # resolving MODEL reports it in one line
-    return "checkered"
+    return None
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

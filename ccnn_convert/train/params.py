@@ -1,5 +1,6 @@
 """Which parameters train: ``all``, the normalisation layers (``norm``), the classifier
-(``head``), or both (``norm+head``).
+(``head``), both (``norm+head``), or both and the PHC layers' own parameters (``phc+norm+head``:
+A, F and their biases, where a PHC fit moved the weights; the convolutions kept dense stay frozen).
 
 With a few hundred images, training only the normalisation affines and the head is the robust
 choice (few parameters, and the converted model's statistics are what conversion moves most).
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.phc import phc_parameter_names
 from ..errors import ParameterError
 from ..models.head import find_classifier
 
 __all__ = ["NORM_TYPES", "TRAIN_PARAMS", "check_freeze_norm_stats", "check_train_params", "hold_frozen_statistics", "norm_modules",
            "select_trainable"]
 
-TRAIN_PARAMS = ("all", "norm", "head", "norm+head")
+TRAIN_PARAMS = ("all", "norm", "head", "norm+head", "phc+norm+head")
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -47,6 +49,11 @@ def select_trainable(model: nn.Module, which: str) -> int:
         chosen.update((id(p), p) for m in norm_modules(model) for p in m.parameters())
     if "head" in which:
         chosen.update((id(p), p) for p in _classifier(model).parameters())
+    if "phc" in which:
+        phc = phc_parameter_names(model)
+        if not phc:
+            raise ParameterError("train_params", f"{{param}} {which}: the model has no PHC layer to train")
+        chosen.update((id(p), p) for name, p in model.named_parameters() if name in phc)
     if not chosen:
         raise ParameterError("train_params", f"{{param}} {which}: the model has no normalisation layer with "
                                              "parameters")
@@ -65,7 +72,7 @@ def check_freeze_norm_stats(model: nn.Module, freeze_norm_stats: bool) -> None:
 def hold_frozen_statistics(model: nn.Module, which: str, freeze_norm_stats: bool = False) -> None:
     """Normalisation layers that do not train, or all of them with ``freeze_norm_stats``, use
     (and keep) their running statistics (call after .train())."""
-    if which in ("all", "norm", "norm+head") and not freeze_norm_stats:
+    if (which == "all" or "norm" in which) and not freeze_norm_stats:
         return
     for module in norm_modules(model):
         module.eval()

@@ -57,7 +57,7 @@ class TrainConfig:
     checkpointing: bool = False
     sync_bn: bool = False
     seed: int = 0
-    train_params: str = "all"  # all | norm | head | norm+head (.params)
+    train_params: str = "all"  # all | norm | head | norm+head | phc+norm+head (.params)
     freeze_norm_stats: bool = False  # every normalisation layer keeps (and uses) its running statistics
     stride_penalty: float = 0.0  # DiffStride: loss += stride_penalty * diffstride_cost(model)
 
