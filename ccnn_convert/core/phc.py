@@ -305,7 +305,7 @@ def is_phc_layer(module: nn.Module) -> bool:
 def phc_parameter_names(model: nn.Module) -> set[str]:
     """The names, as in ``model.named_parameters()``, of the PHC layers' own parameters (A, F and
     the bias): those of PHC modules, and those of convolutions traced through (in a GraphModule
-    such a conv is a plain module holding A and F, found from the graph's ``kronecker_sum`` nodes)."""
+    such a conv is a plain module holding A and F, found from the graph's ``traced_kronecker_sum`` nodes)."""
     owners = {name for name, module in model.named_modules() if is_phc_layer(module)}
     for prefix, module in model.named_modules():
         if not isinstance(module, fx.GraphModule):
@@ -314,7 +314,7 @@ def phc_parameter_names(model: nn.Module) -> set[str]:
                                      module.graph) if isinstance(g, fx.Graph)}
         for graph in graphs.values():
             for node in graph.nodes:
-                if node.op == "call_function" and node.target is kronecker_sum:
+                if node.op == "call_function" and node.target is traced_kronecker_sum:
                     owners.update(".".join(filter(None, (prefix, arg.target.rpartition(".")[0])))
                                   for arg in node.args if isinstance(arg, fx.Node) and arg.op == "get_attr")
     return {name for name, _ in model.named_parameters() if name.rpartition(".")[0] in owners}
