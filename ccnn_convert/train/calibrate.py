@@ -246,7 +246,8 @@ def _selection_rule(recalibrate: str | None, layers: str | None) -> str:
 def recalibrate_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *, images: int,
     mode: str | None = None, sampler: str | None = None, keep_first: int | None = None, density: int | None = None,
-    edges: str | None = None, dilation: str | None = None, resample_at: str | None = None, seed: int = 0,
+    edges: str | None = None, dilation: str | None = None, resample_at: str | None = None,
+    spectral_convention: str | None = None, seed: int = 0,
     leaf_modules: Sequence[str] = (), weights: str = "DEFAULT", arch: str | None = None,
     preprocessing: Mapping[str, Any] | None = None, trust_factory: bool = False, batch_size: int = 64,
     recalibrate: str | None = None, layers: str | None = None, workers: int = 2, device: str = "auto",
@@ -273,7 +274,7 @@ def recalibrate_model(
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = dict(sampler=sampler, keep_first=keep_first, density=density, edges=edges, dilation=dilation,
-                 resample_at=resample_at)
+                 resample_at=resample_at, spectral_convention=spectral_convention)
     check_checkered_options_used([mode], **given)
     spec = ConversionSpec.build(mode, base, leaf_modules=tuple(leaf_modules), **given)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:
