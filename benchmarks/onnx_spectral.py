@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ccnn_convert.core.spectral import spectral_pool
+from ccnn_convert.core.spectral import MODE_CONVENTION, spectral_pool
 from ccnn_convert.export.diffstride_bases import with_matrix_diffstride
 from ccnn_convert.export.spectral_bases import matrix_form, with_matrix_spectral_pooling
 
@@ -42,7 +42,7 @@ class FFTPool(nn.Module):
         self.out = out
 
     def forward(self, x):
-        return spectral_pool(x, (self.out, self.out))
+        return spectral_pool(x, (self.out, self.out), MODE_CONVENTION)
 
 
 def ort_session(module: nn.Module, example: torch.Tensor, threads: int):
@@ -78,7 +78,7 @@ def layer_rows(batch: int, threads: int, repeats: int) -> list[str]:
             "|---:|---|---:|---:|---:|---:|---|"]
     for channels, side, out in LITE0_LAYERS:
         x = torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(0))
-        fft, matrix = FFTPool(out).eval(), matrix_form((side, side), (out, out)).eval()
+        fft, matrix = FFTPool(out).eval(), matrix_form((side, side), (out, out), MODE_CONVENTION).eval()
         with torch.no_grad():
             reference = fft(x).numpy()
             eager = median_ms(lambda: fft(x), repeats)

@@ -257,8 +257,8 @@ def evaluate_model(
     modes: Sequence[str] | None = None, sampler: str | None = None, keep_first: int | None = None,
     density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] = (),
     edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-    blur_size: int | None = None, resample_at: str | None = None, phc: int | None = None,
-    weights: str = "DEFAULT", arch: str | None = None, preprocessing: Mapping[str, Any] | None = None,
+    blur_size: int | None = None, resample_at: str | None = None, spectral_convention: str | None = None,
+    phc: int | None = None, weights: str = "DEFAULT", arch: str | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, limit: int | None = None, batch_size: int = 32,
     forward_batch: int | None = None, workers: int = 2, device: str = "auto", amp: bool = False,
     consistency: bool = False, on_batch: Callable[[int], None] | None = None,
@@ -271,8 +271,8 @@ def evaluate_model(
     ``modes`` defaults to original and checkered; for an artifact, original and its own mode.
     ``sampler``, ``keep_first``, ``density``, ``seed``, ``edges`` (checkered: exact | reference)
     ``dilation`` (dilated: multisample | native), ``smoothness`` (diffstride), ``blur_size``
-    (blurpool), ``resample_at`` (the resampling modes) and ``phc`` (PHC layers, every converted
-    mode) left at None take the artifact's value
+    (blurpool), ``resample_at`` (the resampling modes), ``spectral_convention`` (spectral,
+    diffstride) and ``phc`` (PHC layers, every converted mode) left at None take the artifact's value
     (when its mode is evaluated), else the default; an artifact's ``leaf_modules`` always carry
     over. ``seed`` also places the two shift-consistency crops (``consistency``). ``limit``
     picks images round-robin over classes. ``on_start`` receives the data description (a dict
@@ -291,7 +291,7 @@ def evaluate_model(
                                   keep_first=keep_first, density=density, seed=seed,
                                   leaf_modules=leaf_modules, edges=edges, dilation=dilation,
                                   smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
-                                  phc=phc, consistency=consistency)
+                                  spectral_convention=spectral_convention, phc=phc, consistency=consistency)
         if ctx.active and any(s.sampler == "random" and s.seed is None for s in specs.values()):
             raise ParameterError("seed", "the random sampler under torchrun needs {param} "
                                          "(every rank must build the same model)")
@@ -341,7 +341,7 @@ def evaluate_model(
     settings = {
         "modes": modes, "sampler": sampler, "keep_first": keep_first, "density": density, "seed": seed,
         "edges": edges, "dilation": dilation, "smoothness": smoothness, "blur_size": blur_size,
-        "resample_at": resample_at, "phc": phc,
+        "resample_at": resample_at, "spectral_convention": spectral_convention, "phc": phc,
         "leaf_modules": list(leaf_modules),
         "weights": weights, "arch": arch,
         "preprocessing": pre.to_dict(), "limit": limit, "batch_size": batch_size, "workers": workers,
@@ -410,12 +410,12 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
                       density, seed, leaf_modules, consistency: bool, edges: str | None = None,
                       dilation: str | None = None, smoothness: float | None = None,
                       blur_size: int | None = None, resample_at: str | None = None,
-                      phc: int | None = None) -> dict[str, ConversionSpec]:
+                      spectral_convention: str | None = None, phc: int | None = None) -> dict[str, ConversionSpec]:
     """One spec per converted mode; options that would change nothing are errors."""
     converted = [m for m in modes if m != ORIGINAL]
     check_options_used(modes, sampler=sampler, density=density, seed=None if consistency else seed,
                        edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-                       resample_at=resample_at, phc=phc,
+                       resample_at=resample_at, spectral_convention=spectral_convention, phc=phc,
                        keep_first=keep_first if converted else None)  # else: the message below
     for name, value in (("keep_first", keep_first), ("leaf_modules", list(leaf_modules) or None)):
         if value is not None and not converted:
@@ -426,7 +426,7 @@ def _conversion_specs(modes: Sequence[str], base: ConversionSpec | None, *, samp
         spec = ConversionSpec.build(mode, base, sampler=sampler, keep_first=keep_first,
                                     density=density, leaf_modules=leaf_modules, edges=edges,
                                     dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-                                    resample_at=resample_at, phc=phc)
+                                    resample_at=resample_at, spectral_convention=spectral_convention, phc=phc)
         if seed is not None and spec.mode == "checkered" and spec.sampler == "random":
             spec = dataclasses.replace(spec, seed=seed)
         specs[mode] = spec

@@ -3,8 +3,10 @@
 A :class:`ConversionSpec` is the whole of what :func:`ccnn_convert.convert` needs besides the
 model: mode, sampler, keep_first, density, seed, the edge rule (``edges``), how dilated mode is
 computed (``dilation``), DiffStride's ``smoothness``, blurpool's ``blur_size``, where the
-resampling modes put their downsampler (``resample_at``), ``phc`` (PHC layers with that many
-Kronecker products, in every mode) and the leaf modules that make the model traceable. Which
+resampling modes put their downsampler (``resample_at``), the Nyquist-row convention of spectral
+and diffstride pooling (``spectral_convention``: the default is written into the spec, so a saved
+conversion never follows a later default), ``phc`` (PHC layers with that many Kronecker
+products, in every mode) and the leaf modules that make the model traceable. Which
 option belongs to which mode comes from the table
 of modes (:data:`ccnn_convert.core.modes.MODES`). It is built from a
 command's options, from an artifact, or from both
@@ -22,6 +24,7 @@ from torch import nn
 
 from .core import CONVERSION_MODES, check_options, convert
 from .core.modes import MODE_OPTIONS, mode_options
+from .core.options import chosen_convention
 from .core.phc import check_phc
 from .errors import ParameterError
 
@@ -29,6 +32,9 @@ __all__ = ["MODES", "ORIGINAL", "ConversionSpec", "check_checkered_options_used"
 
 ORIGINAL = "original"  # the model as it was resolved, not traced
 MODES = (ORIGINAL, *CONVERSION_MODES)  # what every command can run
+# What a conversion saved before spectral_convention was recorded was built with: the spectral
+# mode's constant was symmetric then, the diffstride mode's published.
+CONVENTION_BEFORE_THE_OPTION = {"spectral": "symmetric", "diffstride": "published"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ConversionSpec:
     smoothness: float | None = None  # diffstride: the mask's ramp width (None: 4)
     blur_size: int | None = None  # blurpool: the binomial filter's size (None: 3)
     resample_at: str | None = None  # spectral, diffstride, blurpool: "layer" | "activation" (None: the default)
+    spectral_convention: str | None = None  # spectral, diffstride: "published" | "symmetric" (None: the default)
     phc: int | None = None  # PHC layers of this many Kronecker products, before any mode (None: dense)
 
     def __post_init__(self) -> None:
@@ -54,7 +61,9 @@ class ConversionSpec:
             raise ParameterError("leaf_modules", "{param} must be a list of module class or qualified names")
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
-                      self.dilation, self.smoothness, self.blur_size, self.resample_at)
+                      self.dilation, self.smoothness, self.blur_size, self.resample_at, self.spectral_convention)
+        if "spectral_convention" in mode_options(self.mode):  # the default is written down: the spec keeps it
+            object.__setattr__(self, "spectral_convention", chosen_convention(self.spectral_convention))
         if self.phc is not None:
             check_phc(self.phc)
 
@@ -64,12 +73,12 @@ class ConversionSpec:
               leaf_modules: Iterable[str] | None = None, edges: str | None = None,
               dilation: str | None = None, smoothness: float | None = None,
               blur_size: int | None = None, resample_at: str | None = None,
-              phc: int | None = None) -> "ConversionSpec":
+              spectral_convention: str | None = None, phc: int | None = None) -> "ConversionSpec":
         """The spec for ``mode``: explicit values, else ``base``'s (an artifact's), else defaults.
 
         ``base``'s mode-specific options (sampler, density, seed, edges, dilation, smoothness,
-        blur_size, resample_at) count only when ``mode`` is ``base``'s own mode; each is dropped for the
-        modes that do not take it (the table of modes says which do), so one set of options can
+        blur_size, resample_at, spectral_convention) count only when ``mode`` is ``base``'s own
+        mode; each is dropped for the modes that do not take it (the table of modes says which do), so one set of options can
         serve several modes (see :func:`check_options_used`).
         ``base``'s leaf modules and ``phc`` always carry over: they describe the model, not the mode.
         """
@@ -81,7 +90,7 @@ class ConversionSpec:
                 values.update({name: getattr(base, name) for name in MODE_OPTIONS})
         given = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed, edges=edges,
                      dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
-                     phc=phc)
+                     spectral_convention=spectral_convention, phc=phc)
         values.update({k: v for k, v in given.items() if v is not None})
         values = {k: v for k, v in values.items() if k not in MODE_OPTIONS or k in mode_options(mode)}
         leaves = list(base.leaf_modules) if base is not None else []
@@ -114,8 +123,11 @@ class ConversionSpec:
         if unknown:
             raise ParameterError("conversion", f"{{param}} has unknown key(s) {', '.join(unknown)}")
         values = dict(data)
-        if "resample_at" not in values and "resample_at" in mode_options(str(values.get("mode", cls.mode))):
+        mode = str(values.get("mode", cls.mode))
+        if "resample_at" not in values and "resample_at" in mode_options(mode):
             values["resample_at"] = "layer"  # saved before the option existed: the one placement there was
+        if "spectral_convention" not in values and mode in CONVENTION_BEFORE_THE_OPTION:
+            values["spectral_convention"] = CONVENTION_BEFORE_THE_OPTION[mode]  # as it was built then
         if "leaf_modules" in values:
             leaves = values["leaf_modules"]
             if not isinstance(leaves, (list, tuple)):
@@ -137,8 +149,8 @@ class ConversionSpec:
 
 def check_options_used(modes: Sequence[str], **given: Any) -> None:
     """Refuse a mode-specific option (sampler, density, seed, edges, dilation, smoothness,
-    blur_size, resample_at) that no requested mode takes, and a keep_first above 0 when no mode converts: they
-    would do nothing. Dilated mode is always exact at the edges, so ``edges`` does nothing there."""
+    blur_size, resample_at, spectral_convention) that no requested mode takes, and a keep_first
+    above 0 when no mode converts: they would do nothing. Dilated mode is always exact at the edges, so ``edges`` does nothing there."""
     if given.get("phc") is not None and all(mode == ORIGINAL for mode in modes):
         raise ParameterError("phc", "{param} makes a conversion's convolutions PHC layers; it does nothing with "
                                     "mode original (the unconverted model)")

@@ -16,6 +16,7 @@ from ccnn_convert.cli.bench import app as bench_app
 from ccnn_convert.cli.convert import app as convert_app
 from ccnn_convert.cli.eval import app as eval_app
 from ccnn_convert.cli.export import app as export_app
+from ccnn_convert.cli.recalibrate import app as recalibrate_app
 from ccnn_convert.cli.train import app as train_app
 from ccnn_convert.core.diffstride import diffstride_layers, kept_size
 from ccnn_convert.core.modes import MODES as MODE_TABLE
@@ -47,6 +48,18 @@ from test_train import NET, _cli  # the same small training net and its CLI runn
     (export_app, ["efficientnet_lite0", "--mode", "traditional", "--resample-at", "activation"], "--resample-at"),
     (train_app, ["efficientnet_lite0", "--data", ".", "--out", "o", "--mode", "checkered", "--resample-at",
                  "activation"], "--resample-at"),
+    (convert_app, ["efficientnet_lite0", "--mode", "checkered", "--spectral-convention", "published"],
+     "--spectral-convention"),
+    (eval_app, ["efficientnet_lite0", "--data", ".", "--modes", "original,checkered,blurpool", "--spectral-convention",
+                "symmetric"], "--spectral-convention"),
+    (bench_app, ["efficientnet_lite0", "--modes", "checkered", "--spectral-convention", "published"],
+     "--spectral-convention"),
+    (export_app, ["efficientnet_lite0", "--mode", "checkered", "--spectral-convention", "symmetric"],
+     "--spectral-convention"),
+    (train_app, ["efficientnet_lite0", "--data", ".", "--out", "o", "--mode", "checkered", "--spectral-convention",
+                 "published"], "--spectral-convention"),
+    (recalibrate_app, ["resnet18", "--weights", "none", "--data", ".", "-o", "r.pt", "--images", "2", "--mode",
+                       "checkered", "--spectral-convention", "published"], "--spectral-convention"),
 ])
 def test_a_mode_option_without_its_mode_is_refused_in_one_line(app, args, flag, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -59,6 +72,7 @@ def test_a_mode_option_without_its_mode_is_refused_in_one_line(app, args, flag, 
     (convert_app, ["efficientnet_lite0", "--mode", "diffstride", "--smoothness", "0"], "--smoothness"),
     (convert_app, ["efficientnet_lite0", "--mode", "blurpool", "--blur-size", "9"], "--blur-size"),
     (convert_app, ["efficientnet_lite0", "--mode", "blurpool", "--resample-at", "norm"], "--resample-at"),
+    (convert_app, ["efficientnet_lite0", "--mode", "spectral", "--spectral-convention", "mean"], "--spectral-convention"),
 ])
 def test_a_bad_mode_option_value_is_one_line(app, args, flag):
     code, out = _cli(app, args)
@@ -139,21 +153,22 @@ def test_ccnn_train_learns_strides_and_ccnn_eval_uses_them(tmp_path, monkeypatch
     _write_images(tmp_path / "data", "train", 8, 0)
     _write_images(tmp_path / "data", "val", 4, 1)
     code, out = _cli(train_app, ["net.py:make", "--data", "data", "--out", "run", "--mode", "diffstride",
-                                 "--smoothness", "2", "--stride-penalty", "0.01", "--epochs", "2", "--batch-size", "8",
+                                 "--spectral-convention", "symmetric", "--smoothness", "2", "--stride-penalty", "0.01", "--epochs", "2", "--batch-size", "8",
                                  "--lr", "0.1", "--resize", "32", "--crop", "32", "--workers", "0", "--device", "cpu",
                                  "--augment", "none", "--label-smoothing", "0"])
     assert code == 0, out
     artifact = load_artifact(tmp_path / "run" / "last.pt", trust_factory=True)
     assert artifact.conversion.mode == "diffstride" and artifact.conversion.smoothness == 2
+    assert artifact.conversion.spectral_convention == "symmetric"  # recorded: not the default
     learned = artifact.conversion_state
     assert sorted(learned) == [f"ccnn_diffstride_step{i}.strides" for i in (1, 2, 3)]
     assert all(not torch.equal(value, torch.tensor([2.0, 2.0])) for value in learned.values())
 
     reloaded = artifact.converted(artifact.conversion, 32)  # what ccnn-eval and ccnn-export build
     for name, layer in diffstride_layers(reloaded):
-        assert torch.equal(layer.strides.detach(), learned[f"{name}.strides"])
+        assert torch.equal(layer.strides.detach(), learned[f"{name}.strides"]) and layer.convention == "symmetric"
         strides = learned[f"{name}.strides"].tolist()
-        assert layer.output_size(16, 16) == kept_size(16, 16, strides, 2.0)  # the crop of the learned strides
+        assert layer.output_size(16, 16) == kept_size(16, 16, strides, 2.0, "symmetric")  # the learned strides' crop
     code, out = _cli(eval_app, ["run/last.pt", "--trust-factory", "--data", "data/val", "--workers", "0",
                                 "--device", "cpu", "--json", "eval.json"])
     assert code == 0, out

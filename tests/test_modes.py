@@ -14,6 +14,7 @@ from ccnn_convert import ConversionSpec, conversion_report, convert
 from ccnn_convert.core import CONVERSION_MODES, DiffStride2d, diffstride_layers
 from ccnn_convert.core.blurpool import blur_pool
 from ccnn_convert.core.modes import MODE_OPTIONS, MODES, RESAMPLING_MODES, modes_table
+from ccnn_convert.core import spectral as spectral_module
 from ccnn_convert.core.spectral import spectral_pool
 from ccnn_convert.errors import ConversionError, ParameterError
 from ccnn_convert.spec import check_options_used
@@ -32,7 +33,8 @@ def test_the_table_is_the_one_list_of_modes_and_options():
     for name in MODE_OPTIONS:
         assert name in convert_parameters and name in spec_fields, name
     expected = {"checkered": {"sampler", "density", "seed", "edges"}, "dilated": {"dilation"}, "traditional": set(),
-                "spectral": {"resample_at"}, "diffstride": {"smoothness", "resample_at"},
+                "spectral": {"resample_at", "spectral_convention"},
+                "diffstride": {"smoothness", "resample_at", "spectral_convention"},
                 "blurpool": {"blur_size", "resample_at"}}
     assert {name: set(mode.options) for name, mode in MODES.items()} == expected
     assert RESAMPLING_MODES == NEW_MODES
@@ -60,6 +62,10 @@ def test_the_table_is_the_one_list_of_modes_and_options():
     ("blurpool", {"blur_size": 8}, "blur_size"),
     ("blurpool", {"blur_size": 2.5}, "blur_size"),
     ("blurpool", {"blur_size": True}, "blur_size"),
+    ("checkered", {"spectral_convention": "published"}, "spectral_convention"),
+    ("blurpool", {"spectral_convention": "symmetric"}, "spectral_convention"),
+    ("spectral", {"spectral_convention": "mean"}, "spectral_convention"),
+    ("diffstride", {"spectral_convention": "Published"}, "spectral_convention"),
 ])
 def test_an_option_that_does_nothing_or_is_bad_is_an_error(mode, options, parameter):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2))
@@ -84,7 +90,7 @@ def test_spec_carries_the_new_options():
     spec = ConversionSpec.build("diffstride", smoothness=2.5, sampler="random", blur_size=None)
     assert (spec.smoothness, spec.sampler) == (2.5, "lattice")  # the checkered sampler is dropped
     assert ConversionSpec.from_dict(spec.to_dict()) == spec
-    assert spec.describe() == "keep_first=0, smoothness=2.5"
+    assert spec.describe() == "keep_first=0, smoothness=2.5, spectral_convention=published"  # recorded
     blur = ConversionSpec.build("blurpool", base=ConversionSpec(mode="blurpool", blur_size=5, keep_first=1))
     assert (blur.blur_size, blur.keep_first) == (5, 1)
     # an artifact's smoothness does not carry over to another mode
@@ -205,6 +211,40 @@ def test_diffstride_shares_one_learnable_stride_pair_per_step(caplog):
     converted.ccnn_diffstride_step2.eval()
     with torch.no_grad():
         assert converted(x).shape == (2, 3)
+
+
+def test_the_convention_is_bound_when_the_model_is_converted(monkeypatch):
+    """Each spectral pooling call of the graph and each DiffStride2d holds the conversion's
+    convention: the default is read when converting, and a converted model does not change when
+    the default changes later (at 32 px every map is even: each pooling has a Nyquist row)."""
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.randn(2, 3, 32, 32)
+    spectral = {c: convert(model, mode="spectral", spectral_convention=c, example_input=x).eval()
+                for c in (None, "published", "symmetric")}
+    diffstride = {c: convert(model, mode="diffstride", spectral_convention=c, example_input=x).eval()
+                  for c in (None, "symmetric")}
+
+    def held(converted):
+        calls = [n.args[2] for n in converted.graph.nodes if n.op == "call_function" and n.target.__name__ ==
+                 "spectral_downsample"]
+        return calls + [layer.convention for _, layer in diffstride_layers(converted)]
+
+    assert held(spectral[None]) == held(spectral["published"]) == ["published"] * 3
+    assert held(spectral["symmetric"]) == ["symmetric"] * 3
+    assert held(diffstride[None]) == ["published"] * 2 and held(diffstride["symmetric"]) == ["symmetric"] * 2
+    assert conversion_report(spectral["symmetric"]).spectral_convention == "symmetric"
+    with torch.no_grad():
+        outputs = {c: m(x) for c, m in spectral.items()}
+        strided = diffstride[None](x)
+    assert torch.equal(outputs[None], outputs["published"])
+    assert (outputs["published"] - outputs["symmetric"]).abs().max() > 1e-4  # the conventions differ here
+    monkeypatch.setattr(spectral_module, "MODE_CONVENTION", "symmetric")
+    with torch.no_grad():
+        assert torch.equal(spectral[None](x), outputs[None]) and torch.equal(diffstride[None](x), strided)
+    assert held(spectral[None]) == ["published"] * 3 and held(diffstride[None]) == ["published"] * 2
+    assert held(convert(model, mode="spectral", example_input=x)) == ["symmetric"] * 3  # the next conversion's
+    assert ConversionSpec(mode="diffstride").spectral_convention == "symmetric"
 
 
 @pytest.mark.parametrize("mode", NEW_MODES)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ccnn_convert import convert
 from ccnn_convert.errors import ParameterError
-from ccnn_convert.spec import MODES, ConversionSpec, check_checkered_options_used, check_modes
+from ccnn_convert.spec import MODES, ConversionSpec, check_checkered_options_used, check_modes, check_options_used
 
 
 def test_build_prefers_explicit_values_then_the_artifact_then_defaults():
@@ -144,3 +144,70 @@ def test_apply_with_native_dilation_equals_multisample():
     native = ConversionSpec("dilated", dilation="native").apply(model, 30)
     assert torch.allclose(native(x), ConversionSpec("dilated").apply(model, 30)(x), rtol=1e-5, atol=1e-6)
     assert native.meta["ccnn_report"].final_submaps == 1
+
+
+# --------------------------------------------------------------------------- spectral_convention
+
+
+def test_the_spectral_convention_is_recorded_and_old_conversions_rebuild_as_they_were_built():
+    assert ConversionSpec(mode="spectral").spectral_convention == "published"  # the default, written down
+    assert ConversionSpec(mode="diffstride").spectral_convention == "published"
+    assert ConversionSpec(mode="blurpool").spectral_convention is None
+    symmetric = ConversionSpec.build("spectral", spectral_convention="symmetric", keep_first=1)
+    assert ConversionSpec.from_dict(symmetric.to_dict()) == symmetric
+    assert "spectral_convention=symmetric" in symmetric.describe()
+    # an artifact saved before the field existed: each mode as its constant was then
+    for mode, then in (("spectral", "symmetric"), ("diffstride", "published"), ("blurpool", None),
+                       ("checkered", None)):
+        old = {k: v for k, v in ConversionSpec(mode=mode).to_dict().items() if k != "spectral_convention"}
+        assert ConversionSpec.from_dict(old).spectral_convention == then, mode
+    # an artifact's convention carries over to its own mode; an explicit one wins; other modes drop it
+    assert ConversionSpec.build("spectral", symmetric).spectral_convention == "symmetric"
+    assert ConversionSpec.build("spectral", symmetric, spectral_convention="published").spectral_convention == "published"
+    assert ConversionSpec.build("diffstride", symmetric).spectral_convention == "published"
+    assert ConversionSpec.build("checkered", symmetric).spectral_convention is None
+
+
+def test_the_spectral_convention_needs_a_spectral_or_diffstride_mode():
+    check_options_used(["original", "diffstride"], spectral_convention="symmetric")
+    with pytest.raises(ParameterError, match="only applies to mode spectral or diffstride") as info:
+        check_options_used(["original", "checkered", "blurpool"], spectral_convention="published")
+    assert info.value.parameter == "spectral_convention" and "\n" not in str(info.value)
+    for data in ({"mode": "checkered", "spectral_convention": "published"},
+                 {"mode": "spectral", "spectral_convention": "mean"}):
+        with pytest.raises(ParameterError) as info:
+            ConversionSpec.from_dict(data)
+        assert info.value.parameter == "spectral_convention"
+
+
+def _conventions_held(model: nn.Module) -> set[str]:
+    return {node.args[2] for node in model.graph.nodes
+            if node.op == "call_function" and node.target.__name__ == "spectral_downsample"}
+
+
+def test_an_artifact_saved_without_the_convention_rebuilds_symmetric(tmp_path):
+    """A spectral artifact from before the option (its conversion has no spectral_convention) was
+    built with the symmetric crop, and loads as it was built; a new one records its own."""
+    from ccnn_convert.models import load_artifact, resolve_model, save_artifact
+
+    resolved = resolve_model("resnet18", weights="none")
+    save_artifact(tmp_path / "new.pt", resolved, ConversionSpec(mode="spectral"))
+    raw = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert raw["conversion"]["spectral_convention"] == "published"
+    del raw["conversion"]["spectral_convention"]
+    torch.save(raw, tmp_path / "old.pt")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # every map even: Nyquist rows
+    built = {}
+    for name in ("new", "old"):
+        loaded = load_artifact(tmp_path / f"{name}.pt")  # the same weights in both
+        converted = loaded.converted(loaded.conversion, 64)
+        built[name] = (loaded.conversion.spectral_convention, _conventions_held(converted))
+        with torch.no_grad():
+            built[name] += (converted(x),)
+    assert built["new"][:2] == ("published", {"published"})
+    assert built["old"][:2] == ("symmetric", {"symmetric"})
+    with torch.no_grad():
+        symmetric = convert(loaded.model.eval(), mode="spectral", spectral_convention="symmetric",
+                            example_input=torch.zeros(1, 3, 64, 64)).eval()(x)
+    assert torch.equal(built["old"][2], symmetric)
+    assert (built["new"][2] - symmetric).abs().max() > 1e-6

@@ -141,6 +141,31 @@ def _stop_after_first_epoch(folder: str, epochs: int) -> None:
                     preprocessing={"resize": 32, "crop": 32}, workers=0, device="cpu", on_epoch=stop)
 
 
+def test_a_resumed_run_keeps_its_spectral_convention(project):
+    """A checkpoint records its conversion's convention: resuming under another one is refused in
+    one line, and one saved before the field existed is read as built (spectral: symmetric)."""
+    from ccnn_convert.train import TrainConfig, train_model
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model("net.py:make", "data", "s", config=TrainConfig(epochs=2, batch_size=8, lr=0.05), mode="spectral",
+                    spectral_convention="symmetric", preprocessing={"resize": 32, "crop": 32}, workers=0,
+                    device="cpu", on_epoch=stop)
+    shutil.copytree(project / "s", project / "old")
+    _tamper(project / "old" / "checkpoint.pt", lambda state: state["identity"]["conversion"].pop("spectral_convention"))
+    for folder in ("s", "old"):
+        code, out = _cli(train_app, _args(folder, 2, "--mode", "spectral", "--resume", f"{folder}/checkpoint.pt"))
+        assert code == 2 and "Traceback" not in out, out
+        assert "another conversion (spectral_convention): 'symmetric' there, 'published' now" in out, out
+        code, out = _cli(train_app, _args(folder, 2, "--mode", "spectral", "--spectral-convention", "symmetric",
+                                          "--resume", f"{folder}/checkpoint.pt"))
+        assert code == 0, out
+        assert load_artifact(project / folder / "last.pt", trust_factory=True).conversion.spectral_convention == \
+            "symmetric"
+
+
 def test_resume_does_not_replace_another_runs_files_without_force(project):
     code, output = _cli(train_app, _args("b", 2))
     assert code == 0, output

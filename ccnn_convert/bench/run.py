@@ -45,7 +45,8 @@ class BenchOptions:
     ``modes``: None for original, checkered and dilated; the original is always measured.
     ``sampler``, ``keep_first``, ``seed``, ``edges`` (checkered: exact | reference), ``dilation``
     (dilated: multisample | native), ``smoothness`` (diffstride), ``blur_size`` (blurpool),
-    ``resample_at`` (the resampling modes), ``phc`` (PHC layers in every converted mode): None
+    ``resample_at`` (the resampling modes), ``spectral_convention`` (spectral, diffstride), ``phc``
+    (PHC layers in every converted mode): None
     keeps the artifact's value (or the default);
     the random sampler gets seed 0 unless one is given. ``image_size``: None for each model's
     crop size. ``sweep``: also every keep_first from ``keep_first + 1`` to the number of steps.
@@ -61,6 +62,7 @@ class BenchOptions:
     smoothness: float | None = None
     blur_size: int | None = None
     resample_at: str | None = None
+    spectral_convention: str | None = None
     phc: int | None = None
     sweep: bool = False
     image_size: int | None = None
@@ -77,7 +79,7 @@ class BenchOptions:
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
         check_options_used(modes, sampler=self.sampler, seed=self.seed, edges=self.edges, dilation=self.dilation,
                            smoothness=self.smoothness, blur_size=self.blur_size,
-                           resample_at=self.resample_at, phc=self.phc)
+                           resample_at=self.resample_at, spectral_convention=self.spectral_convention, phc=self.phc)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def conversion_specs(options: BenchOptions, base: ConversionSpec | None = None) 
                                     seed=options.seed, leaf_modules=options.leaf_modules, edges=options.edges,
                                     dilation=options.dilation, smoothness=options.smoothness,
                                     blur_size=options.blur_size, resample_at=options.resample_at,
-                                    phc=options.phc)
+                                    spectral_convention=options.spectral_convention, phc=options.phc)
         if spec.sampler == "random" and spec.seed is None and spec.mode == "checkered":
             spec = dataclasses.replace(spec, seed=_RANDOM_DEFAULT_SEED)
         specs.append(spec)
@@ -177,7 +179,8 @@ def _option_settings(options: BenchOptions, command: str | None) -> dict:
             "repeats": timing.repeats, "warmup": timing.warmup, "keep_first": options.keep_first or 0,
             "sweep": options.sweep, "sampler": options.sampler or "lattice", "seed": options.seed,
             "edges": options.edges, "dilation": options.dilation, "smoothness": options.smoothness,
-            "blur_size": options.blur_size, "resample_at": options.resample_at, "phc": options.phc,
+            "blur_size": options.blur_size, "resample_at": options.resample_at,
+            "spectral_convention": options.spectral_convention, "phc": options.phc,
             "leaf_modules": list(options.leaf_modules), "weights": options.weights,
             "max_seconds": timing.max_seconds, "onnx": timing.onnx, "command": command}
 

@@ -177,6 +177,16 @@ def resample_at_help() -> str:
             f"[default: {DEFAULT_RESAMPLE_AT}].")
 
 
+def spectral_convention_help() -> str:
+    from ..core.options import CONVENTIONS
+    from ..core.spectral import MODE_CONVENTION
+
+    return (f"Modes spectral, diffstride: the Nyquist row of an even output size, {' | '.join(CONVENTIONS)}: "
+            f"input row -h/2 as the published layers keep it, or the mean of rows +h/2 and -h/2 "
+            f"[default: an artifact's, else {MODE_CONVENTION}; artifacts saved without it: spectral "
+            f"symmetric, diffstride published].")
+
+
 # --------------------------------------------------------------------------- errors
 
 

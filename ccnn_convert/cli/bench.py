@@ -20,7 +20,7 @@ from ..core.options import check_seed
 from ..models.preprocessing import check_image_side
 from ..outputs import check_output_dir
 from ._common import (blur_size_help, console, mode_names, parse_list, phc_help, plain, resample_at_help, run_app,
-                      smoothness_help, user_errors)
+                      smoothness_help, spectral_convention_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -63,6 +63,7 @@ def bench_command(
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention", help=spectral_convention_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: List[str] = typer.Option([], "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights: DEFAULT, a torchvision enum name, none (random; fine for timing) or a file."),
@@ -93,7 +94,8 @@ def bench_command(
                            max_seconds=max_seconds, onnx=onnx)
     options = BenchOptions(modes=tuple(parse_list(modes)), sampler=sampler, keep_first=keep_first, seed=seed,
                            leaf_modules=tuple(leaf), edges=edges, dilation=dilation, smoothness=smoothness,
-                           blur_size=blur_size, resample_at=resample_at, phc=phc, sweep=sweep,
+                           blur_size=blur_size, resample_at=resample_at,
+                           spectral_convention=spectral_convention, phc=phc, sweep=sweep,
                            image_size=size, device=device, weights=weights,
                            trust_factory=trust_factory, timing=timing)
     top1 = _top1_options(data, labels, limit, eval_batch_size, workers)

@@ -22,7 +22,7 @@ from ..spec import ConversionSpec, check_options_used
 from rich.text import Text
 
 from ._common import (blur_size_help, console, err_console, mode_names, modes_described, phc_help, plain, printable,
-                      resample_at_help, run_app, smoothness_help, user_errors)
+                      resample_at_help, run_app, smoothness_help, spectral_convention_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a CNN's strided convolutions and pools into checkered (multisampling), dilated, spectral, "
@@ -50,6 +50,8 @@ def main_command(
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention",
+                                                      help=spectral_convention_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     weights: str = typer.Option("DEFAULT", help="DEFAULT, a weights enum name, none, or a state_dict path."),
     arch: Optional[str] = typer.Option(None, help="Architecture name for a checkpoint MODEL."),
@@ -66,7 +68,8 @@ def main_command(
     if seed is not None:  # whatever mode it ends up in, before any model is read
         check_seed(seed)
     given = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                 smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
+                 smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                 spectral_convention=spectral_convention, phc=phc)
     if mode is not None:  # else the artifact's own mode, known once it is read
         check_options_used([mode], keep_first=keep_first, **given)
     if output is not None:
@@ -105,7 +108,8 @@ def main_command(
 def layer_table(report: ConversionReport, name: str) -> Table:
     density = f", density {report.density}" if report.density is not None else ""
     how = {"checkered": f" ({report.sampler}{density}, {report.edges} edges)",
-           "dilated": f" ({report.dilation})"}.get(report.mode, "")
+           "dilated": f" ({report.dilation})", "spectral": f" ({report.spectral_convention} convention)",
+           "diffstride": f" ({report.spectral_convention} convention)"}.get(report.mode, "")
     table = Table(title=plain(f"{name}: {report.mode}{how}, keep_first={report.keep_first}"))
     for column in ("step", "layer", "op", "kernel/stride", "submaps in -> out", "output size", "status"):
         table.add_column(column, justify="right" if column in ("step", "output size") else "left")

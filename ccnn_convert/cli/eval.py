@@ -19,7 +19,8 @@ from ..evaluate import EvalReport, evaluate_model, write_json
 from ..flops import FFT_FLOPS_NOTE
 from ..outputs import check_output
 from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
-                      preprocessing_overrides, printable, resample_at_help, run_app, smoothness_help, user_errors)
+                      preprocessing_overrides, printable, resample_at_help, run_app, smoothness_help,
+                      spectral_convention_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -106,6 +107,7 @@ def eval_command(
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention", help=spectral_convention_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name to keep whole when tracing (repeatable); an artifact's own leaves always apply."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
@@ -132,7 +134,8 @@ def eval_command(
     options = dict(
         labels=labels, modes=parse_list(modes), sampler=sampler, keep_first=keep_first, density=density,
         seed=seed, edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-        resample_at=resample_at, phc=phc, leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
+        resample_at=resample_at, spectral_convention=spectral_convention, phc=phc,
+        leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
         preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
         trust_factory=trust_factory, limit=limit, batch_size=batch_size, forward_batch=forward_batch,
         workers=workers, device=device, amp=amp, consistency=consistency,

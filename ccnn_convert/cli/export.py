@@ -20,7 +20,7 @@ from ..spec import ConversionSpec
 from ..export import (DEFAULT_OPSET, PROVIDERS, BenchmarkOptions, BenchmarkResult, ExportResult, Verification,
                       VerificationFailed, VerifyOptions, export)
 from ._common import (blur_size_help, console, err_console, mode_names, phc_help, plain, preprocessing_overrides,
-                      resample_at_help, run_app, smoothness_help, user_errors)
+                      resample_at_help, run_app, smoothness_help, spectral_convention_help, user_errors)
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
 
@@ -106,6 +106,7 @@ def export_command(
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention", help=spectral_convention_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type or name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights (torchvision enum name, DEFAULT, none, or a file)."),
@@ -143,7 +144,8 @@ def export_command(
     try:
         result = export(model, output, mode=mode, sampler=sampler, keep_first=keep_first, density=density,
                         seed=seed, leaf_modules=leaf or None, edges=edges, dilation=dilation,
-                        smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc,
+                        smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                        spectral_convention=spectral_convention, phc=phc,
                         weights=weights, arch=arch,
                         trust_factory=trust_factory, preprocessing=preprocessing or None, input_size=input_size,
                         opset=opset, fp16=fp16, provider=provider, threads=threads, verify=verify_options,

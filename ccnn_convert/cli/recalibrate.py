@@ -14,7 +14,7 @@ from rich.text import Text
 
 from ..train.calibrate import recalibrate_model
 from ._common import (console, mode_names, phc_help, plain, preprocessing_overrides, resample_at_help, run_app,
-                      user_errors)
+                      spectral_convention_help, user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -34,6 +34,7 @@ def recalibrate_command(
     dilation: Optional[str] = typer.Option(None, "--dilation", help="Dilated mode: native | multisample [default: native where possible]."),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention", help=spectral_convention_help()),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Pretrained weights: DEFAULT, an enum name, or a file."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture when MODEL is a bare state dict."),
@@ -54,6 +55,7 @@ def recalibrate_command(
     """Convert MODEL, re-estimate the BatchNorm running statistics the conversion changed over N images of DATA, save an artifact."""
     summary = recalibrate_model(model, data, output, images=images, mode=mode, sampler=sampler, keep_first=keep_first,
                                 density=density, edges=edges, dilation=dilation, resample_at=resample_at, phc=phc, seed=seed,
+                                spectral_convention=spectral_convention,
                                 leaf_modules=tuple(leaf or ()), weights=weights, arch=arch,
                                 preprocessing=preprocessing_overrides(resize, crop, mean, std, interpolation),
                                 trust_factory=trust_factory, batch_size=batch_size, recalibrate=recalibrate, layers=layers, workers=workers, device=device,

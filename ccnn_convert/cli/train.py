@@ -23,7 +23,8 @@ from ..errors import CCNNError
 from ..train import EpochRecord, StepInfo, TrainConfig, TrainResult, train_model
 from ..train.distill import PHC_TRAIN_PARAMS, TTA_SHIFT, DistillConfig, distill_recipe, recipe_mode, recipe_phc
 from ._common import (blur_size_help, console, err_console, mode_names, parse_list, percent, phc_help, plain,
-                      preprocessing_overrides, resample_at_help, run_app, smoothness_help, user_errors)
+                      preprocessing_overrides, resample_at_help, run_app, smoothness_help, spectral_convention_help,
+                      user_errors)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 
@@ -80,6 +81,7 @@ def train_command(
     smoothness: Optional[float] = typer.Option(None, "--smoothness", help=smoothness_help()),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help=blur_size_help()),
     resample_at: Optional[str] = typer.Option(None, "--resample-at", help=resample_at_help()),
+    spectral_convention: Optional[str] = typer.Option(None, "--spectral-convention", help=spectral_convention_help()),
     phc: Optional[int] = typer.Option(None, "--phc", metavar="N", help=phc_help()),
     stride_penalty: float = typer.Option(0.0, "--stride-penalty", help="Mode diffstride: add L x the cost the learned strides imply (the paper's complexity regulariser) to the loss."),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module class or qualified name not to trace into (repeatable)."),
@@ -132,6 +134,7 @@ def train_command(
                          seed=seed, stride_penalty=stride_penalty, **recipe)
     options = dict(config=config, mode=mode, sampler=sampler, keep_first=keep_first, density=density, edges=edges,
                    dilation=dilation, smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   spectral_convention=spectral_convention,
                    recalibrate=recalibrate, phc=phc,
                    leaf_modules=tuple(leaf or ()),
                    weights=weights, arch=arch,

@@ -26,8 +26,9 @@ Spectral pooling whose stride is learned. For a ``H x W`` map and strides ``(S_h
   the mean of rows ``+h/2`` and ``-h/2``, times the mask of the kept one), and a map whose rfft
   columns are all kept keeps its width ``W`` (odd included).
 
-The diffstride conversion mode uses :data:`~.spectral.DIFFSTRIDE_MODE_CONVENTION`, ``"published"``:
-measured, the two gave the same top-1 on the pretrained sample (its comment).
+The diffstride conversion mode builds each layer with the conversion's ``spectral_convention``
+(default :data:`~.spectral.MODE_CONVENTION`, ``"published"``: measured, the two gave the same
+top-1 on the pretrained sample; its comment).
 
 The DFT pair keeps constants (``norm="forward"``). The authors' TensorFlow layer uses the
 unnormalized pair: its values are ours times ``H*W / (h*w)``. With ``R`` near 0 and an integer

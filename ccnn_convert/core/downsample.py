@@ -9,13 +9,15 @@ downsampler brings the map down. The fx pass:
    matters with a stride), followed by the mode's downsampler:
 
    * ``spectral``: :func:`spectral_downsample`, fixed spectral pooling to exactly the original
-     layer's output size (computed from the input size at run time, odd sizes included);
+     layer's output size (computed from the input size at run time, odd sizes included), in the
+     conversion's ``spectral_convention``, which each call of the graph holds as an argument;
    * ``blurpool``: :func:`blur_downsample`, the binomial blur with the original stride, padded
      by reflection as antialiased-cnns pads, to the original output size (a ``ceil_mode`` pool's
      extra output row gets extra reflection at the far edge);
    * ``diffstride``: one :class:`~.diffstride.DiffStride2d` per step, registered on the root as
      ``ccnn_diffstride_step<N>`` (its strides are in the state_dict), shared by the step's layers
-     so that the maps that meet keep one size. The output size follows the learned strides.
+     so that the maps that meet keep one size, built with the conversion's ``spectral_convention``.
+     The output size follows the learned strides.
 
    Where the downsampler goes is ``resample_at`` (:mod:`.placement`): right after the layer,
    or after its pointwise tail (norm, activation), as antialiased-cnns puts BlurPool.
@@ -42,11 +44,12 @@ from ..errors import ConversionError
 from .blurpool import blur_pool
 from .diffstride import DiffStride2d
 from .layers import IntPair, pair, pooled_size
-from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS
+from .modes import mode_options
+from .options import DEFAULT_BLUR_SIZE, DEFAULT_SMOOTHNESS, chosen_convention
 from .placement import DEFAULT_RESAMPLE_AT, pointwise_tail_end, resamples_input
 from .ops import ARG_NAMES, Strided, call_args, step_converts, strided_steps, tensor_meta
 from .report import ConversionReport, LayerRecord
-from .spectral import DIFFSTRIDE_MODE_CONVENTION, MODE_CONVENTION, spectral_pool
+from .spectral import Convention, spectral_pool
 from .tracing import failing_node, propagate_shapes, trace_copy
 
 __all__ = ["Geometry", "blur_downsample", "convert_downsample", "original_size", "spectral_downsample"]
@@ -69,10 +72,10 @@ def original_size(geometry: Geometry, size: IntPair) -> IntPair:
     return out[0], out[1]
 
 
-def spectral_downsample(x: Tensor, geometry: Geometry) -> Tensor:
+def spectral_downsample(x: Tensor, geometry: Geometry, convention: Convention) -> Tensor:
     """Spectral pooling of a stride-1 layer's output to the original layer's output size, in the
-    modes' convention (:data:`~.spectral.MODE_CONVENTION`, read here so that a benchmark can set it)."""
-    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])), MODE_CONVENTION)
+    ``convention`` the conversion chose (an argument of the graph's call: a converted model keeps it)."""
+    return spectral_pool(x, original_size(geometry, tuple(x.shape[-2:])), convention)
 
 
 def blur_downsample(x: Tensor, blur_size: int, geometry: Geometry) -> Tensor:
@@ -89,13 +92,16 @@ UNTRAINED_STRIDES_NOTE = "ccnn_untrained_strides"  # marks the log record that s
 
 def convert_downsample(model: nn.Module, mode: str, keep_first: int = 0, example_input: torch.Tensor | None = None,
                        leaf_modules: Sequence[type | str] = (), smoothness: float | None = None,
-                       blur_size: int | None = None, resample_at: str | None = None) -> fx.GraphModule:
+                       blur_size: int | None = None, resample_at: str | None = None,
+                       spectral_convention: str | None = None) -> fx.GraphModule:
     """:func:`~.rewrite.convert` for spectral, diffstride and blurpool mode (options already checked)."""
+    convention = chosen_convention(spectral_convention) if "spectral_convention" in mode_options(mode) else None
     report = ConversionReport(mode, "", keep_first, None, edges="", smoothness=smoothness, blur_size=blur_size,
-                              resample_at=DEFAULT_RESAMPLE_AT if resample_at is None else resample_at)
+                              resample_at=DEFAULT_RESAMPLE_AT if resample_at is None else resample_at,
+                              spectral_convention=convention)
     originals = dict(model.named_modules())
     traced = trace_copy(model, leaf_modules, example_input, report.warn)
-    rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size, resample_at)
+    rewriter = _Downsampler(traced.root, originals, report, smoothness, blur_size, resample_at, convention)
     traced.rewrite_each(rewriter.rewrite)
     report.warn_if_nothing_converted()
     if mode == "diffstride":  # the other modes keep every size: the original's analysis holds
@@ -131,8 +137,10 @@ class _Downsampler:
     """Rewrites the train and eval graphs of one model; modules are changed once, consistently."""
 
     def __init__(self, root: nn.Module, originals: dict[str, nn.Module], report: ConversionReport,
-                 smoothness: float | None, blur_size: int | None, resample_at: str | None = None):
+                 smoothness: float | None, blur_size: int | None, resample_at: str | None = None,
+                 convention: Convention | None = None):
         self.root, self.originals, self.report = root, originals, report
+        self.convention = convention  # spectral, diffstride: bound into every call and layer
         self.smoothness = DEFAULT_SMOOTHNESS if smoothness is None else float(smoothness)
         self.blur_size = DEFAULT_BLUR_SIZE if blur_size is None else blur_size
         self.diffstride: dict[int, str] = {}  # step -> name of its DiffStride2d on the root
@@ -177,7 +185,7 @@ class _Downsampler:
 
     def _downsampler(self, graph: fx.Graph, x: fx.Node, geometry: Geometry, index: int, member: Strided) -> fx.Node:
         if self.report.mode == "spectral":
-            return graph.call_function(spectral_downsample, (x, geometry))
+            return graph.call_function(spectral_downsample, (x, geometry, self.convention))
         if self.report.mode == "blurpool":
             return graph.call_function(blur_downsample, (x, self.blur_size, geometry))
         # the module lives on the root, not on the graph's owner: create_node skips that check
@@ -208,7 +216,7 @@ class _Downsampler:
         if index not in self.diffstride:
             name = f"ccnn_diffstride_step{index}"
             self.root.add_module(name, DiffStride2d(tuple(float(s) for s in stride), self.smoothness,
-                                                      convention=DIFFSTRIDE_MODE_CONVENTION))
+                                                      convention=self.convention))
             self.diffstride[index] = name
             self.diffstride_strides.append(stride)
         return self.diffstride[index]

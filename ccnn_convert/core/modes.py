@@ -51,16 +51,18 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("traditional", "nothing changes (the traced model as it is)", "same as the original", "no", (),
          _MULTISAMPLE),
     Mode("spectral", "the layer at stride 1, then fixed spectral pooling (rfft2, keep the low "
-                     "frequencies, irfft2) to the original output size; convention symmetric: an even size's "
-                     "Nyquist row is the mean of rows +h/2 and -h/2",
+                     "frequencies, irfft2) to the original output size; an even size's Nyquist row as "
+                     "spectral_convention says: published, the default, keeps input row -h/2 as the "
+                     "published layer does; symmetric takes the mean of rows +h/2 and -h/2",
          "the layer at stride 1 (k*k its cost) plus two FFTs per map",
-         "runs without; a pretrained network loses accuracy until fine-tuned", ("resample_at",), _DOWNSAMPLE),
+         "runs without; a pretrained network loses accuracy until fine-tuned", ("resample_at", "spectral_convention"),
+         _DOWNSAMPLE),
     Mode("diffstride", "the layer at stride 1, then DiffStride: spectral pooling with a learnable "
-                       "stride per axis (smooth mask in the Fourier domain); convention published: crop and inverse "
-                       "as the authors' layer",
+                       "stride per axis (smooth mask in the Fourier domain); spectral_convention published by "
+                       "default: crop and inverse as the authors' layer",
          "the layer at stride 1 plus two FFTs; later layers follow the learned strides",
          "to learn its strides (untrained: the original ones)",
-         ("smoothness", "resample_at"), _DOWNSAMPLE),
+         ("smoothness", "resample_at", "spectral_convention"), _DOWNSAMPLE),
     Mode("blurpool", "the layer at stride 1, then a depthwise binomial blur with the stride "
                      "(antialiased-cnns' BlurPool)",
          "the layer at stride 1 plus a depthwise blur",
@@ -72,7 +74,7 @@ RESAMPLING_MODES: tuple[str, ...] = tuple(name for name, mode in MODES.items() i
 
 # Every mode-specific option, in the order convert() takes them.
 MODE_OPTIONS: tuple[str, ...] = ("sampler", "density", "seed", "edges", "dilation", "smoothness", "blur_size",
-                                  "resample_at")
+                                  "resample_at", "spectral_convention")
 
 
 def mode_options(mode: str) -> tuple[str, ...]:

@@ -10,9 +10,10 @@ from .edge_pass import EDGES
 from .modes import MODES, mode_options
 from .placement import DEFAULT_RESAMPLE_AT, RESAMPLE_AT
 from .sequences import SEQUENCES
+from .spectral import CONVENTIONS
 
-__all__ = ["CONVERSION_MODES", "DEFAULT_BLUR_SIZE", "DEFAULT_RESAMPLE_AT", "RESAMPLE_AT", "DEFAULT_SMOOTHNESS", "DILATIONS", "EDGES", "MAX_BLUR_SIZE",
-           "MAX_SEED", "check_options", "check_seed", "default_edges"]
+__all__ = ["CONVENTIONS", "CONVERSION_MODES", "DEFAULT_BLUR_SIZE", "DEFAULT_RESAMPLE_AT", "RESAMPLE_AT", "DEFAULT_SMOOTHNESS", "DILATIONS", "EDGES", "MAX_BLUR_SIZE",
+           "MAX_SEED", "check_options", "check_seed", "chosen_convention", "default_edges"]
 
 CONVERSION_MODES = tuple(MODES)
 MAX_SEED = 2**63 - 1  # step t draws with seed + t, which torch.Generator takes up to 2**64 - 1
@@ -32,7 +33,7 @@ def default_edges(mode: str, edges: str | None) -> str:
 def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, density: int | None = None,
                   seed: int | None = None, edges: str | None = None, dilation: str | None = None,
                   smoothness: float | None = None, blur_size: int | None = None,
-                  resample_at: str | None = None) -> None:
+                  resample_at: str | None = None, spectral_convention: str | None = None) -> None:
     """Validate :func:`convert`'s options; an option that would do nothing is an error, not ignored."""
     if mode not in CONVERSION_MODES:
         raise ParameterError("mode", f"unknown {{param}} {mode!r}; choose one of {', '.join(CONVERSION_MODES)}")
@@ -55,6 +56,7 @@ def check_options(mode: str, sampler: str = "lattice", keep_first: int = 0, dens
     _check_smoothness(mode, smoothness)
     _check_blur_size(mode, blur_size)
     _check_resample_at(mode, resample_at)
+    _check_spectral_convention(mode, spectral_convention)
     if sampler != "lattice" and "sampler" not in mode_options(mode) and mode != "dilated":
         # (dilated mode takes every sample: any sampler gives the same network, as it always has)
         raise ParameterError("sampler", f"{{param}} {sampler!r} chooses checkered samples; it does nothing "
@@ -90,6 +92,25 @@ def _check_resample_at(mode: str, resample_at: str | None) -> None:
     if "resample_at" not in mode_options(mode):
         raise ParameterError("resample_at", f"{{param}} places the downsampler of a resampling mode; mode {mode!r} "
                                             "does not resample")
+
+
+def _check_spectral_convention(mode: str, convention: str | None) -> None:
+    if convention is None:
+        return
+    if convention not in CONVENTIONS:
+        raise ParameterError("spectral_convention", f"unknown {{param}} {convention!r}; choose one of "
+                                                    f"{', '.join(CONVENTIONS)}")
+    if "spectral_convention" not in mode_options(mode):
+        raise ParameterError("spectral_convention", f"{{param}} sets the Nyquist row of spectral and diffstride "
+                                                    f"pooling; it does nothing with mode {mode!r}")
+
+
+def chosen_convention(convention: str | None) -> str:
+    """The convention a spectral or diffstride conversion uses: ``convention``, else the modes'
+    default (:data:`~.spectral.MODE_CONVENTION`, read now: a conversion keeps what it was given)."""
+    from . import spectral  # the module's current value, not the one imported above
+
+    return spectral.MODE_CONVENTION if convention is None else convention
 
 
 def check_seed(seed: int) -> None:

@@ -52,6 +52,7 @@ class ConversionReport:
     smoothness: float | None = None  # diffstride mode: the smoothness asked for (None: the default)
     blur_size: int | None = None  # blurpool mode: the filter size asked for (None: the default)
     resample_at: str | None = None  # resampling modes: "layer" or "activation" (where the downsampler went)
+    spectral_convention: str | None = None  # spectral, diffstride: the Nyquist row's convention the graph holds
     phc: "PHCReport | None" = None  # the PHC pass before the mode's (.phc), if asked for
 
     @property

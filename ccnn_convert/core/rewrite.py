@@ -66,6 +66,7 @@ def convert(
     smoothness: float | None = None,
     blur_size: int | None = None,
     resample_at: str | None = None,
+    spectral_convention: str | None = None,
     phc: int | None = None,
     phc_init: str = "fit",
 ) -> fx.GraphModule:
@@ -102,6 +103,10 @@ def convert(
             (right after the strided layer run at stride 1) or ``"activation"`` (after its
             pointwise tail: norm, activation, dropout; :mod:`.placement`). Default
             :data:`~.placement.DEFAULT_RESAMPLE_AT`.
+        spectral_convention: the Nyquist row of spectral and diffstride pooling at an even output
+            size (:data:`~.spectral.CONVENTIONS`): ``"published"`` (input row ``-h/2``, as the
+            published layers) or ``"symmetric"`` (the mean of rows ``+h/2`` and ``-h/2``).
+            Default :data:`~.spectral.MODE_CONVENTION`, read now: the converted graph holds it.
         phc: every eligible convolution becomes a PHC layer with this many Kronecker products
             (:mod:`.phc`), before the mode's conversion, which converts PHC layers as the
             convolutions they are. ``None``: the convolutions stay dense.
@@ -114,13 +119,15 @@ def convert(
         ``model`` first if you fine-tune the result and want the original kept apart).
         Its :func:`conversion_report` says what was rewritten.
     """
-    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size, resample_at)
+    check_options(mode, sampler, keep_first, density, seed, edges, dilation, smoothness, blur_size, resample_at,
+                  spectral_convention)
     if phc is not None:
         model, phc_report = convert_phc(model, phc, phc_init)
     elif phc_init != "fit":
         raise ParameterError("phc_init", "{param} initialises PHC layers; it does nothing without phc")
     options = dict(sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
-                   smoothness=smoothness, blur_size=blur_size, resample_at=resample_at)
+                   smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                   spectral_convention=spectral_convention)
     converter = MODES[mode].converter
     # check_options refused every option that does nothing for this mode; the converter takes the rest
     taken = {name: value for name, value in options.items() if name in inspect.signature(converter).parameters}

@@ -18,9 +18,11 @@ row, the Nyquist row of an even output height ``h`` (:data:`CONVENTIONS`):
   frequencies ``+h/2`` and ``-h/2`` are treated alike.
 
 :func:`spectral_pool` (the spectral mode's resize) takes ``convention`` and defaults to
-:data:`MODE_CONVENTION` (symmetric: see its comment for what was measured);
-:class:`SpectralPool2d`, the published layer, defaults to ``"published"``, and so do
-:class:`~.diffstride.DiffStride2d` and the diffstride mode (:data:`DIFFSTRIDE_MODE_CONVENTION`).
+:data:`MODE_CONVENTION` (published: see its comment for what was measured);
+:class:`SpectralPool2d`, the published layer, and :class:`~.diffstride.DiffStride2d` default to
+``"published"``. The spectral and diffstride modes take theirs from ``convert(...,
+spectral_convention=...)``, default :data:`MODE_CONVENTION`, read when the model is converted:
+the converted graph holds it (each ``spectral_downsample`` call, each ``DiffStride2d``).
 
 Scale: the DFT pair is normalized so that a constant map keeps its value (``norm="forward"``).
 The published spectral pooling (Rippel et al., 2015) uses the unnormalized pair (forward
@@ -39,19 +41,19 @@ from torch import Tensor, nn
 
 from .layers import IntPair, pair
 
-__all__ = ["CONVENTIONS", "DIFFSTRIDE_MODE_CONVENTION", "MODE_CONVENTION", "Convention", "SpectralPool2d", "check_convention", "crop_low",
+__all__ = ["CONVENTIONS", "MODE_CONVENTION", "Convention", "SpectralPool2d", "check_convention", "crop_low",
            "published_size", "spectral_pool"]
 
 Convention = Literal["published", "symmetric"]
 CONVENTIONS: tuple[str, ...] = ("published", "symmetric")
-# The conventions of the conversion modes, measured (issue 25) with benchmarks/spectral_conventions.py.
-# Spectral: efficientnet_lite0 untrained, 250 sample images: published 39.2 % top-1, symmetric
-# 36.4 %; digits, 3 seeds: 0.19 % error both. It stays symmetric because ccnn-export's fixed DFT
-# bases (export/spectral_bases.py) and their check are built for the symmetric crop.
-MODE_CONVENTION: Convention = "symmetric"
+# The conversion modes' default convention, spectral and diffstride alike (a conversion records
+# its own: ConversionSpec.spectral_convention). Measured (issue 25) on the pretrained
+# efficientnet_lite0, 250 sample ImageNet images, untrained conversion, spectral mode: published
+# 74.0 % top-1 against symmetric 72.8 % with the resampling after the activation (the default),
+# 39.2 against 36.4 at the layer; the digits benchmark ties (0.19 % error both, 3 seeds).
 # DiffStride: the same top-1 in both (12.8 %) on lite0, and digits' 16x16 maps crop nothing below
-# stride 2.67 at R = 4 (so the two compute the same there): the published layer's convention.
-DIFFSTRIDE_MODE_CONVENTION: Convention = "published"
+# stride 2.67 at R = 4. ONNX export builds its fixed bases for either (export/spectral_bases.py).
+MODE_CONVENTION: Convention = "published"
 
 
 def check_convention(owner: str, convention: object) -> None:

@@ -95,7 +95,7 @@ def _check(layer: nn.Module, terms: list[tuple[Tensor, Tensor]], size: tuple[int
     scale = float(expected.abs().max()) or 1.0
     error = float((got - expected).abs().max()) / scale
     if not error <= _CHECK_TOLERANCE:
-        raise ExportError(f"DiffStride layer ({layer.extra_repr()}) at {size[0]}x{size[1]} is not a sum of "
+        raise ExportError(f"{type(layer).__name__} ({layer.extra_repr()}) at {size[0]}x{size[1]} is not a sum of "
                           f"separable matrix products (relative difference {error:.3g}); cannot export it as MatMul")
 
 

@@ -72,7 +72,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
                     leaf_modules: Sequence[str] | None = None, edges: str | None = None,
                     dilation: str | None = None, smoothness: float | None = None,
                     blur_size: int | None = None, resample_at: str | None = None,
-                    phc: int | None = None) -> ConversionSpec | None:
+                    spectral_convention: str | None = None, phc: int | None = None) -> ConversionSpec | None:
     """The conversion to export: ``None`` for the original model, else a ConversionSpec.
 
     ``mode`` defaults to ``base``'s (an artifact's) mode, then to checkered. Options given here
@@ -84,7 +84,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
         raise ParameterError("mode", f"{{param}}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     options = dict(sampler=sampler, keep_first=keep_first, density=density, seed=seed,
                    leaf_modules=leaf_modules or None, edges=edges, dilation=dilation, smoothness=smoothness,
-                   blur_size=blur_size, resample_at=resample_at, phc=phc)
+                   blur_size=blur_size, resample_at=resample_at, spectral_convention=spectral_convention, phc=phc)
     if mode == ORIGINAL:
         given = [name for name, value in options.items() if value is not None]
         if given:
@@ -92,7 +92,7 @@ def conversion_spec(mode: str | None, base: ConversionSpec | None = None, *, sam
         return None
     check_options_used([mode], sampler=sampler, density=density, seed=seed, edges=edges, dilation=dilation,
                        smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
-                       keep_first=keep_first, phc=phc)
+                       spectral_convention=spectral_convention, keep_first=keep_first, phc=phc)
     return ConversionSpec.build(mode, base=base, **options)
 
 
@@ -100,8 +100,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
            mode: str | None = None, sampler: str | None = None, keep_first: int | None = None,
            density: int | None = None, seed: int | None = None, leaf_modules: Sequence[str] | None = None,
            edges: str | None = None, dilation: str | None = None, smoothness: float | None = None,
-           blur_size: int | None = None, resample_at: str | None = None, phc: int | None = None,
-           weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
+           blur_size: int | None = None, resample_at: str | None = None, spectral_convention: str | None = None,
+           phc: int | None = None, weights: str | None = "DEFAULT", arch: str | None = None, trust_factory: bool = False,
            preprocessing: Mapping[str, Any] | None = None, input_size: int | None = None,
            opset: int = DEFAULT_OPSET, fp16: bool = False, provider: str = "auto", threads: int | None = None,
            verify: VerifyOptions | None = VerifyOptions(), benchmark: BenchmarkOptions | None = None,
@@ -127,7 +127,8 @@ def export(model: str | nn.Module | ResolvedModel, output: str | os.PathLike | N
     resolved = _resolve(model, weights, arch, preprocessing, trust_factory)
     spec = conversion_spec(mode, resolved.conversion, sampler=sampler, keep_first=keep_first, density=density,
                            seed=seed, leaf_modules=leaf_modules, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                           spectral_convention=spectral_convention, phc=phc)
     mode = spec.mode if spec is not None else ORIGINAL
     path = check_output(output if output is not None else _default_output(resolved.name, mode, fp16), force=force)
     choice = select_provider(provider) if (verify is not None or benchmark is not None) else None

@@ -248,7 +248,8 @@ def recalibrate_model(
     model: str | ResolvedModel, data: str | os.PathLike, out: str | os.PathLike, *, images: int,
     mode: str | None = None, sampler: str | None = None, keep_first: int | None = None, density: int | None = None,
     edges: str | None = None, dilation: str | None = None, resample_at: str | None = None, phc: int | None = None,
-    seed: int = 0, leaf_modules: Sequence[str] = (), weights: str = "DEFAULT", arch: str | None = None,
+    spectral_convention: str | None = None, seed: int = 0,
+    leaf_modules: Sequence[str] = (), weights: str = "DEFAULT", arch: str | None = None,
     preprocessing: Mapping[str, Any] | None = None, trust_factory: bool = False, batch_size: int = 64,
     recalibrate: str | None = None, layers: str | None = None, workers: int = 2, device: str = "auto",
     force: bool = False,
@@ -278,7 +279,7 @@ def recalibrate_model(
     base = resolved.conversion
     mode = mode or (base.mode if base is not None else "checkered")
     given = dict(sampler=sampler, keep_first=keep_first, density=density, edges=edges, dilation=dilation,
-                 resample_at=resample_at, phc=phc)
+                 resample_at=resample_at, phc=phc, spectral_convention=spectral_convention)
     check_checkered_options_used([mode], **given)
     spec = ConversionSpec.build(mode, base, leaf_modules=tuple(leaf_modules), **given)
     if spec.mode == "checkered" and spec.sampler == "random" and spec.seed is None:

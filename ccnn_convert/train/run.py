@@ -82,7 +82,8 @@ def train_model(
     config: TrainConfig | None = None, mode: str | None = None, sampler: str | None = None,
     keep_first: int | None = None, density: int | None = None, edges: str | None = None,
     dilation: str | None = None, smoothness: float | None = None, blur_size: int | None = None,
-    resample_at: str | None = None, recalibrate: str | None = None, phc: int | None = None,
+    resample_at: str | None = None, spectral_convention: str | None = None, recalibrate: str | None = None,
+    phc: int | None = None,
     leaf_modules: Sequence[str] = (), weights: str = "DEFAULT",
     arch: str | None = None, num_classes: int | None = None, preprocessing: Mapping[str, Any] | None = None,
     trust_factory: bool = False, resume: str | os.PathLike | None = None, force: bool = False,
@@ -94,7 +95,8 @@ def train_model(
 
     ``mode`` (default: the artifact's, else checkered; ``traditional`` trains the unconverted
     network), ``sampler``, ``keep_first``, ``density``, ``edges``, ``dilation``, ``smoothness``,
-    ``blur_size``, ``resample_at``, ``phc`` and ``leaf_modules`` are ``ccnn-convert``'s (a diffstride model learns its
+    ``blur_size``, ``resample_at``, ``spectral_convention``, ``phc`` and ``leaf_modules`` are
+    ``ccnn-convert``'s (a diffstride model learns its
     strides: they are parameters, saved in the artifacts); the random sampler redraws on every training
     forward and its eval table is seeded with ``config.seed``. ``weights="none"`` trains from
     scratch; ``num_classes`` gives the model a new head. ``resume`` continues a run from its
@@ -114,7 +116,8 @@ def train_model(
     files = {key: folder / name for key, name in OUTPUT_FILES.items()}
     if mode is not None:  # before the slow part; an artifact's own mode is checked below
         check_options_used([mode], sampler=sampler, density=density, edges=edges, dilation=dilation,
-                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at, phc=phc)
+                           smoothness=smoothness, blur_size=blur_size, resample_at=resample_at,
+                           spectral_convention=spectral_convention, phc=phc)
         if config.stride_penalty and mode != "diffstride":
             _refuse_stride_penalty(mode)
     state = load_training_state(_resume_path(resume)) if resume is not None else None
@@ -130,7 +133,7 @@ def train_model(
         labels = _labels(resolved, class_folders(data), num_classes) if labelled else None
         spec = _conversion(mode, resolved, config, sampler=sampler, keep_first=keep_first, density=density,
                            edges=edges, dilation=dilation, smoothness=smoothness, blur_size=blur_size,
-                           resample_at=resample_at, phc=phc,
+                           resample_at=resample_at, spectral_convention=spectral_convention, phc=phc,
                            leaf_modules=leaf_modules)
         trained = _trained_record(resolved, labels, num_classes) if labels is not None else resolved
         identity = _identity(trained, weights, spec, config)
@@ -259,7 +262,7 @@ def _resume_path(resume) -> Path:
 
 def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
     """Check a loaded training state against this run, entry by entry, then restore it."""
-    check_identity(state["identity"], identity, path)
+    check_identity(_as_recorded_now(state["identity"]), identity, path)
     steps = len(trainer.batches)
     check_training_state(state, path, model_state=trainer.model.state_dict(),
                          param_group_sizes=[len(g["params"]) for g in trainer.optimizer.param_groups],
@@ -273,6 +276,16 @@ def _load_state(trainer: Trainer, state: dict, identity: dict, path) -> None:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # what the checks cannot see
         raise CCNNError(f"cannot resume from {path}: {first_line(exc, 200)}") from None
+
+
+def _as_recorded_now(saved: dict) -> dict:
+    """A checkpoint's identity with its conversion read as an artifact's is: a field it was saved
+    without (``spectral_convention``, ``resample_at``) is what that conversion was built with."""
+    conversion = saved.get("conversion")
+    try:
+        return {**saved, "conversion": ConversionSpec.from_dict(conversion).to_dict()}
+    except (CCNNError, TypeError, ValueError):
+        return saved  # check_identity names what differs
 
 
 def _note_unfinished_epoch(folder: Path, epoch: int) -> None:
