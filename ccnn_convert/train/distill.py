@@ -62,7 +62,8 @@ DEFAULT_VAL_FRACTION = 0.1
 #   Recalibration ``auto`` re-estimates nothing here (submaps keep the original's statistics).
 # * blurpool, spectral, diffstride (resampling after the activation): 3 epochs of the standard
 #   augmentation, norm+head against the original's frozen statistics, no recalibration first:
-#   81.2, 82.4, 56.8 (recalibration alone: 79.2, 80.4, 56.0; function matching: 57.6, 72.8, 26.0;
+#   81.2, 82.4 (82.8 with the published convention, now the default), 56.8 (recalibration alone:
+#   79.2, 80.4, 56.0; function matching: 57.6, 72.8, 26.0;
 #   recalibrating first and then distilling lost 15 to 40 points, which is not understood yet).
 # * PHC layers (``phc``, any mode): the mode's recipe, but training the PHC layers' A, F and biases
 #   besides norm+head (``phc+norm+head``, PHC_TRAIN_PARAMS). The fit's loss is in the convolutions'
