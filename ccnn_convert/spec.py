@@ -24,7 +24,7 @@ from torch import nn
 
 from .core import CONVERSION_MODES, check_options, convert
 from .core.modes import MODE_OPTIONS, mode_options
-from .core.options import chosen_convention
+from .core.options import DEFAULT_RESAMPLE_AT, chosen_convention
 from .core.phc import check_phc
 from .errors import ParameterError
 
@@ -62,8 +62,11 @@ class ConversionSpec:
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         check_options(self.mode, self.sampler, self.keep_first, self.density, self.seed, self.edges,
                       self.dilation, self.smoothness, self.blur_size, self.resample_at, self.spectral_convention)
-        if "spectral_convention" in mode_options(self.mode):  # the default is written down: the spec keeps it
+        # the defaults are written down, so that a saved spec never follows a later default
+        if "spectral_convention" in mode_options(self.mode):
             object.__setattr__(self, "spectral_convention", chosen_convention(self.spectral_convention))
+        if "resample_at" in mode_options(self.mode) and self.resample_at is None:
+            object.__setattr__(self, "resample_at", DEFAULT_RESAMPLE_AT)
         if self.phc is not None:
             check_phc(self.phc)
 

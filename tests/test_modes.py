@@ -90,7 +90,7 @@ def test_spec_carries_the_new_options():
     spec = ConversionSpec.build("diffstride", smoothness=2.5, sampler="random", blur_size=None)
     assert (spec.smoothness, spec.sampler) == (2.5, "lattice")  # the checkered sampler is dropped
     assert ConversionSpec.from_dict(spec.to_dict()) == spec
-    assert spec.describe() == "keep_first=0, smoothness=2.5, spectral_convention=published"  # recorded
+    assert spec.describe() == "keep_first=0, smoothness=2.5, resample_at=activation, spectral_convention=published"  # recorded
     blur = ConversionSpec.build("blurpool", base=ConversionSpec(mode="blurpool", blur_size=5, keep_first=1))
     assert (blur.blur_size, blur.keep_first) == (5, 1)
     # an artifact's smoothness does not carry over to another mode

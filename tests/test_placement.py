@@ -169,7 +169,9 @@ def test_the_spec_carries_the_placement_and_checkered_is_unchanged():
     # a spec saved before the option existed meant the downsampler right after the layer
     old = {k: v for k, v in ConversionSpec.build("blurpool").to_dict().items() if k != "resample_at"}
     assert ConversionSpec.from_dict(old).resample_at == "layer"
-    assert ConversionSpec.from_dict(ConversionSpec.build("blurpool").to_dict()).resample_at is None
+    # the default (after the activation) is written into the spec: a saved one keeps it, whatever the default becomes
+    assert ConversionSpec.build("blurpool").to_dict()["resample_at"] == "activation"
+    assert ConversionSpec.from_dict(ConversionSpec.build("blurpool").to_dict()).resample_at == "activation"
     # another mode does not inherit it, and checkered converts as it always did
     checkered = ConversionSpec.build("checkered", base=spec)
     assert checkered.resample_at is None
