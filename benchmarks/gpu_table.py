@@ -29,28 +29,33 @@ NOT_MEASURED = ("*Not yet measured*: no GPU has run `benchmarks/gpu_check.py` ye
 # --------------------------------------------------------------------------- cells
 
 
+def _number(value, render) -> str:
+    """``render(value)`` for a measured number, "-" for a cell the part did not fill."""
+    return render(value) if isinstance(value, (int, float)) else "-"
+
+
 def ms(seconds) -> str:
-    return f"{seconds * 1000:.4g} ms" if isinstance(seconds, (int, float)) else "-"
+    return _number(seconds, lambda v: millis(v * 1000))
 
 
 def millis(value) -> str:
-    return f"{value:.4g} ms" if isinstance(value, (int, float)) else "-"
+    return _number(value, lambda v: f"{v:.4g} ms")
 
 
 def mib(value) -> str:
-    return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) else "-"
+    return _number(value, lambda v: f"{v / 2**20:.1f} MiB")
 
 
 def times(ratio) -> str:
-    return f"{ratio:.3g}x" if isinstance(ratio, (int, float)) else "-"
+    return _number(ratio, lambda v: f"{v:.3g}x")
 
 
 def sci(value) -> str:
-    return f"{value:.2e}" if isinstance(value, (int, float)) else "-"
+    return _number(value, lambda v: f"{v:.2e}")
 
 
 def seconds(value) -> str:
-    return f"{value:.3g} s" if isinstance(value, (int, float)) else "-"
+    return _number(value, lambda v: f"{v:.3g} s")
 
 
 def yes(flag) -> str:
