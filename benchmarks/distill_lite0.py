@@ -77,6 +77,7 @@ from ccnn_convert import use_huge_pages
 from ccnn_convert.core.modes import RESAMPLING_MODES
 from ccnn_convert.data import decode_rgb, wnid_to_index
 from ccnn_convert.metrics import crops_at, shift_offsets
+from ccnn_convert.outputs import atomic_path
 from ccnn_convert.models import load_artifact, resolve_model
 from ccnn_convert.spec import ConversionSpec
 from ccnn_convert.train import TrainConfig, train_model
@@ -320,9 +321,8 @@ def write_json(args, originals, results, epochs, fm_epochs, began: float) -> Non
     settings = vars(args) | {"images_root": str(args.images_root), "json": str(args.json), "torch": torch.__version__}
     document = {"original": originals, "results": {str(k): v for k, v in results.items()}, "epochs": epochs,
                 "fm_epochs": fm_epochs, "seconds": time.perf_counter() - began, "settings": settings}
-    temporary = args.json.with_name(args.json.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, args.json)
+    with atomic_path(args.json, force=True) as temporary:  # rewritten after each fold
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def pooled(rows: list[dict]) -> tuple[float, float, int]:
