@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ccnn_convert.bench import TimingOptions, bench_model  # noqa: E402
 from ccnn_convert.models import resolve_model  # noqa: E402
+from ccnn_convert.outputs import atomic_path  # noqa: E402
 from ccnn_convert.spec import ConversionSpec  # noqa: E402
 
 
@@ -42,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.3f}x" if value and reference else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,13 +65,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{'FLOPs x dense':>13s} {'params x dense':>14s}")
     for row in rows:
         ref = dense[row.mode]
-        ratio = (lambda a, b: f"{a / b:.3f}x" if a and b else "-")
         print(f"{row.label:28s} {row.median_s * 1e3:9.1f}ms {row.params:>10,} {row.flops / 1e9:8.2f}G "
               f"{ratio(row.median_s, ref.median_s):>12s} {ratio(row.flops, ref.flops):>13s} "
               f"{ratio(row.params, ref.params):>14s}")
     if args.json:
-        args.json.write_text(json.dumps({"command": sys.argv, "threads": args.threads,
-                                         "rows": [row.to_dict() for row in rows]}, indent=1))
+        with atomic_path(args.json, force=True) as temporary:
+            temporary.write_text(json.dumps({"command": sys.argv, "threads": args.threads,
+                                             "rows": [row.to_dict() for row in rows]}, indent=1))
 
 
 if __name__ == "__main__":
